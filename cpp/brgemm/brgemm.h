@@ -1,0 +1,106 @@
+// The batch-reduce GEMM kernel: the one building block of jax_brgemm.
+//
+//   C = act(beta * C + alpha * sum_{i<count} A_i @ B_i + bias)      (row-major)
+//
+// A_i is m x k (leading dimension lda), B_i is k x n (ldb), C is m x n (ldc), all in
+// elements. The C block is read at most once, every product of the batch is accumulated
+// in registers, and the block is written once. beta == 0 never reads C.
+//
+// This layer knows nothing about layers, images or gates: callers (cpp/primitives/) name
+// blocks through a Batch and get a Kernel specialised for a Desc once, then call it often.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace jbr {
+
+enum class Isa : int { ref = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3, amx = 4 };
+enum class DType : int { f32 = 0, bf16 = 1 };
+enum class Activation : int { none = 0, relu = 1, gelu = 2, sigmoid = 3, tanh = 4 };
+
+const char* isa_name(Isa isa);
+// Parses "ref", "avx2", ...; returns false for an unknown name.
+bool parse_isa(const std::string& name, Isa* isa);
+// True where this CPU (and OS) can run `isa`.
+bool isa_supported(Isa isa);
+// The ISA used when a Desc asks for Isa::ref..amx by default: JAX_BRGEMM_ISA if set
+// (an unsupported or unknown value is reported by active_isa_error()), else the best
+// float32 path CPUID offers.
+Isa active_isa();
+// Empty when JAX_BRGEMM_ISA is unset or valid, else why it was rejected.
+std::string active_isa_error();
+// Overrides the environment for the rest of the process ("" restores it); returns an
+// error message for an unknown or unsupported name and changes nothing then.
+std::string set_active_isa(const std::string& name);
+
+// What a specialised kernel is built for. Everything here is fixed per kernel; the
+// pointers, count, alpha and bias values are given per call.
+struct Desc {
+  int64_t m = 0, n = 0, k = 0;
+  int64_t lda = 0, ldb = 0, ldc = 0;  // elements; lda >= k, ldb >= n, ldc >= n
+  DType a_dtype = DType::f32, b_dtype = DType::f32, c_dtype = DType::f32;
+  float beta = 0.0f;  // 0 (C is not read), 1 and other values are specialised apart
+  Activation activation = Activation::none;
+  bool has_bias = false;  // add bias[0..n) to every row before the activation
+  Isa isa = Isa::ref;
+
+  bool operator==(const Desc& o) const;
+};
+
+// Empty when `d` describes a kernel that can be built, else the reason (names the field).
+std::string validate(const Desc& d);
+
+// How the count blocks of A and B are named (see DESIGN.md). Offsets and strides are in
+// elements; element i of the batch is A_i = a + offs_a[i] (offset form) etc.
+struct Batch {
+  enum class Form { stride, offset, address };
+  Form form = Form::stride;
+  int64_t count = 1;
+  const void* a = nullptr;  // stride and offset forms
+  const void* b = nullptr;
+  int64_t stride_a = 0, stride_b = 0;                     // stride form
+  const int64_t* offs_a = nullptr;                        // offset form
+  const int64_t* offs_b = nullptr;
+  const void* const* ptrs_a = nullptr;                    // address form
+  const void* const* ptrs_b = nullptr;
+
+  static Batch strided(const void* a, int64_t stride_a, const void* b, int64_t stride_b,
+                       int64_t count);
+  static Batch offsets(const void* a, const int64_t* offs_a, const void* b,
+                       const int64_t* offs_b, int64_t count);
+  static Batch addresses(const void* const* ptrs_a, const void* const* ptrs_b,
+                         int64_t count);
+};
+
+class Kernel;
+using KernelFn = void (*)(const Kernel& kernel, const Batch& batch, void* c, float alpha,
+                          const float* bias);
+
+// A kernel specialised for one Desc: register blocking chosen for (m, n) and the ISA.
+class Kernel {
+ public:
+  Desc desc;
+  int rows_per_block = 1;    // register block height (rows of C)
+  int vectors_per_block = 1; // register block width, in vectors of the ISA
+  KernelFn fn = nullptr;
+
+  // count >= 1; c has the Desc's layout; bias is read only if desc.has_bias.
+  void operator()(const Batch& batch, void* c, float alpha = 1.0f,
+                  const float* bias = nullptr) const {
+    fn(*this, batch, c, alpha, bias);
+  }
+};
+
+// The cached kernel for `d` (built on first use; thread-safe; the reference stays valid
+// for the life of the process). `d` must pass validate().
+const Kernel& get_kernel(const Desc& d);
+
+// Elementwise activation on a contiguous float32 array, vectorised with the same code the
+// epilogue uses, so primitives that apply activations outside a brgemm call agree with it.
+void apply_activation(Activation act, float* data, int64_t size, Isa isa);
+
+// Measured peak: single-thread float32 GFLOP/s of a register-resident FMA loop on `isa`.
+double measure_fma_peak_gflops(Isa isa, double seconds = 0.2);
+
+}  // namespace jbr

@@ -1,0 +1,244 @@
+// ISA detection and selection, descriptor validation, register-block choice and the
+// thread-safe cache of specialised kernels.
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <unordered_map>
+
+#include "brgemm.h"
+#include "isa_impl.h"
+
+namespace jbr {
+namespace {
+
+const detail::IsaImpl* impl_for(Isa isa) {
+  switch (isa) {
+#if defined(JBR_HAVE_X86_ISAS)
+    case Isa::avx512: return &detail::impl_avx512;
+    case Isa::avx2: return &detail::impl_avx2;
+#endif
+    case Isa::ref: return &detail::impl_ref;
+    default: return nullptr;  // bfloat16-only ISAs have no float32 kernel of their own
+  }
+}
+
+Isa best_isa() {
+  if (isa_supported(Isa::avx512)) return Isa::avx512;
+  if (isa_supported(Isa::avx2)) return Isa::avx2;
+  return Isa::ref;
+}
+
+struct IsaChoice {
+  Isa isa;
+  std::string error;
+};
+
+IsaChoice choose_from_env() {
+  const char* forced = std::getenv("JAX_BRGEMM_ISA");
+  if (forced == nullptr || *forced == '\0') return {best_isa(), ""};
+  Isa isa;
+  if (!parse_isa(forced, &isa))
+    return {best_isa(), std::string("JAX_BRGEMM_ISA=") + forced +
+                            " is not one of ref, avx2, avx512, avx512bf16, amx"};
+  if (!isa_supported(isa))
+    return {best_isa(), std::string("JAX_BRGEMM_ISA=") + forced + " is not supported by this CPU"};
+  return {isa, ""};
+}
+
+const IsaChoice& env_choice() {
+  static const IsaChoice choice = choose_from_env();
+  return choice;
+}
+
+// Estimated cost of covering an m x n block with rows x vectors register blocks, in units
+// of vector FMAs per step of the reduction: each tile costs its accumulators, but no less
+// than the 8 independent chains that hide FMA latency, plus a fixed loop overhead.
+double block_cost(int64_t m, int64_t n, int rows, int vectors, int width) {
+  const int64_t block_cols = int64_t{vectors} * width;
+  double cost = 0.0;
+  for (int64_t col0 = 0; col0 < n; col0 += block_cols) {
+    const int64_t nv = (std::min(block_cols, n - col0) + width - 1) / width;
+    for (int64_t row0 = 0; row0 < m; row0 += rows) {
+      const int64_t r = std::min<int64_t>(rows, m - row0);
+      // Loads (r broadcasts + nv vectors) share two ports: a small tie-breaker.
+      cost += std::max<double>(double(r * nv), 8.0) + 1.0 + 0.05 * double(r + nv);
+    }
+  }
+  return cost;
+}
+
+void choose_blocking(const detail::IsaImpl& impl, Kernel* k) {
+  double best = -1.0;
+  const int64_t max_nv = std::min<int64_t>(impl.max_vectors,
+                                           (k->desc.n + impl.vector_width - 1) / impl.vector_width);
+  for (int nv = 1; nv <= max_nv; ++nv) {
+    const int max_rows = static_cast<int>(std::min<int64_t>(impl.max_rows[nv], k->desc.m));
+    for (int rows = 1; rows <= max_rows; ++rows) {
+      const double cost = block_cost(k->desc.m, k->desc.n, rows, nv, impl.vector_width);
+      if (best < 0.0 || cost < best) {
+        best = cost;
+        k->rows_per_block = rows;
+        k->vectors_per_block = nv;
+      }
+    }
+  }
+}
+
+struct DescHash {
+  size_t operator()(const Desc& d) const {
+    size_t h = 0;
+    auto mix = [&h](int64_t v) { h ^= std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2); };
+    for (int64_t v : {d.m, d.n, d.k, d.lda, d.ldb, d.ldc}) mix(v);
+    mix(static_cast<int64_t>(d.a_dtype) | static_cast<int64_t>(d.b_dtype) << 4 |
+        static_cast<int64_t>(d.c_dtype) << 8 | static_cast<int64_t>(d.activation) << 12 |
+        static_cast<int64_t>(d.isa) << 16 | static_cast<int64_t>(d.has_bias) << 20);
+    uint32_t beta_bits;
+    static_assert(sizeof(beta_bits) == sizeof(d.beta));
+    std::memcpy(&beta_bits, &d.beta, sizeof beta_bits);
+    mix(beta_bits);
+    return h;
+  }
+};
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::ref: return "ref";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+    case Isa::avx512bf16: return "avx512bf16";
+    case Isa::amx: return "amx";
+  }
+  return "unknown";
+}
+
+bool parse_isa(const std::string& name, Isa* isa) {
+  for (Isa candidate : {Isa::ref, Isa::avx2, Isa::avx512, Isa::avx512bf16, Isa::amx}) {
+    if (name == isa_name(candidate)) {
+      *isa = candidate;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool isa_supported(Isa isa) {
+  switch (isa) {
+    case Isa::ref: return true;
+#if defined(JBR_HAVE_X86_ISAS)
+    case Isa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+#endif
+    default: return false;  // bfloat16 paths arrive with their kernels
+  }
+}
+
+namespace {
+std::atomic<int> isa_override{-1};  // set_active_isa(); -1: use the environment
+}
+
+Isa active_isa() {
+  const int forced = isa_override.load(std::memory_order_relaxed);
+  return forced >= 0 ? static_cast<Isa>(forced) : env_choice().isa;
+}
+
+std::string active_isa_error() { return env_choice().error; }
+
+std::string set_active_isa(const std::string& name) {
+  if (name.empty()) {
+    isa_override.store(-1);
+    return "";
+  }
+  Isa isa;
+  if (!parse_isa(name, &isa)) return "isa '" + name + "' is not one of ref, avx2, avx512, avx512bf16, amx";
+  if (!isa_supported(isa)) return "isa '" + name + "' is not supported by this CPU";
+  isa_override.store(static_cast<int>(isa));
+  return "";
+}
+
+bool Desc::operator==(const Desc& o) const {
+  return m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb && ldc == o.ldc &&
+         a_dtype == o.a_dtype && b_dtype == o.b_dtype && c_dtype == o.c_dtype &&
+         beta == o.beta && activation == o.activation && has_bias == o.has_bias && isa == o.isa;
+}
+
+std::string validate(const Desc& d) {
+  auto positive = [](const char* name, int64_t v) {
+    return v >= 1 ? std::string() : std::string(name) + " must be >= 1, got " + std::to_string(v);
+  };
+  for (auto [name, v] : {std::pair{"m", d.m}, {"n", d.n}, {"k", d.k}})
+    if (auto e = positive(name, v); !e.empty()) return e;
+  if (d.lda < d.k) return "lda must be >= k (" + std::to_string(d.k) + "), got " + std::to_string(d.lda);
+  if (d.ldb < d.n) return "ldb must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldb);
+  if (d.ldc < d.n) return "ldc must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldc);
+  if (d.a_dtype != DType::f32 || d.b_dtype != DType::f32 || d.c_dtype != DType::f32)
+    return "only float32 a, b and c are supported by this build";
+  if (!isa_supported(d.isa)) return std::string("isa ") + isa_name(d.isa) + " is not supported by this CPU";
+  if (impl_for(d.isa) == nullptr) return std::string("isa ") + isa_name(d.isa) + " has no float32 kernel";
+  return "";
+}
+
+const Kernel& get_kernel(const Desc& d) {
+  static std::shared_mutex mutex;
+  static std::unordered_map<Desc, std::unique_ptr<Kernel>, DescHash> cache;
+  {
+    std::shared_lock lock(mutex);
+    auto it = cache.find(d);
+    if (it != cache.end()) return *it->second;
+  }
+  auto kernel = std::make_unique<Kernel>();
+  kernel->desc = d;
+  const detail::IsaImpl& impl = *impl_for(d.isa);
+  choose_blocking(impl, kernel.get());
+  kernel->fn = impl.run_f32;
+  std::unique_lock lock(mutex);
+  auto [it, inserted] = cache.emplace(d, std::move(kernel));
+  return *it->second;
+}
+
+void apply_activation(Activation act, float* data, int64_t size, Isa isa) {
+  const detail::IsaImpl* impl = impl_for(isa);
+  (impl ? impl : &detail::impl_ref)->activation(act, data, size);
+}
+
+double measure_fma_peak_gflops(Isa isa, double seconds) {
+  const detail::IsaImpl* impl = impl_for(isa);
+  return impl ? impl->fma_peak_gflops(seconds) : 0.0;
+}
+
+Batch Batch::strided(const void* a, int64_t stride_a, const void* b, int64_t stride_b,
+                     int64_t count) {
+  Batch batch;
+  batch.form = Form::stride;
+  batch.a = a, batch.b = b, batch.stride_a = stride_a, batch.stride_b = stride_b;
+  batch.count = count;
+  return batch;
+}
+
+Batch Batch::offsets(const void* a, const int64_t* offs_a, const void* b,
+                     const int64_t* offs_b, int64_t count) {
+  Batch batch;
+  batch.form = Form::offset;
+  batch.a = a, batch.b = b, batch.offs_a = offs_a, batch.offs_b = offs_b;
+  batch.count = count;
+  return batch;
+}
+
+Batch Batch::addresses(const void* const* ptrs_a, const void* const* ptrs_b, int64_t count) {
+  Batch batch;
+  batch.form = Form::address;
+  batch.ptrs_a = ptrs_a, batch.ptrs_b = ptrs_b;
+  batch.count = count;
+  return batch;
+}
+
+}  // namespace jbr

@@ -1,0 +1,164 @@
+// One vector type per ISA with the same small interface, so the micro-kernel and the
+// activation math are written once (kernel_impl.h) and compiled per ISA. Each ISA's
+// translation unit defines JBR_VEC_* and JBR_ISA_NS before including this file and sees
+// only its own type.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(JBR_VEC_AVX512) || defined(JBR_VEC_AVX2)
+#include <immintrin.h>
+#endif
+
+namespace jbr {
+namespace JBR_ISA_NS {  // distinct per translation unit: no ODR clash between ISAs
+
+// Coefficients of exp(r) on |r| <= ln2/2 (Cephes expf), shared by the SIMD types.
+struct ExpConstants {
+  static constexpr float hi = 88.3762626647949f, lo = -87.3365447504f;
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr float c0 = 1.9875691500e-4f, c1 = 1.3981999507e-3f,
+                         c2 = 8.3334519073e-3f, c3 = 4.1665795894e-2f,
+                         c4 = 1.6666665459e-1f, c5 = 5.0000001201e-1f;
+};
+
+#if defined(JBR_VEC_SCALAR)
+// Portable path: one float, std:: math.
+struct Vec {
+  float v;
+  using Mask = bool;
+  static constexpr int width = 1;
+  static Mask tail_mask(int) { return true; }
+  static Vec zero() { return {0.0f}; }
+  static Vec set1(float x) { return {x}; }
+  static Vec load(const float* p) { return {*p}; }
+  static Vec load(const float* p, Mask) { return {*p}; }
+  void store(float* p) const { *p = v; }
+  void store(float* p, Mask) const { *p = v; }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
+  friend Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
+  friend Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
+  friend Vec operator*(Vec a, Vec b) { return {a.v * b.v}; }
+  friend Vec operator/(Vec a, Vec b) { return {a.v / b.v}; }
+  // max(0, x) that keeps NaN, as XLA's relu does.
+  friend Vec relu(Vec x) { return {std::isnan(x.v) ? x.v : (x.v > 0.0f ? x.v : 0.0f)}; }
+  friend Vec abs(Vec x) { return {std::fabs(x.v)}; }
+  friend Mask less(Vec a, Vec b) { return a.v < b.v; }
+  friend Vec select(Mask m, Vec a, Vec b) { return m ? a : b; }
+  friend Vec copysign(Vec mag, Vec sign) { return {std::copysign(mag.v, sign.v)}; }
+  friend Vec exp(Vec x) { return {std::exp(x.v)}; }
+};
+#elif defined(JBR_VEC_AVX512)
+struct Vec {
+  __m512 v;
+  using Mask = __mmask16;
+  static constexpr int width = 16;
+  static Mask tail_mask(int lanes) { return static_cast<Mask>((1u << lanes) - 1u); }
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec load(const float* p, Mask m) { return {_mm512_maskz_loadu_ps(m, p)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
+  // MAXPS returns its second operand when either is NaN: x second keeps NaN.
+  friend Vec relu(Vec x) { return {_mm512_max_ps(_mm512_setzero_ps(), x.v)}; }
+  friend Vec abs(Vec x) { return {_mm512_abs_ps(x.v)}; }
+  friend Mask less(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
+  friend Vec select(Mask m, Vec a, Vec b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
+  friend Vec copysign(Vec mag, Vec sign) {
+    const __m512i sign_bit = _mm512_set1_epi32(INT32_MIN);
+    // bit = (sign & sign_bit) | (mag & ~sign_bit)
+    return {_mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+        sign_bit, _mm512_castps_si512(sign.v), _mm512_castps_si512(mag.v), 0xE4))};
+  }
+  friend Vec exp(Vec x) {
+    using K = ExpConstants;
+    // Clamp with x as the second operand so NaN passes through; scalef turns
+    // out-of-range exponents into inf or 0 exactly.
+    __m512 t = _mm512_min_ps(_mm512_set1_ps(104.0f), x.v);
+    t = _mm512_max_ps(_mm512_set1_ps(-104.0f), t);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(K::log2e)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(K::ln2_hi), t);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(K::ln2_lo), r);
+    __m512 p = _mm512_set1_ps(K::c0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(K::c1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(K::c2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(K::c3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(K::c4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(K::c5));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return {_mm512_scalef_ps(p, n)};
+  }
+};
+#elif defined(JBR_VEC_AVX2)
+struct Vec {
+  __m256 v;
+  using Mask = __m256;  // all-ones lanes
+  static constexpr int width = 8;
+  static Mask tail_mask(int lanes) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane));
+  }
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec load(const float* p, Mask m) {
+    return {_mm256_maskload_ps(p, _mm256_castps_si256(m))};
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(float* p, Mask m) const { _mm256_maskstore_ps(p, _mm256_castps_si256(m), v); }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
+  friend Vec relu(Vec x) { return {_mm256_max_ps(_mm256_setzero_ps(), x.v)}; }
+  friend Vec abs(Vec x) {
+    return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x.v)};
+  }
+  friend Mask less(Vec a, Vec b) { return _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ); }
+  friend Vec select(Mask m, Vec a, Vec b) { return {_mm256_blendv_ps(b.v, a.v, m)}; }
+  friend Vec copysign(Vec mag, Vec sign) {
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    return {_mm256_or_ps(_mm256_and_ps(sign_bit, sign.v), _mm256_andnot_ps(sign_bit, mag.v))};
+  }
+  friend Vec exp(Vec x) {
+    using K = ExpConstants;
+    __m256 t = _mm256_min_ps(_mm256_set1_ps(K::hi), x.v);
+    t = _mm256_max_ps(_mm256_set1_ps(K::lo), t);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(K::log2e)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(K::ln2_hi), t);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(K::ln2_lo), r);
+    __m256 p = _mm256_set1_ps(K::c0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(K::c1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(K::c2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(K::c3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(K::c4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(K::c5));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    // 2^n via the exponent field; the clamp keeps n in [-126, 127].
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    // Values beyond the clamp: exact inf / 0 as the other paths give.
+    __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    result = _mm256_blendv_ps(result, _mm256_set1_ps(INFINITY),
+                              _mm256_cmp_ps(x.v, _mm256_set1_ps(K::hi), _CMP_GT_OQ));
+    return {_mm256_blendv_ps(result, _mm256_setzero_ps(),
+                             _mm256_cmp_ps(x.v, _mm256_set1_ps(K::lo), _CMP_LT_OQ))};
+  }
+};
+#else
+#error "define one of JBR_VEC_SCALAR, JBR_VEC_AVX2, JBR_VEC_AVX512 before including vec.h"
+#endif
+
+}  // namespace JBR_ISA_NS
+}  // namespace jbr

@@ -1,0 +1,179 @@
+// Handlers for jax_brgemm.brgemm (stride form) and jax_brgemm.brgemm_indexed (offset form).
+#include <string>
+
+#include "ffi/common.h"
+#include "primitives/batched.h"
+
+namespace jbr::ffi_handlers {
+namespace {
+
+// Element strides of `operand`'s leading dims (all but its last `block_rank`), right-aligned
+// against `lead` with NumPy broadcasting: a missing or size-1 dim gets stride 0.
+ffi::Error broadcast_strides(const ffi::AnyBuffer& operand, int64_t block_rank,
+                             const std::vector<int64_t>& lead, const char* name,
+                             std::vector<int64_t>* strides) {
+  auto dims = operand.dimensions();
+  const int64_t op_lead = static_cast<int64_t>(dims.size()) - block_rank;
+  const int64_t out_lead = static_cast<int64_t>(lead.size());
+  if (op_lead > out_lead)
+    return invalid(std::string(name) + " has more leading dims than the result");
+  int64_t stride = 1;
+  for (int64_t d = op_lead; d < static_cast<int64_t>(dims.size()); ++d) stride *= dims[d];
+  strides->assign(out_lead, 0);
+  for (int64_t d = op_lead - 1; d >= 0; --d) {
+    const int64_t out_d = d + out_lead - op_lead;
+    if (dims[d] != 1 && dims[d] != lead[out_d])
+      return invalid(std::string(name) + " leading dims " + shape_str(dims) +
+                     " do not broadcast to " + shape_str(lead));
+    (*strides)[out_d] = dims[d] == 1 ? 0 : stride;
+    stride *= dims[d];
+  }
+  return ffi::Error::Success();
+}
+
+// Decodes what both forms share: out shape, optional c and bias, alpha/beta/activation.
+ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
+                        const ffi::AnyBuffer& out, float alpha, float beta,
+                        std::string_view activation, prim::BatchedBrgemm* pb) {
+  if (auto e = expect_f32(out, "out"); e.failure()) return e;
+  auto od = out.dimensions();
+  if (od.size() < 2) return invalid("result must have rank >= 2");
+  pb->lead_shape.assign(od.begin(), od.end() - 2);
+  pb->m = od[od.size() - 2], pb->n = od[od.size() - 1];
+  pb->out = static_cast<float*>(out.untyped_data());
+  if (c.element_count() > 0) {
+    if (auto e = expect_f32(c, "c"); e.failure()) return e;
+    auto cd = c.dimensions();
+    if (cd.size() < 2 || cd[cd.size() - 2] != pb->m || cd[cd.size() - 1] != pb->n)
+      return invalid("c must end in (m, n) = (" + std::to_string(pb->m) + ", " +
+                     std::to_string(pb->n) + "), got " + shape_str(cd));
+    if (auto e = broadcast_strides(c, 2, pb->lead_shape, "c", &pb->c_lead_strides); e.failure())
+      return e;
+    pb->c = static_cast<const float*>(c.untyped_data());
+  }
+  if (bias.element_count() > 0) {
+    if (auto e = expect_f32(bias, "bias"); e.failure()) return e;
+    if (bias.dimensions().size() != 1 || bias.dimensions()[0] != pb->n)
+      return invalid("bias must have shape (n,) = (" + std::to_string(pb->n) + ",)");
+    pb->bias = static_cast<const float*>(bias.untyped_data());
+  }
+  if (!parse_activation(activation, &pb->activation))
+    return invalid("unknown activation '" + std::string(activation) + "'");
+  pb->alpha = alpha, pb->beta = beta;
+  return current_isa(&pb->isa);
+}
+
+ffi::Error run(const prim::BatchedBrgemm& pb, ffi::ThreadPool pool) {
+  PoolExecutor executor(std::move(pool));
+  if (std::string error = prim::run_batched_brgemm(pb, &executor); !error.empty())
+    return invalid(error);
+  return ffi::Error::Success();
+}
+
+ffi::Error brgemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                       ffi::AnyBuffer c, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out,
+                       float alpha, float beta, std::string_view activation) {
+  prim::BatchedBrgemm pb;
+  if (auto e = common_setup(c, bias, *out, alpha, beta, activation, &pb); e.failure()) return e;
+  if (auto e = expect_f32(a, "a"); e.failure()) return e;
+  if (auto e = expect_f32(b, "b"); e.failure()) return e;
+  auto ad = a.dimensions(), bd = b.dimensions();
+  if (ad.size() < 3 || bd.size() < 3) return invalid("a and b must have rank >= 3");
+  pb.count = ad[ad.size() - 3], pb.k = ad[ad.size() - 1];
+  if (ad[ad.size() - 2] != pb.m) return invalid("a's m does not match the result");
+  if (bd[bd.size() - 3] != pb.count || bd[bd.size() - 2] != pb.k || bd[bd.size() - 1] != pb.n)
+    return invalid("b must end in (count, k, n), got " + shape_str(bd) + " for a " + shape_str(ad));
+  if (auto e = broadcast_strides(a, 3, pb.lead_shape, "a", &pb.a_lead_strides); e.failure()) return e;
+  if (auto e = broadcast_strides(b, 3, pb.lead_shape, "b", &pb.b_lead_strides); e.failure()) return e;
+  pb.a = static_cast<const float*>(a.untyped_data());
+  pb.b = static_cast<const float*>(b.untyped_data());
+  return run(pb, std::move(pool));
+}
+
+// Block indices (int32 or int64) to element offsets, refusing any outside [0, blocks).
+ffi::Error index_offsets(const ffi::AnyBuffer& index, int64_t blocks, int64_t block_size,
+                         const char* name, std::vector<int64_t>* offsets) {
+  const int64_t size = static_cast<int64_t>(index.element_count());
+  offsets->resize(size);
+  auto convert = [&](auto* data) -> ffi::Error {
+    for (int64_t i = 0; i < size; ++i) {
+      const int64_t v = static_cast<int64_t>(data[i]);
+      if (v < 0 || v >= blocks)
+        return invalid(std::string(name) + " holds " + std::to_string(v) +
+                       ", outside [0, " + std::to_string(blocks) + ")");
+      (*offsets)[i] = v * block_size;
+    }
+    return ffi::Error::Success();
+  };
+  switch (index.element_type()) {
+    case ffi::DataType::S32: return convert(static_cast<const int32_t*>(index.untyped_data()));
+    case ffi::DataType::S64: return convert(static_cast<const int64_t*>(index.untyped_data()));
+    default: return invalid(std::string(name) + " must be int32 or int64");
+  }
+}
+
+ffi::Error brgemm_indexed_impl(ffi::ThreadPool pool, ffi::AnyBuffer a_blocks,
+                               ffi::AnyBuffer b_blocks, ffi::AnyBuffer a_index,
+                               ffi::AnyBuffer b_index, ffi::AnyBuffer c, ffi::AnyBuffer bias,
+                               ffi::Result<ffi::AnyBuffer> out, float alpha, float beta,
+                               std::string_view activation) {
+  prim::BatchedBrgemm pb;
+  if (auto e = common_setup(c, bias, *out, alpha, beta, activation, &pb); e.failure()) return e;
+  if (auto e = expect_f32(a_blocks, "a_blocks"); e.failure()) return e;
+  if (auto e = expect_f32(b_blocks, "b_blocks"); e.failure()) return e;
+  auto ad = a_blocks.dimensions(), bd = b_blocks.dimensions();
+  if (ad.size() != 3 || bd.size() != 3) return invalid("a_blocks and b_blocks must have rank 3");
+  pb.k = ad[2];
+  if (ad[1] != pb.m || bd[1] != pb.k || bd[2] != pb.n)
+    return invalid("a_blocks " + shape_str(ad) + " and b_blocks " + shape_str(bd) +
+                   " do not match a result ending in " + std::to_string(pb.m) + " x " +
+                   std::to_string(pb.n));
+  auto id = a_index.dimensions();
+  if (id.size() != pb.lead_shape.size() + 1 || b_index.dimensions().size() != id.size())
+    return invalid("a_index and b_index must have shape (..., count) matching the result");
+  for (size_t d = 0; d < pb.lead_shape.size(); ++d)
+    if (id[d] != pb.lead_shape[d] || b_index.dimensions()[d] != pb.lead_shape[d])
+      return invalid("a_index and b_index leading dims must equal the result's");
+  pb.count = id[id.size() - 1];
+  if (b_index.dimensions()[id.size() - 1] != pb.count)
+    return invalid("a_index and b_index must have the same count");
+  std::vector<int64_t> offs_a, offs_b;
+  if (auto e = index_offsets(a_index, ad[0], pb.m * pb.k, "a_index", &offs_a); e.failure()) return e;
+  if (auto e = index_offsets(b_index, bd[0], pb.k * pb.n, "b_index", &offs_b); e.failure()) return e;
+  pb.a = static_cast<const float*>(a_blocks.untyped_data());
+  pb.b = static_cast<const float*>(b_blocks.untyped_data());
+  pb.offs_a = offs_a.data(), pb.offs_b = offs_b.data();
+  return run(pb, std::move(pool));
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_brgemm, brgemm_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Arg<ffi::AnyBuffer>()  // c (empty: none)
+                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("alpha")
+                                  .Attr<float>("beta")
+                                  .Attr<std::string_view>("activation"));
+JBR_REGISTER_HANDLER("jax_brgemm_brgemm", jbr_brgemm);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_brgemm_indexed, brgemm_indexed_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // a_blocks
+                                  .Arg<ffi::AnyBuffer>()  // b_blocks
+                                  .Arg<ffi::AnyBuffer>()  // a_index
+                                  .Arg<ffi::AnyBuffer>()  // b_index
+                                  .Arg<ffi::AnyBuffer>()  // c (empty: none)
+                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("alpha")
+                                  .Attr<float>("beta")
+                                  .Attr<std::string_view>("activation"));
+JBR_REGISTER_HANDLER("jax_brgemm_brgemm_indexed", jbr_brgemm_indexed);
+
+}  // namespace jbr::ffi_handlers

@@ -1,0 +1,76 @@
+// Shared pieces of the XLA FFI handlers: handler registration, the thread-pool adapter and
+// buffer checks. Handlers decode and validate; the math lives in cpp/primitives/.
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "brgemm/brgemm.h"
+#include "primitives/parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jbr::ffi_handlers {
+
+namespace ffi = xla::ffi;
+
+// Every handler adds itself here at load time; the nanobind module exports the list.
+struct HandlerEntry {
+  std::string name;
+  void* handler;
+};
+std::vector<HandlerEntry>& handler_registry();
+struct RegisterHandler {
+  RegisterHandler(const char* name, XLA_FFI_Handler* handler) {
+    handler_registry().push_back({name, reinterpret_cast<void*>(handler)});
+  }
+};
+#define JBR_REGISTER_HANDLER(target_name, symbol) \
+  static ::jbr::ffi_handlers::RegisterHandler symbol##_registration(target_name, symbol)
+
+// XLA's intra-op pool as the primitives' Executor. The calling thread works too, so use
+// one pool task fewer than the pool has threads.
+class PoolExecutor final : public prim::Executor {
+ public:
+  explicit PoolExecutor(ffi::ThreadPool pool) : pool_(std::move(pool)) {}
+  int64_t num_workers() const override { return std::max<int64_t>(pool_.num_threads() - 1, 0); }
+  void schedule(std::function<void()> task) const override { pool_.Schedule(std::move(task)); }
+
+ private:
+  mutable ffi::ThreadPool pool_;
+};
+
+inline ffi::Error invalid(std::string message) {
+  return ffi::Error::InvalidArgument("jax_brgemm: " + std::move(message));
+}
+
+inline std::string shape_str(ffi::Span<const int64_t> dims) {
+  std::string s = "(";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + (dims.size() == 1 ? ",)" : ")");
+}
+
+inline ffi::Error expect_f32(const ffi::AnyBuffer& buffer, const char* name) {
+  if (buffer.element_type() != ffi::DataType::F32)
+    return invalid(std::string(name) + " must be float32");
+  return ffi::Error::Success();
+}
+
+// The ISA the kernels use now (JAX_BRGEMM_ISA or CPUID), or an error naming the bad value.
+inline ffi::Error current_isa(Isa* isa) {
+  if (std::string error = active_isa_error(); !error.empty()) return invalid(error);
+  *isa = active_isa();
+  return ffi::Error::Success();
+}
+
+inline bool parse_activation(std::string_view name, Activation* act) {
+  static const std::pair<std::string_view, Activation> names[] = {
+      {"none", Activation::none}, {"relu", Activation::relu}, {"gelu", Activation::gelu},
+      {"sigmoid", Activation::sigmoid}, {"tanh", Activation::tanh}};
+  for (auto [n, a] : names)
+    if (n == name) return *act = a, true;
+  return false;
+}
+
+}  // namespace jbr::ffi_handlers

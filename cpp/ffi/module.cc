@@ -1,0 +1,175 @@
+// The nanobind extension: exports the FFI handler capsules plus a few host-side tools
+// (ISA control, measured peak, single-thread kernel benchmark, a direct kernel call for
+// tests of all three batch forms).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+#include <stdexcept>
+
+#include "ffi/common.h"
+
+namespace nb = nanobind;
+
+namespace jbr::ffi_handlers {
+
+std::vector<HandlerEntry>& handler_registry() {
+  static std::vector<HandlerEntry> entries;
+  return entries;
+}
+
+namespace {
+
+Isa isa_or_active(const std::string& name) {
+  if (name.empty()) return active_isa();
+  Isa isa;
+  if (!parse_isa(name, &isa)) throw nb::value_error(("isa: unknown ISA '" + name + "'").c_str());
+  if (!isa_supported(isa)) throw nb::value_error(("isa: '" + name + "' is not supported by this CPU").c_str());
+  return isa;
+}
+
+Activation activation_or_throw(const std::string& name) {
+  Activation act;
+  if (!parse_activation(name, &act)) throw nb::value_error(("activation: unknown '" + name + "'").c_str());
+  return act;
+}
+
+using F32Array = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+using I64Array = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// One kernel call on raw pools: C (m x ldc rows) is updated in place. Offsets name the
+// blocks for the offset form and are turned into pointers for the address form.
+void kernel_call(const std::string& form, F32Array a_pool, F32Array b_pool, F32Array c,
+                 int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+                 int64_t count, int64_t stride_a, int64_t stride_b, I64Array offs_a,
+                 I64Array offs_b, float alpha, float beta, const std::string& activation,
+                 nb::object bias, const std::string& isa) {
+  Desc d;
+  d.m = m, d.n = n, d.k = k, d.lda = lda, d.ldb = ldb, d.ldc = ldc, d.beta = beta;
+  d.activation = activation_or_throw(activation);
+  d.isa = isa_or_active(isa);
+  const float* bias_ptr = nullptr;
+  F32Array bias_array;
+  if (!bias.is_none()) {
+    bias_array = nb::cast<F32Array>(bias);
+    if (bias_array.size() != static_cast<size_t>(n)) throw nb::value_error("bias: must have n elements");
+    bias_ptr = bias_array.data();
+    d.has_bias = true;
+  }
+  if (std::string error = validate(d); !error.empty()) throw nb::value_error(error.c_str());
+  // Everything the kernel will touch must lie inside the arrays.
+  auto check_span = [](int64_t first, int64_t rows, int64_t cols, int64_t ld, size_t size,
+                       const char* name) {
+    const int64_t last = first + (rows - 1) * ld + cols;
+    if (first < 0 || last > static_cast<int64_t>(size))
+      throw nb::value_error((std::string(name) + ": block outside the array").c_str());
+  };
+  check_span(0, m, n, ldc, c.size(), "c");
+  const Kernel& kernel = get_kernel(d);
+  std::vector<int64_t> oa(count), ob(count);
+  for (int64_t i = 0; i < count; ++i) {
+    oa[i] = form == "stride" ? i * stride_a : offs_a(i);
+    ob[i] = form == "stride" ? i * stride_b : offs_b(i);
+    check_span(oa[i], m, k, lda, a_pool.size(), "a_pool");
+    check_span(ob[i], k, n, ldb, b_pool.size(), "b_pool");
+  }
+  if (form == "stride") {
+    kernel(Batch::strided(a_pool.data(), stride_a, b_pool.data(), stride_b, count), c.data(), alpha, bias_ptr);
+  } else if (form == "offset") {
+    kernel(Batch::offsets(a_pool.data(), oa.data(), b_pool.data(), ob.data(), count), c.data(), alpha, bias_ptr);
+  } else if (form == "address") {
+    std::vector<const void*> pa(count), pb(count);
+    for (int64_t i = 0; i < count; ++i) pa[i] = a_pool.data() + oa[i], pb[i] = b_pool.data() + ob[i];
+    kernel(Batch::addresses(pa.data(), pb.data(), count), c.data(), alpha, bias_ptr);
+  } else {
+    throw nb::value_error("form: must be 'stride', 'offset' or 'address'");
+  }
+}
+
+// Single-thread GFLOP/s of one kernel shape on in-cache data: the median of `samples`
+// timings, each long enough (>= ~20 ms) to dwarf the clock's resolution.
+double bench_kernel(int64_t m, int64_t n, int64_t k, int64_t count, const std::string& form,
+                    const std::string& isa, int samples) {
+  Desc d;
+  d.m = m, d.n = n, d.k = k, d.lda = k, d.ldb = n, d.ldc = n, d.beta = 1.0f;
+  d.isa = isa_or_active(isa);
+  if (std::string error = validate(d); !error.empty()) throw nb::value_error(error.c_str());
+  std::vector<float> a(count * m * k), b(count * k * n), c(m * n, 0.0f);
+  std::mt19937 rng(0);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  for (float& x : a) x = dist(rng);
+  for (float& x : b) x = dist(rng);
+  std::vector<int64_t> oa(count), ob(count);
+  std::vector<const void*> pa(count), pb(count);
+  for (int64_t i = 0; i < count; ++i) {
+    oa[i] = i * m * k, ob[i] = i * k * n;
+    pa[i] = a.data() + oa[i], pb[i] = b.data() + ob[i];
+  }
+  Batch batch;
+  if (form == "stride") batch = Batch::strided(a.data(), m * k, b.data(), k * n, count);
+  else if (form == "offset") batch = Batch::offsets(a.data(), oa.data(), b.data(), ob.data(), count);
+  else if (form == "address") batch = Batch::addresses(pa.data(), pb.data(), count);
+  else throw nb::value_error("variant: must be 'stride', 'offset' or 'address'");
+  const Kernel& kernel = get_kernel(d);
+  nb::gil_scoped_release release;
+  using clock = std::chrono::steady_clock;
+  const double flops = 2.0 * m * n * k * count;
+  int64_t reps = 1;
+  for (;;) {  // calibrate reps to ~20 ms
+    auto t0 = clock::now();
+    for (int64_t r = 0; r < reps; ++r) kernel(batch, c.data());
+    if (std::chrono::duration<double>(clock::now() - t0).count() > 0.02) break;
+    reps *= 2;
+  }
+  std::vector<double> rates;
+  for (int s = 0; s < samples; ++s) {
+    auto t0 = clock::now();
+    for (int64_t r = 0; r < reps; ++r) kernel(batch, c.data());
+    rates.push_back(flops * reps / std::chrono::duration<double>(clock::now() - t0).count() * 1e-9);
+  }
+  std::sort(rates.begin(), rates.end());
+  return rates[rates.size() / 2];
+}
+
+}  // namespace
+}  // namespace jbr::ffi_handlers
+
+NB_MODULE(_jax_brgemm, m) {
+  using namespace jbr;
+  using namespace jbr::ffi_handlers;
+  m.def("registrations", [] {
+    nb::dict targets;
+    for (const HandlerEntry& entry : handler_registry())
+      targets[entry.name.c_str()] = nb::capsule(entry.handler);
+    return targets;
+  }, "FFI target name -> handler capsule, for jax.ffi.register_ffi_target.");
+  m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
+  m.def("isa_env_error", [] { return active_isa_error(); },
+        "Why JAX_BRGEMM_ISA was rejected, or '' when it is unset or valid.");
+  m.def("supported_isas", [] {
+    std::vector<std::string> names;
+    for (Isa isa : {Isa::ref, Isa::avx2, Isa::avx512, Isa::avx512bf16, Isa::amx})
+      if (isa_supported(isa)) names.push_back(isa_name(isa));
+    return names;
+  });
+  m.def("set_isa", [](const std::string& name) {
+    if (std::string error = set_active_isa(name); !error.empty()) throw nb::value_error(error.c_str());
+  }, nb::arg("name"), "Force an ISA for this process ('' restores JAX_BRGEMM_ISA / CPUID).");
+  m.def("fma_peak_gflops", [](const std::string& isa, double seconds) {
+    const Isa chosen = isa_or_active(isa);
+    nb::gil_scoped_release release;
+    return measure_fma_peak_gflops(chosen, seconds);
+  }, nb::arg("isa") = "", nb::arg("seconds") = 0.2);
+  m.def("bench_kernel", &bench_kernel, nb::arg("m"), nb::arg("n"), nb::arg("k"),
+        nb::arg("count"), nb::arg("variant") = "stride", nb::arg("isa") = "",
+        nb::arg("samples") = 7);
+  m.def("kernel_call", &kernel_call, nb::arg("form"), nb::arg("a_pool"), nb::arg("b_pool"),
+        nb::arg("c"), nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("lda"), nb::arg("ldb"),
+        nb::arg("ldc"), nb::arg("count"), nb::arg("stride_a"), nb::arg("stride_b"),
+        nb::arg("offs_a"), nb::arg("offs_b"), nb::arg("alpha"), nb::arg("beta"),
+        nb::arg("activation"), nb::arg("bias").none(), nb::arg("isa"));
+}

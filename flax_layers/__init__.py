@@ -1,0 +1,1 @@
+"""Flax modules built on jax_brgemm (coming with the Flax issue)."""
