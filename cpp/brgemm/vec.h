@@ -77,7 +77,7 @@ struct Vec {
     const __m512i sign_bit = _mm512_set1_epi32(INT32_MIN);
     // bit = (sign & sign_bit) | (mag & ~sign_bit)
     return {_mm512_castsi512_ps(_mm512_ternarylogic_epi32(
-        sign_bit, _mm512_castps_si512(sign.v), _mm512_castps_si512(mag.v), 0xE4))};
+        sign_bit, _mm512_castps_si512(sign.v), _mm512_castps_si512(mag.v), 0xCA))};
   }
   friend Vec exp(Vec x) {
     using K = ExpConstants;

@@ -52,9 +52,13 @@ ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
     pb->c = static_cast<const float*>(c.untyped_data());
   }
   if (bias.element_count() > 0) {
+    // (n,) from users; vmap adds leading dims, which broadcast like c's.
     if (auto e = expect_f32(bias, "bias"); e.failure()) return e;
-    if (bias.dimensions().size() != 1 || bias.dimensions()[0] != pb->n)
-      return invalid("bias must have shape (n,) = (" + std::to_string(pb->n) + ",)");
+    auto bd = bias.dimensions();
+    if (bd.size() < 1 || bd[bd.size() - 1] != pb->n)
+      return invalid("bias must have shape (n,) = (" + std::to_string(pb->n) + ",), got " + shape_str(bd));
+    if (auto e = broadcast_strides(bias, 1, pb->lead_shape, "bias", &pb->bias_lead_strides); e.failure())
+      return e;
     pb->bias = static_cast<const float*>(bias.untyped_data());
   }
   if (!parse_activation(activation, &pb->activation))

@@ -54,15 +54,17 @@ std::string run_batched_brgemm(const BatchedBrgemm& pb, const Executor* executor
       const float* c = pb.c + lead_offset(pb.lead_shape, pb.c_lead_strides, p) + row0 * pb.n;
       std::memcpy(out, c, sizeof(float) * kernel.desc.m * pb.n);
     }
+    const float* bias =
+        pb.bias ? pb.bias + lead_offset(pb.lead_shape, pb.bias_lead_strides, p) : nullptr;
     const float* a_rows = pb.a + row0 * pb.k;
     if (pb.offs_a != nullptr) {
       const int64_t* offs_a = pb.offs_a + p * pb.count;
       const int64_t* offs_b = pb.offs_b + p * pb.count;
-      kernel(Batch::offsets(a_rows, offs_a, pb.b, offs_b, pb.count), out, pb.alpha, pb.bias);
+      kernel(Batch::offsets(a_rows, offs_a, pb.b, offs_b, pb.count), out, pb.alpha, bias);
     } else {
       const float* a = a_rows + lead_offset(pb.lead_shape, pb.a_lead_strides, p);
       const float* b = pb.b + lead_offset(pb.lead_shape, pb.b_lead_strides, p);
-      kernel(Batch::strided(a, pb.m * pb.k, b, pb.k * pb.n, pb.count), out, pb.alpha, pb.bias);
+      kernel(Batch::strided(a, pb.m * pb.k, b, pb.k * pb.n, pb.count), out, pb.alpha, bias);
     }
   });
   return "";

@@ -1,0 +1,42 @@
+"""Trace-time argument checks shared by every op: bad input becomes a ValueError or
+TypeError naming the argument before anything reaches C++."""
+
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+
+ACTIVATIONS = (None, "relu", "gelu", "sigmoid", "tanh")
+
+
+def check_float32(name: str, x) -> None:
+    dtype = jnp.result_type(x)
+    if dtype != jnp.float32:
+        kind = "integer" if jnp.issubdtype(dtype, jnp.integer) else str(dtype)
+        raise TypeError(f"{name} must be float32, got {kind} ({dtype})")
+
+
+def check_integer(name: str, x) -> None:
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        raise TypeError(f"{name} must hold integers, got {jnp.result_type(x)}")
+
+
+def check_rank(name: str, x, min_rank: int, layout: str) -> None:
+    if np.ndim(x) < min_rank:
+        raise ValueError(f"{name} must have shape {layout} (rank >= {min_rank}), got {np.shape(x)}")
+
+
+def check_activation(name: str, activation) -> str:
+    """Returns the kernel's name for the activation ('none' for None)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{name} must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation or "none"
+
+
+def broadcast_lead(shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """NumPy broadcast of leading shapes, with an error naming the arguments that clash."""
+    try:
+        return tuple(np.broadcast_shapes(*shapes.values()))
+    except ValueError:
+        described = ", ".join(f"{k} {v}" for k, v in shapes.items())
+        raise ValueError(f"leading dims do not broadcast: {described}") from None

@@ -1,0 +1,317 @@
+"""jax_brgemm.brgemm and jax_brgemm.brgemm_indexed: the kernel as JAX ops.
+
+Both are FFI custom calls with a custom_vjp whose backward passes are themselves brgemm
+calls, and batching rules that fold vmapped axes into the kernel's leading (problem) dims.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
+from ._checks import (
+    broadcast_lead,
+    check_activation,
+    check_float32,
+    check_integer,
+    check_rank,
+)
+
+_NONE = jnp.zeros((0,), jnp.float32)  # stands for an absent c or bias in the FFI call
+
+
+def _scalar(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python number (it is a static kernel attribute), got {type(value).__name__}")
+    return float(value)
+
+
+def _with_lead_rank(x, rank: int, block_rank: int):
+    """Prepends size-1 dims so x has exactly `rank` leading dims (keeps NumPy's
+    right-aligned broadcasting correct after vmap adds a dim in front)."""
+    missing = rank - (x.ndim - block_rank)
+    return x.reshape((1,) * missing + x.shape) if missing > 0 else x
+
+
+def _unbroadcast(x, shape):
+    """Sums x down to `shape`, undoing NumPy broadcasting (for cotangents)."""
+    extra = x.ndim - len(shape)
+    if extra:
+        x = x.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, (s, t) in enumerate(zip(shape, x.shape)) if s == 1 and t != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x
+
+
+def _attrs(alpha, beta, act):
+    return dict(alpha=np.float32(alpha), beta=np.float32(beta), activation=act)
+
+
+# ------------------------------------------------------------------ stride form
+
+
+def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None):
+    """Batch-reduce GEMM: ``epilogue(beta * c + alpha * sum_i a[..., i, :, :] @ b[..., i, :, :] + bias)``.
+
+    Args:
+      a: ``(..., count, m, k)`` float32.
+      b: ``(..., count, k, n)`` float32.
+      c: optional ``(..., m, n)`` float32 addend, scaled by ``beta`` (ignored when None).
+      alpha, beta: Python numbers.
+      epilogue: None, "relu", "gelu" (tanh form), "sigmoid" or "tanh", applied after bias.
+      bias: optional ``(n,)`` float32 row added to every output row.
+
+    Leading dims of a, b and c are independent problems and broadcast like NumPy's.
+    Returns ``(..., m, n)`` float32. Works under jit, vmap and grad (a, b, c and bias).
+    """
+    check_float32("a", a)
+    check_float32("b", b)
+    check_rank("a", a, 3, "(..., count, m, k)")
+    check_rank("b", b, 3, "(..., count, k, n)")
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    count, m, k = a.shape[-3:]
+    if b.shape[-3] != count:
+        raise ValueError(f"b's count ({b.shape[-3]}) must equal a's count ({count}); a {a.shape}, b {b.shape}")
+    if b.shape[-2] != k:
+        raise ValueError(f"b's k ({b.shape[-2]}) must equal a's k ({k}); a {a.shape}, b {b.shape}")
+    n = b.shape[-1]
+    leads = {"a": a.shape[:-3], "b": b.shape[:-3]}
+    if c is not None:
+        check_float32("c", c)
+        check_rank("c", c, 2, "(..., m, n)")
+        c = jnp.asarray(c)
+        if c.shape[-2:] != (m, n):
+            raise ValueError(f"c must end in (m, n) = {(m, n)}, got {c.shape}")
+        leads["c"] = c.shape[:-2]
+    act = check_activation("epilogue", epilogue)
+    alpha, beta = _scalar("alpha", alpha), _scalar("beta", beta)
+    if bias is not None:
+        check_float32("bias", bias)
+        bias = jnp.asarray(bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape (n,) = ({n},), got {bias.shape}")
+    lead = broadcast_lead(leads)
+    if 0 in lead or m == 0 or n == 0:
+        return jnp.zeros(lead + (m, n), jnp.float32)
+    if count == 0 or k == 0:  # an empty sum: only c and bias remain
+        return _epilogue_only(lead + (m, n), c, beta, bias, act)
+    return _brgemm(a, b, c, bias, alpha, beta, act)
+
+
+def _epilogue_only(shape, c, beta, bias, act):
+    z = jnp.zeros(shape, jnp.float32)
+    if c is not None and beta != 0.0:
+        z = z + beta * c
+    if bias is not None:
+        z = z + bias
+    return _activations.apply(act, z)
+
+
+def _brgemm_call(a, b, c, bias, alpha, beta, act):
+    lead = jnp.broadcast_shapes(a.shape[:-3], b.shape[:-3], *(() if c is None else (c.shape[:-2],)))
+    rank = len(lead)
+    out = jax.ShapeDtypeStruct(lead + (a.shape[-2], b.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call("jax_brgemm_brgemm", out, vmap_method="expand_dims")
+    return call(
+        _with_lead_rank(a, rank, 3),
+        _with_lead_rank(b, rank, 3),
+        _NONE if c is None else _with_lead_rank(c, rank, 2),
+        _NONE if bias is None else _with_lead_rank(bias, rank, 1),
+        **_attrs(alpha, 0.0 if c is None else beta, act),
+    )
+
+
+def _forward_with_residuals(call, act, *args):
+    """Runs `call(..., act)`; for gelu keeps the pre-activation the derivative needs."""
+    if _activations.needs_preactivation(act):
+        z = call(*args, "none")
+        out = _activations.apply(act, z)
+        return out, z
+    return call(*args, act), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _brgemm(a, b, c, bias, alpha, beta, act):
+    return _brgemm_call(a, b, c, bias, alpha, beta, act)
+
+
+def _brgemm_fwd(a, b, c, bias, alpha, beta, act):
+    out, z = _forward_with_residuals(_brgemm_call, act, a, b, c, bias, alpha, beta)
+    return out, (a, b, c, bias, out, z)
+
+
+def _brgemm_bwd(alpha, beta, act, res, g):
+    a, b, c, bias, out, z = res
+    gz = _activations.grad_from(act, g, out, z)
+    g_block = gz[..., None, None, :, :]  # (lead, 1, 1, m, n): one product per batch element
+    # dA_i = alpha * gz @ B_i^T and dB_i = alpha * A_i^T @ gz, each a count-1 brgemm.
+    da = brgemm(g_block, jnp.swapaxes(b, -1, -2)[..., :, None, :, :], alpha=alpha)
+    db = brgemm(jnp.swapaxes(a, -1, -2)[..., :, None, :, :], g_block, alpha=alpha)
+    dc = None if c is None else _unbroadcast(beta * gz, c.shape)
+    dbias = None if bias is None else gz.reshape(-1, gz.shape[-1]).sum(0)
+    return _unbroadcast(da, a.shape), _unbroadcast(db, b.shape), dc, dbias
+
+
+_brgemm.defvjp(_brgemm_fwd, _brgemm_bwd)
+
+
+# ------------------------------------------------------------------ offset form
+
+
+def brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, *, alpha=1.0, beta=0.0,
+                   epilogue=None, bias=None):
+    """Offset-form batch-reduce GEMM over pools of blocks.
+
+    ``out[...] = epilogue(beta * c[...] + alpha * sum_i a_blocks[a_index[..., i]] @ b_blocks[b_index[..., i]] + bias)``
+
+    Args:
+      a_blocks: ``(Pa, m, k)`` float32; b_blocks: ``(Pb, k, n)`` float32.
+      a_index, b_index: integer ``(..., count)``; leading dims broadcast with each other and c.
+        Values outside ``[0, Pa)`` / ``[0, Pb)`` are an error (ValueError when the indices
+        are concrete, a runtime error from the kernel under jit), never an out-of-bounds read.
+      c, alpha, beta, epilogue, bias: as in :func:`brgemm`.
+
+    Returns ``(..., m, n)`` float32. Works under jit, vmap and grad (to the blocks, c, bias).
+    """
+    check_float32("a_blocks", a_blocks)
+    check_float32("b_blocks", b_blocks)
+    if np.ndim(a_blocks) != 3:
+        raise ValueError(f"a_blocks must have shape (Pa, m, k), got {np.shape(a_blocks)}")
+    if np.ndim(b_blocks) != 3:
+        raise ValueError(f"b_blocks must have shape (Pb, k, n), got {np.shape(b_blocks)}")
+    a_blocks, b_blocks = jnp.asarray(a_blocks), jnp.asarray(b_blocks)
+    _, m, k = a_blocks.shape
+    if b_blocks.shape[1] != k:
+        raise ValueError(f"b_blocks' k ({b_blocks.shape[1]}) must equal a_blocks' k ({k})")
+    n = b_blocks.shape[2]
+    for name, index in (("a_index", a_index), ("b_index", b_index)):
+        check_integer(name, index)
+        check_rank(name, index, 1, "(..., count)")
+    a_index_host, b_index_host = a_index, b_index
+    a_index, b_index = jnp.asarray(a_index), jnp.asarray(b_index)
+    count = a_index.shape[-1]
+    if b_index.shape[-1] != count:
+        raise ValueError(f"b_index's count ({b_index.shape[-1]}) must equal a_index's ({count})")
+    _check_index_range("a_index", a_index_host, a_blocks.shape[0])
+    _check_index_range("b_index", b_index_host, b_blocks.shape[0])
+    leads = {"a_index": a_index.shape[:-1], "b_index": b_index.shape[:-1]}
+    if c is not None:
+        check_float32("c", c)
+        check_rank("c", c, 2, "(..., m, n)")
+        c = jnp.asarray(c)
+        if c.shape[-2:] != (m, n):
+            raise ValueError(f"c must end in (m, n) = {(m, n)}, got {c.shape}")
+        leads["c"] = c.shape[:-2]
+    act = check_activation("epilogue", epilogue)
+    alpha, beta = _scalar("alpha", alpha), _scalar("beta", beta)
+    if bias is not None:
+        check_float32("bias", bias)
+        bias = jnp.asarray(bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape (n,) = ({n},), got {bias.shape}")
+    lead = broadcast_lead(leads)
+    if 0 in lead or m == 0 or n == 0:
+        return jnp.zeros(lead + (m, n), jnp.float32)
+    if count == 0 or k == 0:
+        return _epilogue_only(lead + (m, n), c, beta, bias, act)
+    a_index = jnp.broadcast_to(a_index.astype(jnp.int32), lead + (count,))
+    b_index = jnp.broadcast_to(b_index.astype(jnp.int32), lead + (count,))
+    if c is not None:
+        c = jnp.broadcast_to(c, lead + (m, n))
+    return _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act)
+
+
+def _check_index_range(name, index, blocks):
+    if isinstance(index, jax.core.Tracer) or np.size(index) == 0:
+        return  # checked by the kernel at run time
+    values = np.asarray(index)
+    low, high = values.min(), values.max()
+    if low < 0 or high >= blocks:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} holds {bad}, outside [0, {blocks})")
+
+
+@functools.lru_cache(maxsize=None)
+def _indexed_call_for(alpha, beta, act, has_c, has_bias):
+    """The raw FFI call for one set of static attributes, with a batching rule that folds
+    a vmapped axis into the problems and the block pools."""
+
+    @jax.custom_batching.custom_vmap
+    def call(a_blocks, b_blocks, a_index, b_index, c, bias):
+        lead = a_index.shape[:-1]
+        out = jax.ShapeDtypeStruct(lead + (a_blocks.shape[1], b_blocks.shape[2]), jnp.float32)
+        return jax.ffi.ffi_call("jax_brgemm_brgemm_indexed", out)(
+            a_blocks, b_blocks, a_index, b_index,
+            c if has_c else _NONE,
+            _with_lead_rank(bias, len(lead), 1) if has_bias else _NONE,
+            **_attrs(alpha, beta if has_c else 0.0, act),
+        )
+
+    @call.def_vmap
+    def call_vmap(axis_size, in_batched, a_blocks, b_blocks, a_index, b_index, c, bias):
+        a_b, b_b, ai_b, bi_b, c_b, bias_b = in_batched
+
+        def lift(x, batched):
+            return x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+
+        a_index, b_index = lift(a_index, ai_b), lift(b_index, bi_b)
+
+        def fold_pool(blocks, index):  # (B, P, r, s) -> (B*P, r, s), indices shifted
+            pool = blocks.shape[1]
+            shift = jnp.arange(axis_size, dtype=jnp.int32) * pool
+            index = index + shift.reshape((axis_size,) + (1,) * (index.ndim - 1))
+            return blocks.reshape((axis_size * pool,) + blocks.shape[2:]), index
+
+        if a_b:
+            a_blocks, a_index = fold_pool(a_blocks, a_index)
+        if b_b:
+            b_blocks, b_index = fold_pool(b_blocks, b_index)
+        if has_c:
+            c = lift(c, c_b)
+        if has_bias and bias_b:
+            bias = bias.reshape((axis_size,) + (1,) * (a_index.ndim - 2) + bias.shape[-1:])
+        return call(a_blocks, b_blocks, a_index, b_index, c, bias), True
+
+    return call
+
+
+def _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act):
+    call = _indexed_call_for(alpha, beta, act, c is not None, bias is not None)
+    return call(a_blocks, b_blocks, a_index, b_index, c, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act):
+    return _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act)
+
+
+def _indexed_fwd(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act):
+    out, z = _forward_with_residuals(_indexed_call, act, a_blocks, b_blocks, a_index, b_index,
+                                     c, bias, alpha, beta)
+    return out, (a_blocks, b_blocks, a_index, b_index, c, bias, out, z)
+
+
+def _indexed_bwd(alpha, beta, act, res, g):
+    a_blocks, b_blocks, a_index, b_index, c, bias, out, z = res
+    gz = _activations.grad_from(act, g, out, z)
+    m, n = gz.shape[-2:]
+    problems = gz.reshape(-1, m, n)  # the output gradients as a block pool
+    # Problem p's index, once per batch element, for count-1 products per element.
+    own = jnp.broadcast_to(
+        jnp.arange(problems.shape[0], dtype=jnp.int32).reshape(a_index.shape[:-1] + (1,)),
+        a_index.shape)[..., None]
+    # Per element i: alpha * gz_p @ B_{b_index}^T, scattered (added) into dA[a_index].
+    da_parts = brgemm_indexed(problems, jnp.swapaxes(b_blocks, 1, 2), own, b_index[..., None], alpha=alpha)
+    db_parts = brgemm_indexed(jnp.swapaxes(a_blocks, 1, 2), problems, a_index[..., None], own, alpha=alpha)
+    da = jnp.zeros_like(a_blocks).at[a_index.reshape(-1)].add(da_parts.reshape((-1,) + a_blocks.shape[1:]))
+    db = jnp.zeros_like(b_blocks).at[b_index.reshape(-1)].add(db_parts.reshape((-1,) + b_blocks.shape[1:]))
+    dc = None if c is None else beta * gz
+    dbias = None if bias is None else gz.reshape(-1, n).sum(0)
+    return da, db, None, None, dc, dbias
+
+
+_indexed.defvjp(_indexed_fwd, _indexed_bwd)
