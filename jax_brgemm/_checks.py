@@ -9,16 +9,21 @@ import jax.numpy as jnp
 ACTIVATIONS = (None, "relu", "gelu", "sigmoid", "tanh")
 
 
+def dtype_of(x) -> np.dtype:
+    """The dtype as given (no canonicalisation: float64 stays float64 without x64)."""
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
 def check_float32(name: str, x) -> None:
-    dtype = jnp.result_type(x)
+    dtype = dtype_of(x)
     if dtype != jnp.float32:
         kind = "integer" if jnp.issubdtype(dtype, jnp.integer) else str(dtype)
         raise TypeError(f"{name} must be float32, got {kind} ({dtype})")
 
 
 def check_integer(name: str, x) -> None:
-    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
-        raise TypeError(f"{name} must hold integers, got {jnp.result_type(x)}")
+    if not jnp.issubdtype(dtype_of(x), jnp.integer):
+        raise TypeError(f"{name} must hold integers, got {dtype_of(x)}")
 
 
 def check_rank(name: str, x, min_rank: int, layout: str) -> None:

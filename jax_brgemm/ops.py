@@ -140,7 +140,9 @@ def _brgemm(a, b, c, bias, alpha, beta, act):
 
 
 def _brgemm_fwd(a, b, c, bias, alpha, beta, act):
-    out, z = _forward_with_residuals(_brgemm_call, act, a, b, c, bias, alpha, beta)
+    # Through the custom_vjp function itself, so the residuals stay differentiable
+    # (second-order gradients).
+    out, z = _forward_with_residuals(_brgemm, act, a, b, c, bias, alpha, beta)
     return out, (a, b, c, bias, out, z)
 
 
@@ -290,7 +292,7 @@ def _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act):
 
 
 def _indexed_fwd(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act):
-    out, z = _forward_with_residuals(_indexed_call, act, a_blocks, b_blocks, a_index, b_index,
+    out, z = _forward_with_residuals(_indexed, act, a_blocks, b_blocks, a_index, b_index,
                                      c, bias, alpha, beta)
     return out, (a_blocks, b_blocks, a_index, b_index, c, bias, out, z)
 
