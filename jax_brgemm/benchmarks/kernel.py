@@ -1,0 +1,99 @@
+"""Single-thread kernel speed on in-cache data, and the fixed cost of one call under jit.
+
+    python -m jax_brgemm bench kernel [--json] [--m M --n N --k K --count C]
+                                      [--variant stride|offset|address|all] [--isa ISA|all]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._ext import ext
+from .common import core_peak_gflops, median_seconds, print_records
+
+# (m, n, k, count): the block shapes the paper's primitives use. A row of 28 or 56 output
+# pixels times 64 output channels is a ResNet conv block.
+PAPER_SHAPES = [(64, 64, 64, 16), (32, 32, 32, 16), (28, 64, 64, 36), (56, 64, 64, 9),
+                (16, 16, 16, 32), (64, 64, 64, 1), (64, 128, 128, 8)]
+
+
+def machine_core_peak() -> float:
+    """This machine's measured single-core FMA peak (the best ISA's FMA loop)."""
+    return max(core_peak_gflops(isa) for isa in ext.supported_isas())
+
+
+def kernel_records(shapes, variants, isas, samples=7) -> list[dict]:
+    peak = machine_core_peak()
+    records = []
+    for isa in isas:
+        for m, n, k, count in shapes:
+            for variant in variants:
+                rate = ext.bench_kernel(m, n, k, count, variant, isa, samples)
+                records.append(dict(m=m, n=n, k=k, count=count, variant=variant, dtype="float32",
+                                    isa=isa, gflops=rate, pct_of_peak=100.0 * rate / peak))
+    return records
+
+
+def call_overhead_us(op: str = "brgemm", lengths=(1, 25, 50, 100)) -> float:
+    """Slope (microseconds per call) of a jitted chain of dependent 1x1x1 calls."""
+    import jax_brgemm as jb
+
+    a = jnp.ones((1, 1, 1), jnp.float32)
+    b = jnp.ones((1, 1, 1), jnp.float32)
+    step = {
+        "brgemm": lambda c: jb.brgemm(a, b, c, beta=0.5),
+        "xla": lambda c: 0.5 * c + jnp.dot(a[0], b[0]),
+    }[op]
+
+    def chain(n):
+        def f(c):
+            for _ in range(n):
+                c = step(c)
+            return c
+        return jax.jit(f)
+
+    c0 = jnp.ones((1, 1), jnp.float32)
+    times = []
+    for n in lengths:
+        f = chain(n)
+        times.append(median_seconds(lambda: jax.block_until_ready(f(c0)), repeats=9))
+    slope = np.polyfit(np.asarray(lengths, float), np.asarray(times), 1)[0]
+    return slope * 1e6
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m jax_brgemm bench kernel", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--m", type=int)
+    p.add_argument("--n", type=int)
+    p.add_argument("--k", type=int)
+    p.add_argument("--count", type=int)
+    p.add_argument("--variant", default="stride", choices=["stride", "offset", "address", "all"])
+    p.add_argument("--isa", default="", help="ISA path (default: the active one), or 'all'")
+    p.add_argument("--dtype", default="float32", choices=["float32"],
+                   help="input dtype (bfloat16 arrives with the AMX/BF16 kernels)")
+    p.add_argument("--json", action="store_true", help="print one JSON list of records")
+    p.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead measurement")
+    args = p.parse_args(argv)
+
+    one = [args.m, args.n, args.k, args.count]
+    if any(v is not None for v in one):
+        if any(v is None for v in one):
+            p.error("--m, --n, --k and --count go together")
+        shapes = [tuple(one)]
+    else:
+        shapes = PAPER_SHAPES
+    variants = ["stride", "offset", "address"] if args.variant == "all" else [args.variant]
+    isas = ext.supported_isas() if args.isa == "all" else [args.isa or ext.active_isa()]
+    records = kernel_records(shapes, variants, isas)
+    title = (f"brgemm kernel, single thread, float32, in-cache data; "
+             f"measured FMA peak {machine_core_peak():.1f} GFLOP/s per core")
+    print_records(records, ["m", "n", "k", "count", "variant", "isa", "gflops", "pct_of_peak"],
+                  args.json, title)
+    if not args.json and not args.no_overhead:
+        print(f"\nfixed cost per call inside jit (slope over 1..100 dependent 1x1x1 calls): "
+              f"brgemm {call_overhead_us('brgemm'):.2f} us, XLA dot {call_overhead_us('xla'):.2f} us")
