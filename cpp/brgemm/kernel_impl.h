@@ -106,6 +106,7 @@ void tile_kernel(const Tile& t) {
   for (int64_t i = 0; i < t.batch->count; ++i) {
     const float* a = block_a(*t.batch, i) + t.row0 * lda;
     const float* b = block_b(*t.batch, i) + t.col0;
+#pragma GCC unroll 4
     for (int64_t p = 0; p < k; ++p, b += ldb) {
       Vec bv[NV];
 #pragma GCC unroll 4

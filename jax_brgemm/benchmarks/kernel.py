@@ -38,8 +38,9 @@ def kernel_records(shapes, variants, isas, samples=7) -> list[dict]:
     return records
 
 
-def call_overhead_us(op: str = "brgemm", lengths=(1, 25, 50, 100)) -> float:
-    """Slope (microseconds per call) of a jitted chain of dependent 1x1x1 calls."""
+def call_overhead_us(op: str = "brgemm", lengths=(1, 25, 50, 100)) -> tuple[float, float]:
+    """(slope, intercept) in microseconds of the time of a jitted chain of n dependent 1x1x1
+    calls against n: the fixed cost of one more call, and that of the jitted call itself."""
     import jax_brgemm as jb
 
     a = jnp.ones((1, 1, 1), jnp.float32)
@@ -61,8 +62,8 @@ def call_overhead_us(op: str = "brgemm", lengths=(1, 25, 50, 100)) -> float:
     for n in lengths:
         f = chain(n)
         times.append(median_seconds(lambda: jax.block_until_ready(f(c0)), repeats=9))
-    slope = np.polyfit(np.asarray(lengths, float), np.asarray(times), 1)[0]
-    return slope * 1e6
+    slope, intercept = np.polyfit(np.asarray(lengths, float), np.asarray(times), 1)
+    return slope * 1e6, intercept * 1e6
 
 
 def main(argv=None) -> None:
@@ -95,5 +96,9 @@ def main(argv=None) -> None:
     print_records(records, ["m", "n", "k", "count", "variant", "isa", "gflops", "pct_of_peak"],
                   args.json, title)
     if not args.json and not args.no_overhead:
-        print(f"\nfixed cost per call inside jit (slope over 1..100 dependent 1x1x1 calls): "
-              f"brgemm {call_overhead_us('brgemm'):.2f} us, XLA dot {call_overhead_us('xla'):.2f} us")
+        per_call, dispatch = call_overhead_us("brgemm")
+        xla_per_call, xla_dispatch = call_overhead_us("xla")
+        print(f"\nfixed cost of one 1x1x1 brgemm call inside jit (slope over chains of 1..100 "
+              f"dependent calls): {per_call:.2f} us; XLA dot + axpy: {xla_per_call:.2f} us "
+              f"(XLA fuses them); dispatch of the whole jitted call: {dispatch:.1f} us "
+              f"(XLA's: {xla_dispatch:.1f} us)")
