@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
+from ._sharding import batch_partitioned
 from ._checks import (
     broadcast_lead,
     check_activation,
@@ -22,7 +23,9 @@ from ._checks import (
     check_rank,
 )
 
-_NONE = jnp.zeros((0,), jnp.float32)  # stands for an absent c or bias in the FFI call
+def _none():
+    """Stands for an absent c or bias in the FFI call (built in the trace, not a constant)."""
+    return jnp.zeros((0,), jnp.float32)
 
 
 def _scalar(name: str, value) -> float:
@@ -114,15 +117,41 @@ def _epilogue_only(shape, c, beta, bias, act):
 def _brgemm_call(a, b, c, bias, alpha, beta, act):
     lead = jnp.broadcast_shapes(a.shape[:-3], b.shape[:-3], *(() if c is None else (c.shape[:-2],)))
     rank = len(lead)
-    out = jax.ShapeDtypeStruct(lead + (a.shape[-2], b.shape[-1]), jnp.float32)
-    call = jax.ffi.ffi_call("jax_brgemm_brgemm", out, vmap_method="expand_dims")
-    return call(
-        _with_lead_rank(a, rank, 3),
-        _with_lead_rank(b, rank, 3),
-        _NONE if c is None else _with_lead_rank(c, rank, 2),
-        _NONE if bias is None else _with_lead_rank(bias, rank, 1),
-        **_attrs(alpha, 0.0 if c is None else beta, act),
-    )
+    args = [_with_lead_rank(a, rank, 3), _with_lead_rank(b, rank, 3)]
+    args += [] if c is None else [_with_lead_rank(c, rank, 2)]
+    args += [] if bias is None else [_with_lead_rank(bias, rank, 1)]
+    return _stride_call_for(alpha, beta, act, c is not None, bias is not None, rank)(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank):
+    """The raw FFI call for one set of static attributes. Every operand has `lead_rank`
+    leading dims (size 1 where broadcast), which the kernel broadcasts; the first is the
+    batch that data-parallel sharding splits."""
+
+    def ffi(a, b, *rest):
+        c = rest[0] if has_c else None
+        bias = rest[-1] if has_bias else None
+        lead = jnp.broadcast_shapes(a.shape[:-3], b.shape[:-3], *(() if c is None else (c.shape[:-2],)))
+        out = jax.ShapeDtypeStruct(lead + (a.shape[-2], b.shape[-1]), jnp.float32)
+        return jax.ffi.ffi_call("jax_brgemm_brgemm", out)(
+            a, b, _none() if c is None else c, _none() if bias is None else bias,
+            **_attrs(alpha, beta if has_c else 0.0, act))
+
+    n_args = 2 + has_c + has_bias
+    sharded = batch_partitioned(ffi, batched=(lead_rank > 0,) * n_args, outputs=("batch",))
+
+    @jax.custom_batching.custom_vmap
+    def call(*args):
+        return sharded(*args)
+
+    @call.def_vmap
+    def call_vmap(axis_size, in_batched, *args):
+        # A new leading problem dim: size 1 (broadcast) on the unbatched operands.
+        args = [x if batched else x[None] for x, batched in zip(args, in_batched)]
+        return _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1)(*args), True
+
+    return call
 
 
 def _forward_with_residuals(call, act, *args):
@@ -238,24 +267,36 @@ def _check_index_range(name, index, blocks):
 
 
 @functools.lru_cache(maxsize=None)
-def _indexed_call_for(alpha, beta, act, has_c, has_bias):
-    """The raw FFI call for one set of static attributes, with a batching rule that folds
-    a vmapped axis into the problems and the block pools."""
+def _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank):
+    """The raw FFI call for one set of static attributes, taking (a_blocks, b_blocks,
+    a_index, b_index[, c][, bias]). The pools are replicated under sharding; the problems
+    (indices, c, out) split along their first leading dim. A vmapped axis folds into the
+    problems and the block pools."""
 
-    @jax.custom_batching.custom_vmap
-    def call(a_blocks, b_blocks, a_index, b_index, c, bias):
+    def ffi(a_blocks, b_blocks, a_index, b_index, *rest):
+        c = rest[0] if has_c else None
+        bias = rest[-1] if has_bias else None
         lead = a_index.shape[:-1]
         out = jax.ShapeDtypeStruct(lead + (a_blocks.shape[1], b_blocks.shape[2]), jnp.float32)
         return jax.ffi.ffi_call("jax_brgemm_brgemm_indexed", out)(
             a_blocks, b_blocks, a_index, b_index,
-            c if has_c else _NONE,
-            _with_lead_rank(bias, len(lead), 1) if has_bias else _NONE,
+            _none() if c is None else c,
+            _none() if bias is None else _with_lead_rank(bias, len(lead), 1),
             **_attrs(alpha, beta if has_c else 0.0, act),
         )
 
+    split = lead_rank > 0
+    batched = (False, False, split, split) + ((split,) if has_c else ()) + ((False,) if has_bias else ())
+    sharded = batch_partitioned(ffi, batched=batched, outputs=("batch",))
+
+    @jax.custom_batching.custom_vmap
+    def call(*args):
+        return sharded(*args)
+
     @call.def_vmap
-    def call_vmap(axis_size, in_batched, a_blocks, b_blocks, a_index, b_index, c, bias):
-        a_b, b_b, ai_b, bi_b, c_b, bias_b = in_batched
+    def call_vmap(axis_size, in_batched, a_blocks, b_blocks, a_index, b_index, *rest):
+        a_b, b_b, ai_b, bi_b = in_batched[:4]
+        rest_b = in_batched[4:]
 
         def lift(x, batched):
             return x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
@@ -272,18 +313,21 @@ def _indexed_call_for(alpha, beta, act, has_c, has_bias):
             a_blocks, a_index = fold_pool(a_blocks, a_index)
         if b_b:
             b_blocks, b_index = fold_pool(b_blocks, b_index)
+        rest = list(rest)
         if has_c:
-            c = lift(c, c_b)
-        if has_bias and bias_b:
-            bias = bias.reshape((axis_size,) + (1,) * (a_index.ndim - 2) + bias.shape[-1:])
-        return call(a_blocks, b_blocks, a_index, b_index, c, bias), True
+            rest[0] = lift(rest[0], rest_b[0])
+        if has_bias:
+            bias, bias_b = rest[-1], rest_b[-1]
+            rest[-1] = bias.reshape((axis_size if bias_b else 1,) + (1,) * lead_rank + bias.shape[-1:])
+        call = _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1)
+        return call(a_blocks, b_blocks, a_index, b_index, *rest), True
 
     return call
 
 
 def _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act):
-    call = _indexed_call_for(alpha, beta, act, c is not None, bias is not None)
-    return call(a_blocks, b_blocks, a_index, b_index, c, bias)
+    call = _indexed_call_for(alpha, beta, act, c is not None, bias is not None, a_index.ndim - 1)
+    return call(a_blocks, b_blocks, a_index, b_index, *(x for x in (c, bias) if x is not None))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
