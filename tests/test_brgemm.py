@@ -290,7 +290,7 @@ def test_brgemm_op_bf16_forward_and_gradients(rng):
     out = jax.jit(lambda a, b: jb.brgemm(a, b, epilogue="gelu", bias=bias))(a, b)
     assert out.dtype == BF16
     ref = brgemm_reference(a.astype(np.float64), b.astype(np.float64), epilogue="gelu", bias=bias)
-    assert rel_err(out.astype(np.float64), ref) < 1e-5 + BF16_ROUNDING
+    assert rel_err(out, ref) < 1e-5 + BF16_ROUNDING
     out32 = jb.brgemm(a, b, epilogue="gelu", bias=bias, out_dtype=jnp.float32)
     assert out32.dtype == jnp.float32 and rel_err(out32, ref) < 1e-5
 
@@ -303,7 +303,7 @@ def test_brgemm_op_bf16_forward_and_gradients(rng):
         assert g.dtype == BF16  # gradients in the input's dtype
         # The output gradient enters the products rounded to bfloat16, and the result is
         # rounded once more.
-        assert rel_err(g.astype(np.float64), r) < 1e-5 + 2 * BF16_ROUNDING
+        assert rel_err(g, r) < 1e-5 + 2 * BF16_ROUNDING
 
 
 def test_brgemm_indexed_bf16(rng):
