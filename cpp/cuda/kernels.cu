@@ -1,0 +1,269 @@
+// The CUDA BRGEMM kernels (see kernels.h): a SIMT kernel for float32 and a tensor-core (WMMA
+// 16x16x16, float32 accumulators) kernel for bfloat16 and float16. Both: one block per output
+// tile of one problem, the batch reduction over i and k inside the block, the tile held in
+// registers from the first product to the fused epilogue.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "cuda/kernels.h"
+
+namespace jbr::cuda {
+namespace {
+
+// ---------------------------------------------------------------- shared pieces
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// The CPU kernel's activations (gelu in its tanh form: 0.5 x (1 + tanh(u)) == x sigmoid(2u)).
+__device__ __forceinline__ float activate(Act act, float x) {
+  switch (act) {
+    case Act::none: return x;
+    case Act::relu: return x < 0.0f ? 0.0f : x;  // NaN stays NaN
+    case Act::gelu: {
+      const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+      return x * sigmoid(2.0f * u);
+    }
+    case Act::sigmoid: return sigmoid(x);
+    case Act::tanh: return tanhf(x);
+  }
+  return x;
+}
+
+// Which problem and output tile this block owns (1-D grid, n-tiles fastest).
+struct Tile {
+  int64_t p, row0, col0;
+};
+__device__ __forceinline__ Tile locate(int64_t tiles_m, int64_t tiles_n, int bm, int bn) {
+  const int64_t bid = blockIdx.x;
+  const int64_t tn = bid % tiles_n, tm = (bid / tiles_n) % tiles_m;
+  return {bid / (tiles_n * tiles_m), tm * bm, tn * bn};
+}
+
+// Batch element i of problem p: the A and B blocks, or false when an index is out of range
+// (then nothing is read, and the flag tells the handler). Uniform across the block.
+template <class T>
+__device__ __forceinline__ bool batch_blocks(const Problem& pr, int64_t p, int64_t i,
+                                             const T** a, const T** b) {
+  const int64_t a_size = pr.m * pr.k, b_size = pr.k * pr.n;
+  if (pr.a_index == nullptr) {
+    *a = static_cast<const T*>(pr.a) + lead_offset(pr.lead, kA, p) + i * a_size;
+    *b = static_cast<const T*>(pr.b) + lead_offset(pr.lead, kB, p) + i * b_size;
+    return true;
+  }
+  const int64_t at = p * pr.count + i;
+  const int64_t ia = pr.index_is_64 ? static_cast<const int64_t*>(pr.a_index)[at]
+                                    : static_cast<const int32_t*>(pr.a_index)[at];
+  const int64_t ib = pr.index_is_64 ? static_cast<const int64_t*>(pr.b_index)[at]
+                                    : static_cast<const int32_t*>(pr.b_index)[at];
+  if (ia < 0 || ia >= pr.a_blocks || ib < 0 || ib >= pr.b_blocks) {
+    if (threadIdx.x == 0) atomicExch(pr.error_flag, 1);
+    return false;
+  }
+  *a = static_cast<const T*>(pr.a) + ia * a_size;
+  *b = static_cast<const T*>(pr.b) + ib * b_size;
+  return true;
+}
+
+// The epilogue for one element of the finished sum `acc` at (row, col) of problem p.
+__device__ __forceinline__ void store_out(const Problem& pr, int64_t p, int64_t c_base,
+                                          int64_t bias_base, int64_t row, int64_t col,
+                                          float acc) {
+  float v = pr.alpha * acc;
+  if (pr.beta != 0.0f) v += pr.beta * pr.c[c_base + row * pr.n + col];
+  if (pr.bias != nullptr) v += pr.bias[bias_base + col];
+  pr.out[(p * pr.m + row) * pr.n + col] = activate(pr.act, v);
+}
+
+// ---------------------------------------------------------------- float32: SIMT
+
+constexpr int F32_BM = 64, F32_BN = 64, F32_BK = 16, F32_THREADS = 256;
+static_assert(kTileF32.bm == F32_BM && kTileF32.bn == F32_BN && kTileF32.bk == F32_BK &&
+              kTileF32.threads == F32_THREADS, "plan.h and the float32 kernel disagree");
+
+// 16 x 16 threads, each owning a 4 x 4 piece of the 64 x 64 tile.
+__global__ void __launch_bounds__(F32_THREADS)
+brgemm_f32(const Problem pr, int64_t tiles_m, int64_t tiles_n) {
+  __shared__ __align__(16) float As[F32_BK][F32_BM + 4];  // A tile, transposed (k-major)
+  __shared__ __align__(16) float Bs[F32_BK][F32_BN + 4];
+  const Tile t = locate(tiles_m, tiles_n, F32_BM, F32_BN);
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  float acc[4][4] = {};
+  for (int64_t i = 0; i < pr.count; ++i) {
+    const float *a, *b;
+    if (!batch_blocks(pr, t.p, i, &a, &b)) continue;
+    for (int64_t k0 = 0; k0 < pr.k; k0 += F32_BK) {
+#pragma unroll
+      for (int j = 0; j < F32_BM * F32_BK / F32_THREADS; ++j) {
+        const int e = tid + j * F32_THREADS, r = e / F32_BK, c = e % F32_BK;
+        const int64_t row = t.row0 + r, col = k0 + c;
+        As[c][r] = row < pr.m && col < pr.k ? a[row * pr.k + col] : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < F32_BK * F32_BN / F32_THREADS; ++j) {
+        const int e = tid + j * F32_THREADS, r = e / F32_BN, c = e % F32_BN;
+        const int64_t row = k0 + r, col = t.col0 + c;
+        Bs[r][c] = row < pr.k && col < pr.n ? b[row * pr.n + col] : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < F32_BK; ++kk) {
+        const float4 av = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+        const float4 bv = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
+        const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(ar[r], br[c], acc[r][c]);
+      }
+      __syncthreads();
+    }
+  }
+  const int64_t c_base = lead_offset(pr.lead, kC, t.p), bias_base = lead_offset(pr.lead, kBias, t.p);
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t row = t.row0 + ty * 4 + r;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t col = t.col0 + tx * 4 + c;
+      if (row < pr.m && col < pr.n) store_out(pr, t.p, c_base, bias_base, row, col, acc[r][c]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- 16-bit: tensor cores
+
+constexpr int H_BK = 32;
+static_assert(kTile16Small.bk == H_BK && kTile16Large.bk == H_BK, "plan.h and the WMMA kernel disagree");
+
+// 8 consecutive elements of a row into shared memory (16 bytes, aligned): one vector load
+// when the source is aligned and fully inside the row, else element by element with zeros
+// past the end. `src_row` is null for a row past the end.
+template <class T>
+__device__ __forceinline__ void load8(T* dst, const T* src_row, int64_t col, int64_t cols) {
+  if (src_row != nullptr && col + 8 <= cols &&
+      (reinterpret_cast<uintptr_t>(src_row + col) & 15) == 0) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src_row + col);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    dst[j] = src_row != nullptr && col + j < cols ? src_row[col + j] : static_cast<T>(0.0f);
+}
+
+// BM x BN tile, WARPS_M x WARPS_N warps, each owning (BM/WARPS_M) x (BN/WARPS_N) as 16 x 16
+// accumulator fragments.
+template <class T, int BM, int BN, int WARPS_M, int WARPS_N>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
+brgemm_wmma(const Problem pr, int64_t tiles_m, int64_t tiles_n) {
+  namespace wmma = nvcuda::wmma;
+  constexpr int THREADS = WARPS_M * WARPS_N * 32;
+  constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, FM = WM / 16, FN = WN / 16;
+  constexpr int LDA = H_BK + 8, LDB = BN + 8;  // padded rows (multiples of 8 elements)
+  static_assert(WM % 16 == 0 && WN % 16 == 0 && (BM * H_BK / 8) % THREADS == 0 &&
+                (H_BK * BN / 8) % THREADS == 0, "tile does not split evenly");
+  // Fragment pointers must be 32-byte aligned: rows of 16 * LD elements are, and so are
+  // column offsets of 16 elements.
+  __shared__ __align__(128) T As[BM * LDA];
+  __shared__ __align__(128) T Bs[H_BK * LDB];
+  __shared__ __align__(128) float stage[WARPS_M * WARPS_N][16 * 16];  // epilogue, per warp
+
+  const Tile t = locate(tiles_m, tiles_n, BM, BN);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
+#pragma unroll
+  for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+    for (int fn = 0; fn < FN; ++fn) wmma::fill_fragment(acc[fm][fn], 0.0f);
+
+  for (int64_t i = 0; i < pr.count; ++i) {
+    const T *a, *b;
+    if (!batch_blocks(pr, t.p, i, &a, &b)) continue;
+    for (int64_t k0 = 0; k0 < pr.k; k0 += H_BK) {
+#pragma unroll
+      for (int q = tid; q < BM * H_BK / 8; q += THREADS) {
+        const int r = q / (H_BK / 8), c = q % (H_BK / 8) * 8;
+        const int64_t row = t.row0 + r;
+        load8(&As[r * LDA + c], row < pr.m ? a + row * pr.k : nullptr, k0 + c, pr.k);
+      }
+#pragma unroll
+      for (int q = tid; q < H_BK * BN / 8; q += THREADS) {
+        const int r = q / (BN / 8), c = q % (BN / 8) * 8;
+        const int64_t row = k0 + r;
+        load8(&Bs[r * LDB + c], row < pr.k ? b + row * pr.n : nullptr, t.col0 + c, pr.n);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < H_BK; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[FM];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[FN];
+#pragma unroll
+        for (int fm = 0; fm < FM; ++fm)
+          wmma::load_matrix_sync(fa[fm], &As[(wm * WM + fm * 16) * LDA + kk], LDA);
+#pragma unroll
+        for (int fn = 0; fn < FN; ++fn)
+          wmma::load_matrix_sync(fb[fn], &Bs[kk * LDB + wn * WN + fn * 16], LDB);
+#pragma unroll
+        for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+          for (int fn = 0; fn < FN; ++fn) wmma::mma_sync(acc[fm][fn], fa[fm], fb[fn], acc[fm][fn]);
+      }
+      __syncthreads();
+    }
+  }
+
+  // Epilogue: each warp stages one 16 x 16 fragment at a time and stores it element-wise.
+  const int64_t c_base = lead_offset(pr.lead, kC, t.p), bias_base = lead_offset(pr.lead, kBias, t.p);
+  float* mine = stage[warp];
+#pragma unroll
+  for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+    for (int fn = 0; fn < FN; ++fn) {
+      wmma::store_matrix_sync(mine, acc[fm][fn], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int e = lane; e < 16 * 16; e += 32) {
+        const int64_t row = t.row0 + wm * WM + fm * 16 + e / 16;
+        const int64_t col = t.col0 + wn * WN + fn * 16 + e % 16;
+        if (row < pr.m && col < pr.n) store_out(pr, t.p, c_base, bias_base, row, col, mine[e]);
+      }
+      __syncwarp();
+    }
+}
+
+template <class T>
+cudaError_t launch_16bit(const Problem& pr, const TilePlan& plan, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(plan.blocks));
+  if (plan.tile.bm == kTile16Large.bm && plan.tile.bn == kTile16Large.bn) {
+    static_assert(kTile16Large.threads == 4 * 2 * 32, "large tile: 4 x 2 warps");
+    brgemm_wmma<T, kTile16Large.bm, kTile16Large.bn, 4, 2>
+        <<<grid, kTile16Large.threads, 0, stream>>>(pr, plan.tiles_m, plan.tiles_n);
+  } else if (plan.tile.bm == kTile16Small.bm && plan.tile.bn == kTile16Small.bn) {
+    static_assert(kTile16Small.threads == 2 * 2 * 32, "small tile: 2 x 2 warps");
+    brgemm_wmma<T, kTile16Small.bm, kTile16Small.bn, 2, 2>
+        <<<grid, kTile16Small.threads, 0, stream>>>(pr, plan.tiles_m, plan.tiles_n);
+  } else {
+    return cudaErrorInvalidConfiguration;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int launch_brgemm(const Problem& pr, const TilePlan& plan, CUstream_st* stream) {
+  switch (pr.type) {
+    case ElemType::f32:
+      if (plan.tile.bm != F32_BM || plan.tile.bn != F32_BN) return cudaErrorInvalidConfiguration;
+      brgemm_f32<<<dim3(static_cast<unsigned>(plan.blocks)), F32_THREADS, 0, stream>>>(
+          pr, plan.tiles_m, plan.tiles_n);
+      return cudaGetLastError();
+    case ElemType::bf16: return launch_16bit<__nv_bfloat16>(pr, plan, stream);
+    case ElemType::f16: return launch_16bit<__half>(pr, plan, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace jbr::cuda
