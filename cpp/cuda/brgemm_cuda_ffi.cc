@@ -158,9 +158,8 @@ ffi::Error brgemm_indexed_impl(cudaStream_t stream, ffi::ScratchAllocator scratc
       e.failure())
     return e;
   if (auto e = cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize"); e.failure()) return e;
-  if (bad)
-    return invalid("a_index or b_index holds a value outside [0, " + std::to_string(d.a_blocks) +
-                   ") / [0, " + std::to_string(d.b_blocks) + ")");
+  if (bad & 1) return invalid("a_index holds a value outside [0, " + std::to_string(d.a_blocks) + ")");
+  if (bad & 2) return invalid("b_index holds a value outside [0, " + std::to_string(d.b_blocks) + ")");
   return ffi::Error::Success();
 }
 

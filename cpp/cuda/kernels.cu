@@ -59,8 +59,9 @@ __device__ __forceinline__ bool batch_blocks(const Problem& pr, int64_t p, int64
                                     : static_cast<const int32_t*>(pr.a_index)[at];
   const int64_t ib = pr.index_is_64 ? static_cast<const int64_t*>(pr.b_index)[at]
                                     : static_cast<const int32_t*>(pr.b_index)[at];
-  if (ia < 0 || ia >= pr.a_blocks || ib < 0 || ib >= pr.b_blocks) {
-    if (threadIdx.x == 0) atomicExch(pr.error_flag, 1);
+  const int bad = (ia < 0 || ia >= pr.a_blocks ? 1 : 0) | (ib < 0 || ib >= pr.b_blocks ? 2 : 0);
+  if (bad) {
+    if (threadIdx.x == 0) atomicOr(pr.error_flag, bad);
     return false;
   }
   *a = static_cast<const T*>(pr.a) + ia * a_size;

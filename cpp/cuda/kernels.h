@@ -36,7 +36,7 @@ struct Problem {
   const void* b_index = nullptr;
   bool index_is_64 = false;
   int64_t a_blocks = 0, b_blocks = 0;
-  int* error_flag = nullptr;  // device int, set to 1 on an out-of-range index
+  int* error_flag = nullptr;  // device int: | 1 on a bad a_index value, | 2 on a bad b_index
 };
 
 // Enqueues the kernel on `stream`. Returns the CUDA error code of the launch (0 = success).
