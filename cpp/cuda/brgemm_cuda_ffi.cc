@@ -121,7 +121,7 @@ ffi::Error brgemm_impl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b, 
 }
 
 // Out-of-range indices are found by the kernel itself (it skips them, never reading outside
-// the pools) and reported through a device flag; reading the flag back synchronises the
+// the pools) and reported through a small device buffer; reading it back synchronises the
 // stream once per call, the price of returning an error instead of garbage.
 ffi::Error brgemm_indexed_impl(cudaStream_t stream, ffi::ScratchAllocator scratch,
                                ffi::AnyBuffer a_blocks, ffi::AnyBuffer b_blocks,
@@ -145,21 +145,28 @@ ffi::Error brgemm_indexed_impl(cudaStream_t stream, ffi::ScratchAllocator scratc
   pr.a = a_blocks.untyped_data(), pr.b = b_blocks.untyped_data();
   pr.a_index = a_index.untyped_data(), pr.b_index = b_index.untyped_data();
   pr.index_is_64 = it == ffi::DataType::S64;
-  std::optional<void*> flag = scratch.Allocate(sizeof(int));
-  if (!flag.has_value()) return ffi::Error::Internal("jax_brgemm: no scratch memory for the index check");
-  pr.error_flag = static_cast<int*>(*flag);
-  if (auto e = cuda_error(cudaMemsetAsync(pr.error_flag, 0, sizeof(int), stream), "cudaMemsetAsync");
+  constexpr size_t kErrorBytes = 3 * sizeof(int64_t);
+  std::optional<void*> error = scratch.Allocate(kErrorBytes, alignof(int64_t));
+  if (!error.has_value()) return ffi::Error::Internal("jax_brgemm: no scratch memory for the index check");
+  pr.error = static_cast<int64_t*>(*error);
+  if (auto e = cuda_error(cudaMemsetAsync(pr.error, 0, kErrorBytes, stream), "cudaMemsetAsync");
       e.failure())
     return e;
-  if (auto e = launch(d, &pr, stream); e.failure()) return e;
-  int bad = 0;
-  if (auto e = cuda_error(cudaMemcpyAsync(&bad, pr.error_flag, sizeof(int), cudaMemcpyDeviceToHost, stream),
+  if (auto e = launch(d, &pr, stream); e.failure()) {
+    cudaStreamSynchronize(stream);  // the memset may be pending; the scratch is freed on return
+    return e;
+  }
+  int64_t found[3] = {0, 0, 0};
+  if (auto e = cuda_error(cudaMemcpyAsync(found, pr.error, kErrorBytes, cudaMemcpyDeviceToHost, stream),
                           "cudaMemcpyAsync");
       e.failure())
     return e;
   if (auto e = cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize"); e.failure()) return e;
-  if (bad & 1) return invalid("a_index holds a value outside [0, " + std::to_string(d.a_blocks) + ")");
-  if (bad & 2) return invalid("b_index holds a value outside [0, " + std::to_string(d.b_blocks) + ")");
+  // The CPU handler's wording (it names the first bad value; this names one of them).
+  if (found[0] & 1)
+    return invalid("a_index holds " + std::to_string(found[1]) + ", outside [0, " + std::to_string(d.a_blocks) + ")");
+  if (found[0] & 2)
+    return invalid("b_index holds " + std::to_string(found[2]) + ", outside [0, " + std::to_string(d.b_blocks) + ")");
   return ffi::Error::Success();
 }
 

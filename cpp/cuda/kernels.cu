@@ -59,9 +59,14 @@ __device__ __forceinline__ bool batch_blocks(const Problem& pr, int64_t p, int64
                                     : static_cast<const int32_t*>(pr.a_index)[at];
   const int64_t ib = pr.index_is_64 ? static_cast<const int64_t*>(pr.b_index)[at]
                                     : static_cast<const int32_t*>(pr.b_index)[at];
-  const int bad = (ia < 0 || ia >= pr.a_blocks ? 1 : 0) | (ib < 0 || ib >= pr.b_blocks ? 2 : 0);
-  if (bad) {
-    if (threadIdx.x == 0) atomicOr(pr.error_flag, bad);
+  const bool bad_a = ia < 0 || ia >= pr.a_blocks, bad_b = ib < 0 || ib >= pr.b_blocks;
+  if (bad_a || bad_b) {
+    if (threadIdx.x == 0) {
+      using ull = unsigned long long;
+      if (bad_a) atomicExch(reinterpret_cast<ull*>(&pr.error[1]), static_cast<ull>(ia));
+      if (bad_b) atomicExch(reinterpret_cast<ull*>(&pr.error[2]), static_cast<ull>(ib));
+      atomicOr(reinterpret_cast<ull*>(&pr.error[0]), static_cast<ull>((bad_a ? 1 : 0) | (bad_b ? 2 : 0)));
+    }
     return false;
   }
   *a = static_cast<const T*>(pr.a) + ia * a_size;

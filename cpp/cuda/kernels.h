@@ -6,8 +6,8 @@
 //
 // Stride form: A(p, i) = a + lead_offset(a, p) + i * m * k (contiguous (count, m, k) blocks),
 // B likewise. Offset form: A(p, i) = a + a_index[p * count + i] * m * k with a_index checked
-// against a_blocks on the device: a bad index is skipped (never read) and reported by setting
-// *error_flag, which the handler copies back.
+// against a_blocks on the device: a bad index is skipped (never read) and reported through
+// `error`, which the handler copies back.
 #pragma once
 
 #include <cstdint>
@@ -36,7 +36,9 @@ struct Problem {
   const void* b_index = nullptr;
   bool index_is_64 = false;
   int64_t a_blocks = 0, b_blocks = 0;
-  int* error_flag = nullptr;  // device int: | 1 on a bad a_index value, | 2 on a bad b_index
+  // Device memory for the index check, zeroed before the launch: error[0] |= 1 (a_index) or
+  // 2 (b_index) when an index is out of range, error[1] / error[2] then hold one bad value.
+  int64_t* error = nullptr;
 };
 
 // Enqueues the kernel on `stream`. Returns the CUDA error code of the launch (0 = success).
