@@ -7,6 +7,7 @@ both targets against float64 NumPy in float32, bfloat16 and float16, gradients, 
 """
 
 import itertools
+import os
 import shutil
 
 import jax
@@ -35,7 +36,8 @@ ACTIVATIONS = {
 # ------------------------------------------------------------------ host side
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
+@pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("JAX_BRGEMM_CUDA", "").upper() in ("OFF", "0"),
+                    reason="no nvcc on PATH, or JAX_BRGEMM_CUDA=OFF says the build left CUDA out on purpose")
 def test_extension_built_where_nvcc_is_found():
     assert _cuda.built, f"nvcc is on PATH but jax_brgemm/_jax_brgemm_cuda was not built: {_cuda.load_error}"
 
