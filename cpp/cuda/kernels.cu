@@ -4,6 +4,7 @@
 // registers from the first product to the fused epilogue.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 #include <mma.h>
 
@@ -43,35 +44,35 @@ __device__ __forceinline__ Tile locate(int64_t tiles_m, int64_t tiles_n, int bm,
   return {bid / (tiles_n * tiles_m), tm * bm, tn * bn};
 }
 
-// Batch element i of problem p: the A and B blocks, or false when an index is out of range
-// (then nothing is read, and the flag tells the handler). Uniform across the block.
+// The A and B blocks of batch element i of problem p, whose stride-form bases are a_base and
+// b_base. In the offset form an index out of range gives null blocks: nothing is read, and
+// (when `report`) the bad value goes to pr.error for the handler. Uniform across the block.
 template <class T>
-__device__ __forceinline__ bool batch_blocks(const Problem& pr, int64_t p, int64_t i,
-                                             const T** a, const T** b) {
+struct Blocks {
+  const T* a;
+  const T* b;
+};
+template <class T>
+__device__ __forceinline__ Blocks<T> batch_blocks(const Problem& pr, int64_t p, int64_t i,
+                                                  int64_t a_base, int64_t b_base, bool report) {
   const int64_t a_size = pr.m * pr.k, b_size = pr.k * pr.n;
-  if (pr.a_index == nullptr) {
-    *a = static_cast<const T*>(pr.a) + lead_offset(pr.lead, kA, p) + i * a_size;
-    *b = static_cast<const T*>(pr.b) + lead_offset(pr.lead, kB, p) + i * b_size;
-    return true;
-  }
+  const T* a = static_cast<const T*>(pr.a);
+  const T* b = static_cast<const T*>(pr.b);
+  if (pr.a_index == nullptr) return {a + a_base + i * a_size, b + b_base + i * b_size};
   const int64_t at = p * pr.count + i;
   const int64_t ia = pr.index_is_64 ? static_cast<const int64_t*>(pr.a_index)[at]
                                     : static_cast<const int32_t*>(pr.a_index)[at];
   const int64_t ib = pr.index_is_64 ? static_cast<const int64_t*>(pr.b_index)[at]
                                     : static_cast<const int32_t*>(pr.b_index)[at];
   const bool bad_a = ia < 0 || ia >= pr.a_blocks, bad_b = ib < 0 || ib >= pr.b_blocks;
-  if (bad_a || bad_b) {
-    if (threadIdx.x == 0) {
-      using ull = unsigned long long;
-      if (bad_a) atomicExch(reinterpret_cast<ull*>(&pr.error[1]), static_cast<ull>(ia));
-      if (bad_b) atomicExch(reinterpret_cast<ull*>(&pr.error[2]), static_cast<ull>(ib));
-      atomicOr(reinterpret_cast<ull*>(&pr.error[0]), static_cast<ull>((bad_a ? 1 : 0) | (bad_b ? 2 : 0)));
-    }
-    return false;
+  if (!bad_a && !bad_b) return {a + ia * a_size, b + ib * b_size};
+  if (report && threadIdx.x == 0) {
+    using ull = unsigned long long;
+    if (bad_a) atomicExch(reinterpret_cast<ull*>(&pr.error[1]), static_cast<ull>(ia));
+    if (bad_b) atomicExch(reinterpret_cast<ull*>(&pr.error[2]), static_cast<ull>(ib));
+    atomicOr(reinterpret_cast<ull*>(&pr.error[0]), static_cast<ull>((bad_a ? 1 : 0) | (bad_b ? 2 : 0)));
   }
-  *a = static_cast<const T*>(pr.a) + ia * a_size;
-  *b = static_cast<const T*>(pr.b) + ib * b_size;
-  return true;
+  return {nullptr, nullptr};
 }
 
 // The epilogue for one element of the finished sum `acc` at (row, col) of problem p.
@@ -97,10 +98,11 @@ brgemm_f32(const Problem pr, int64_t tiles_m, int64_t tiles_n) {
   __shared__ __align__(16) float Bs[F32_BK][F32_BN + 4];
   const Tile t = locate(tiles_m, tiles_n, F32_BM, F32_BN);
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  const int64_t a_base = lead_offset(pr.lead, kA, t.p), b_base = lead_offset(pr.lead, kB, t.p);
   float acc[4][4] = {};
   for (int64_t i = 0; i < pr.count; ++i) {
-    const float *a, *b;
-    if (!batch_blocks(pr, t.p, i, &a, &b)) continue;
+    const auto [a, b] = batch_blocks<float>(pr, t.p, i, a_base, b_base, true);
+    if (a == nullptr) continue;  // bad index (uniform across the block)
     for (int64_t k0 = 0; k0 < pr.k; k0 += F32_BK) {
 #pragma unroll
       for (int j = 0; j < F32_BM * F32_BK / F32_THREADS; ++j) {
@@ -145,14 +147,14 @@ brgemm_f32(const Problem pr, int64_t tiles_m, int64_t tiles_n) {
 constexpr int H_BK = 32;
 static_assert(kTile16Small.bk == H_BK && kTile16Large.bk == H_BK, "plan.h and the WMMA kernel disagree");
 
-// 8 consecutive elements of a row into shared memory (16 bytes, aligned): one vector load
-// when the source is aligned and fully inside the row, else element by element with zeros
-// past the end. `src_row` is null for a row past the end.
+// 8 consecutive elements of a row into shared memory (16 bytes, aligned): an asynchronous
+// copy (cp.async) when the source is aligned and fully inside the row, else element by element
+// with zeros past the end. `src_row` is null for a row past the end (or a skipped block).
 template <class T>
-__device__ __forceinline__ void load8(T* dst, const T* src_row, int64_t col, int64_t cols) {
+__device__ __forceinline__ void copy8(T* dst, const T* src_row, int64_t col, int64_t cols) {
   if (src_row != nullptr && col + 8 <= cols &&
       (reinterpret_cast<uintptr_t>(src_row + col) & 15) == 0) {
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src_row + col);
+    __pipeline_memcpy_async(dst, src_row + col, 16);
     return;
   }
 #pragma unroll
@@ -161,7 +163,8 @@ __device__ __forceinline__ void load8(T* dst, const T* src_row, int64_t col, int
 }
 
 // BM x BN tile, WARPS_M x WARPS_N warps, each owning (BM/WARPS_M) x (BN/WARPS_N) as 16 x 16
-// accumulator fragments.
+// accumulator fragments. The reduction runs over count * ceil(k / BK) steps, one (i, k0) each,
+// through two shared-memory stages: step s + 1 is copied in while step s is multiplied.
 template <class T, int BM, int BN, int WARPS_M, int WARPS_N>
 __global__ void __launch_bounds__(WARPS_M * WARPS_N * 32)
 brgemm_wmma(const Problem pr, int64_t tiles_m, int64_t tiles_n) {
@@ -172,59 +175,76 @@ brgemm_wmma(const Problem pr, int64_t tiles_m, int64_t tiles_n) {
   static_assert(WM % 16 == 0 && WN % 16 == 0 && (BM * H_BK / 8) % THREADS == 0 &&
                 (H_BK * BN / 8) % THREADS == 0, "tile does not split evenly");
   // Fragment pointers must be 32-byte aligned: rows of 16 * LD elements are, and so are
-  // column offsets of 16 elements.
-  __shared__ __align__(128) T As[BM * LDA];
-  __shared__ __align__(128) T Bs[H_BK * LDB];
-  __shared__ __align__(128) float stage[WARPS_M * WARPS_N][16 * 16];  // epilogue, per warp
+  // column offsets of 16 elements; 8-element chunks are 16-byte aligned for cp.async.
+  __shared__ __align__(128) T As[2][BM * LDA];
+  __shared__ __align__(128) T Bs[2][H_BK * LDB];
+  __shared__ __align__(128) float stage_out[WARPS_M * WARPS_N][16 * 16];  // epilogue, per warp
 
   const Tile t = locate(tiles_m, tiles_n, BM, BN);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  const int64_t a_base = lead_offset(pr.lead, kA, t.p), b_base = lead_offset(pr.lead, kB, t.p);
+  const int64_t k_steps = (pr.k + H_BK - 1) / H_BK, steps = pr.count * k_steps;
+
+  // Starts copying step s into shared-memory stage `st` (one commit group per step).
+  auto fetch = [&](int st, int64_t s) {
+    const int64_t i = s / k_steps, k0 = s % k_steps * H_BK;
+    const Blocks<T> blk = batch_blocks<T>(pr, t.p, i, a_base, b_base, k0 == 0);
+#pragma unroll
+    for (int q = tid; q < BM * H_BK / 8; q += THREADS) {
+      const int r = q / (H_BK / 8), c = q % (H_BK / 8) * 8;
+      const int64_t row = t.row0 + r;
+      copy8(&As[st][r * LDA + c], blk.a != nullptr && row < pr.m ? blk.a + row * pr.k : nullptr,
+            k0 + c, pr.k);
+    }
+#pragma unroll
+    for (int q = tid; q < H_BK * BN / 8; q += THREADS) {
+      const int r = q / (BN / 8), c = q % (BN / 8) * 8;
+      const int64_t row = k0 + r;
+      copy8(&Bs[st][r * LDB + c], blk.b != nullptr && row < pr.k ? blk.b + row * pr.n : nullptr,
+            t.col0 + c, pr.n);
+    }
+    __pipeline_commit();
+  };
+
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
 #pragma unroll
   for (int fm = 0; fm < FM; ++fm)
 #pragma unroll
     for (int fn = 0; fn < FN; ++fn) wmma::fill_fragment(acc[fm][fn], 0.0f);
 
-  for (int64_t i = 0; i < pr.count; ++i) {
-    const T *a, *b;
-    if (!batch_blocks(pr, t.p, i, &a, &b)) continue;
-    for (int64_t k0 = 0; k0 < pr.k; k0 += H_BK) {
-#pragma unroll
-      for (int q = tid; q < BM * H_BK / 8; q += THREADS) {
-        const int r = q / (H_BK / 8), c = q % (H_BK / 8) * 8;
-        const int64_t row = t.row0 + r;
-        load8(&As[r * LDA + c], row < pr.m ? a + row * pr.k : nullptr, k0 + c, pr.k);
-      }
-#pragma unroll
-      for (int q = tid; q < H_BK * BN / 8; q += THREADS) {
-        const int r = q / (BN / 8), c = q % (BN / 8) * 8;
-        const int64_t row = k0 + r;
-        load8(&Bs[r * LDB + c], row < pr.k ? b + row * pr.n : nullptr, t.col0 + c, pr.n);
-      }
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < H_BK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[FM];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[FN];
-#pragma unroll
-        for (int fm = 0; fm < FM; ++fm)
-          wmma::load_matrix_sync(fa[fm], &As[(wm * WM + fm * 16) * LDA + kk], LDA);
-#pragma unroll
-        for (int fn = 0; fn < FN; ++fn)
-          wmma::load_matrix_sync(fb[fn], &Bs[kk * LDB + wn * WN + fn * 16], LDB);
-#pragma unroll
-        for (int fm = 0; fm < FM; ++fm)
-#pragma unroll
-          for (int fn = 0; fn < FN; ++fn) wmma::mma_sync(acc[fm][fn], fa[fm], fb[fn], acc[fm][fn]);
-      }
-      __syncthreads();
+  if (steps > 0) fetch(0, 0);
+  for (int64_t s = 0; s < steps; ++s) {
+    const int st = static_cast<int>(s & 1);
+    // Stage st ^ 1 was last read in step s - 1, which every warp finished (trailing barrier).
+    if (s + 1 < steps) {
+      fetch(st ^ 1, s + 1);
+      __pipeline_wait_prior(1);  // step s's copies have landed; s + 1's may still fly
+    } else {
+      __pipeline_wait_prior(0);
     }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < H_BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[FN];
+#pragma unroll
+      for (int fm = 0; fm < FM; ++fm)
+        wmma::load_matrix_sync(fa[fm], &As[st][(wm * WM + fm * 16) * LDA + kk], LDA);
+#pragma unroll
+      for (int fn = 0; fn < FN; ++fn)
+        wmma::load_matrix_sync(fb[fn], &Bs[st][kk * LDB + wn * WN + fn * 16], LDB);
+#pragma unroll
+      for (int fm = 0; fm < FM; ++fm)
+#pragma unroll
+        for (int fn = 0; fn < FN; ++fn) wmma::mma_sync(acc[fm][fn], fa[fm], fb[fn], acc[fm][fn]);
+    }
+    __syncthreads();
   }
 
   // Epilogue: each warp stages one 16 x 16 fragment at a time and stores it element-wise.
   const int64_t c_base = lead_offset(pr.lead, kC, t.p), bias_base = lead_offset(pr.lead, kBias, t.p);
-  float* mine = stage[warp];
+  float* mine = stage_out[warp];
 #pragma unroll
   for (int fm = 0; fm < FM; ++fm)
 #pragma unroll
