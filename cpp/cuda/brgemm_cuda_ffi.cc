@@ -87,11 +87,10 @@ ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
   return ffi::Error::Success();
 }
 
-ffi::Error launch(const Decoded& d, Problem* pr, cudaStream_t stream) {
+ffi::Error launch(const Decoded& d, Problem* pr, cudaStream_t stream, int32_t device) {
   pr->m = d.m, pr->n = d.n, pr->k = d.k, pr->count = d.count, pr->lead = d.dims;
   pr->a_blocks = d.a_blocks, pr->b_blocks = d.b_blocks;
-  int device = 0, sm_count = 0;
-  if (auto e = cuda_error(cudaGetDevice(&device), "cudaGetDevice"); e.failure()) return e;
+  int sm_count = 0;
   if (auto e = cuda_error(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device),
                           "cudaDeviceGetAttribute");
       e.failure())
@@ -102,8 +101,8 @@ ffi::Error launch(const Decoded& d, Problem* pr, cudaStream_t stream) {
   return cuda_error(static_cast<cudaError_t>(launch_brgemm(*pr, plan, stream)), "kernel launch");
 }
 
-ffi::Error brgemm_impl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer c,
-                       ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out, float alpha,
+ffi::Error brgemm_impl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                       ffi::AnyBuffer c, ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out, float alpha,
                        float beta, std::string_view activation) {
   Problem pr;
   Optionals opt;
@@ -117,13 +116,13 @@ ffi::Error brgemm_impl(cudaStream_t stream, ffi::AnyBuffer a, ffi::AnyBuffer b, 
     return e;
   if (out->element_count() == 0) return ffi::Error::Success();
   pr.a = a.untyped_data(), pr.b = b.untyped_data();
-  return launch(d, &pr, stream);
+  return launch(d, &pr, stream, device);
 }
 
 // Out-of-range indices are found by the kernel itself (it skips them, never reading outside
 // the pools) and reported through a small device buffer; reading it back synchronises the
 // stream once per call, the price of returning an error instead of garbage.
-ffi::Error brgemm_indexed_impl(cudaStream_t stream, ffi::ScratchAllocator scratch,
+ffi::Error brgemm_indexed_impl(cudaStream_t stream, int32_t device, ffi::ScratchAllocator scratch,
                                ffi::AnyBuffer a_blocks, ffi::AnyBuffer b_blocks,
                                ffi::AnyBuffer a_index, ffi::AnyBuffer b_index, ffi::AnyBuffer c,
                                ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out, float alpha,
@@ -147,26 +146,30 @@ ffi::Error brgemm_indexed_impl(cudaStream_t stream, ffi::ScratchAllocator scratc
   pr.index_is_64 = it == ffi::DataType::S64;
   constexpr size_t kErrorBytes = 3 * sizeof(int64_t);
   std::optional<void*> error = scratch.Allocate(kErrorBytes, alignof(int64_t));
-  if (!error.has_value()) return ffi::Error::Internal("jax_brgemm: no scratch memory for the index check");
+  if (!error.has_value())
+    return ffi::Error::Internal("jax_brgemm: no scratch memory for the index check");
   pr.error = static_cast<int64_t*>(*error);
   if (auto e = cuda_error(cudaMemsetAsync(pr.error, 0, kErrorBytes, stream), "cudaMemsetAsync");
       e.failure())
     return e;
-  if (auto e = launch(d, &pr, stream); e.failure()) {
+  if (auto e = launch(d, &pr, stream, device); e.failure()) {
     cudaStreamSynchronize(stream);  // the memset may be pending; the scratch is freed on return
     return e;
   }
   int64_t found[3] = {0, 0, 0};
-  if (auto e = cuda_error(cudaMemcpyAsync(found, pr.error, kErrorBytes, cudaMemcpyDeviceToHost, stream),
-                          "cudaMemcpyAsync");
+  if (auto e = cuda_error(
+          cudaMemcpyAsync(found, pr.error, kErrorBytes, cudaMemcpyDeviceToHost, stream),
+          "cudaMemcpyAsync");
       e.failure())
     return e;
-  if (auto e = cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize"); e.failure()) return e;
+  if (auto e = cuda_error(cudaStreamSynchronize(stream), "cudaStreamSynchronize"); e.failure())
+    return e;
   // The CPU handler's wording (it names the first bad value; this names one of them).
-  if (found[0] & 1)
-    return invalid("a_index holds " + std::to_string(found[1]) + ", outside [0, " + std::to_string(d.a_blocks) + ")");
-  if (found[0] & 2)
-    return invalid("b_index holds " + std::to_string(found[2]) + ", outside [0, " + std::to_string(d.b_blocks) + ")");
+  for (int which = 0; which < 2; ++which)
+    if (found[0] & (1 << which))
+      return invalid(std::string(which == 0 ? "a_index" : "b_index") + " holds " +
+                     std::to_string(found[1 + which]) + ", outside [0, " +
+                     std::to_string(which == 0 ? d.a_blocks : d.b_blocks) + ")");
   return ffi::Error::Success();
 }
 
@@ -175,6 +178,7 @@ ffi::Error brgemm_indexed_impl(cudaStream_t stream, ffi::ScratchAllocator scratc
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_cuda_brgemm, brgemm_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Arg<ffi::AnyBuffer>()  // a
                                   .Arg<ffi::AnyBuffer>()  // b
                                   .Arg<ffi::AnyBuffer>()  // c (empty: none)
@@ -188,6 +192,7 @@ JBR_REGISTER_HANDLER("jax_brgemm_brgemm", jbr_cuda_brgemm);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_cuda_brgemm_indexed, brgemm_indexed_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
                                   .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()  // a_blocks
                                   .Arg<ffi::AnyBuffer>()  // b_blocks
