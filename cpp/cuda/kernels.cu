@@ -91,44 +91,65 @@ constexpr int F32_BM = 64, F32_BN = 64, F32_BK = 16, F32_THREADS = 256;
 static_assert(kTileF32.bm == F32_BM && kTileF32.bn == F32_BN && kTileF32.bk == F32_BK &&
               kTileF32.threads == F32_THREADS, "plan.h and the float32 kernel disagree");
 
-// 16 x 16 threads, each owning a 4 x 4 piece of the 64 x 64 tile.
+// 16 x 16 threads, each owning a 4 x 4 piece of the 64 x 64 tile. The reduction runs over
+// count * ceil(k / BK) steps, one (i, k0) each; each thread loads its part of step s + 1 into
+// registers while step s is multiplied out of shared memory.
 __global__ void __launch_bounds__(F32_THREADS)
 brgemm_f32(const Problem pr, int64_t tiles_m, int64_t tiles_n) {
+  constexpr int A_PER_THREAD = F32_BM * F32_BK / F32_THREADS;
+  constexpr int B_PER_THREAD = F32_BK * F32_BN / F32_THREADS;
   __shared__ __align__(16) float As[F32_BK][F32_BM + 4];  // A tile, transposed (k-major)
   __shared__ __align__(16) float Bs[F32_BK][F32_BN + 4];
   const Tile t = locate(tiles_m, tiles_n, F32_BM, F32_BN);
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t a_base = lead_offset(pr.lead, kA, t.p), b_base = lead_offset(pr.lead, kB, t.p);
-  float acc[4][4] = {};
-  for (int64_t i = 0; i < pr.count; ++i) {
-    const auto [a, b] = batch_blocks<float>(pr, t.p, i, a_base, b_base, true);
-    if (a == nullptr) continue;  // bad index (uniform across the block)
-    for (int64_t k0 = 0; k0 < pr.k; k0 += F32_BK) {
+  const int64_t k_steps = (pr.k + F32_BK - 1) / F32_BK, steps = pr.count * k_steps;
+
+  // This thread's elements of step s (zeros past the edges and for a skipped block).
+  float a_next[A_PER_THREAD], b_next[B_PER_THREAD];
+  auto fetch = [&](int64_t s) {
+    const int64_t i = s / k_steps, k0 = s % k_steps * F32_BK;
+    const Blocks<float> blk = batch_blocks<float>(pr, t.p, i, a_base, b_base, k0 == 0);
 #pragma unroll
-      for (int j = 0; j < F32_BM * F32_BK / F32_THREADS; ++j) {
-        const int e = tid + j * F32_THREADS, r = e / F32_BK, c = e % F32_BK;
-        const int64_t row = t.row0 + r, col = k0 + c;
-        As[c][r] = row < pr.m && col < pr.k ? a[row * pr.k + col] : 0.0f;
-      }
-#pragma unroll
-      for (int j = 0; j < F32_BK * F32_BN / F32_THREADS; ++j) {
-        const int e = tid + j * F32_THREADS, r = e / F32_BN, c = e % F32_BN;
-        const int64_t row = k0 + r, col = t.col0 + c;
-        Bs[r][c] = row < pr.k && col < pr.n ? b[row * pr.n + col] : 0.0f;
-      }
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < F32_BK; ++kk) {
-        const float4 av = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
-        const float4 bv = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
-        const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(ar[r], br[c], acc[r][c]);
-      }
-      __syncthreads();
+    for (int j = 0; j < A_PER_THREAD; ++j) {
+      const int e = tid + j * F32_THREADS;
+      const int64_t row = t.row0 + e / F32_BK, col = k0 + e % F32_BK;
+      a_next[j] = blk.a != nullptr && row < pr.m && col < pr.k ? blk.a[row * pr.k + col] : 0.0f;
     }
+#pragma unroll
+    for (int j = 0; j < B_PER_THREAD; ++j) {
+      const int e = tid + j * F32_THREADS;
+      const int64_t row = k0 + e / F32_BN, col = t.col0 + e % F32_BN;
+      b_next[j] = blk.b != nullptr && row < pr.k && col < pr.n ? blk.b[row * pr.n + col] : 0.0f;
+    }
+  };
+
+  float acc[4][4] = {};
+  if (steps > 0) fetch(0);
+  for (int64_t s = 0; s < steps; ++s) {
+#pragma unroll
+    for (int j = 0; j < A_PER_THREAD; ++j) {
+      const int e = tid + j * F32_THREADS;
+      As[e % F32_BK][e / F32_BK] = a_next[j];
+    }
+#pragma unroll
+    for (int j = 0; j < B_PER_THREAD; ++j) {
+      const int e = tid + j * F32_THREADS;
+      Bs[e / F32_BN][e % F32_BN] = b_next[j];
+    }
+    __syncthreads();
+    if (s + 1 < steps) fetch(s + 1);  // in flight during the products below
+#pragma unroll
+    for (int kk = 0; kk < F32_BK; ++kk) {
+      const float4 av = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+      const float4 bv = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
+      const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(ar[r], br[c], acc[r][c]);
+    }
+    __syncthreads();
   }
   const int64_t c_base = lead_offset(pr.lead, kC, t.p), bias_base = lead_offset(pr.lead, kBias, t.p);
 #pragma unroll
