@@ -1,0 +1,310 @@
+"""The CUDA variant of the brgemm targets.
+
+Host-side tests (run wherever the CUDA extension was built, no GPU needed): the handlers are
+exported under the CPU targets' names, and the shape decoding, broadcasting, problem folding
+and tile planning the handlers use. GPU tests (skipped without a GPU and JAX's CUDA plugin):
+both targets against float64 NumPy in float32, bfloat16 and float16, gradients, jit, vmap.
+"""
+
+import itertools
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_brgemm as jb
+from jax_brgemm import _activations, _cuda
+from jax_brgemm._ext import ext as cpu_ext
+from conftest import rel_err
+
+needs_ext = pytest.mark.skipif(not _cuda.built, reason="CUDA extension not built (no nvcc at build time)")
+needs_gpu = pytest.mark.skipif(not _cuda.gpu_available(), reason="no CUDA GPU visible to JAX")
+F32 = np.float32
+
+ACTIVATIONS = {
+    "none": lambda z: z,
+    "relu": lambda z: np.maximum(z, 0.0),
+    "gelu": lambda z: 0.5 * z * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (z + 0.044715 * z**3))),
+    "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z)),
+    "tanh": np.tanh,
+}
+
+
+# ------------------------------------------------------------------ host side
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("JAX_BRGEMM_CUDA", "").upper() in ("OFF", "0"),
+                    reason="no nvcc on PATH, or JAX_BRGEMM_CUDA=OFF says the build left CUDA out on purpose")
+def test_extension_built_where_nvcc_is_found():
+    assert _cuda.built, f"nvcc is on PATH but jax_brgemm/_jax_brgemm_cuda was not built: {_cuda.load_error}"
+
+
+@needs_ext
+def test_handlers_use_the_cpu_target_names():
+    assert set(_cuda.ext.registrations()) == set(cpu_ext.registrations()) == {
+        "jax_brgemm_brgemm", "jax_brgemm_brgemm_indexed"}
+    assert _cuda.ext.device_count() >= 0  # 0 without a driver, never an exception
+
+
+@needs_ext
+def test_broadcast_strides():
+    bs = _cuda.ext.broadcast_strides
+    assert bs([4, 8, 16], 2, [3, 4]) == [0, 128]           # missing dim -> 0
+    assert bs([3, 1, 8, 16], 2, [3, 4]) == [128, 0]        # size-1 dim -> 0
+    assert bs([2, 3, 5, 7], 3, [2]) == [105]
+    assert bs([5, 7], 2, []) == []
+    with pytest.raises(ValueError, match=r"leading dims \(3, 8, 16\) do not broadcast to \(4,\)"):
+        bs([3, 8, 16], 2, [4])
+    with pytest.raises(ValueError, match="more leading dims"):
+        bs([2, 3, 8, 16], 2, [3])
+
+
+def brute_offsets(lead, strides, op):
+    return [sum(i * s for i, s in zip(idx, strides[op])) for idx in itertools.product(*map(range, lead))]
+
+
+def folded_offsets(folded, op):
+    return brute_offsets(folded["shape"], folded["strides"], op)
+
+
+@needs_ext
+def test_fold_lead_merges_contiguous_dims_and_keeps_offsets(rng):
+    fold = _cuda.ext.fold_lead
+    # Every operand contiguous over (2, 3, 4): one dim of 24.
+    f = fold([2, 3, 4], [[12 * 5, 4 * 5, 5], [12, 4, 1], [], []])
+    assert f["shape"] == [24] and f["strides"] == [[5], [1], [0], [0]]
+    # Size-1 dims vanish; a broadcast dim next to a walked one cannot merge.
+    f = fold([1, 2, 1, 3], [[0, 3, 0, 1], [0, 0, 0, 1], [], []])
+    assert f["shape"] == [2, 3] and f["strides"] == [[3, 1], [0, 1], [0, 0], [0, 0]]
+    for _ in range(20):  # random lead shapes and broadcasting patterns: same offsets
+        rank = int(rng.integers(0, 5))
+        lead = [int(x) for x in rng.integers(1, 4, rank)]
+        strides = []
+        for _op in range(4):
+            kept = rng.random(rank) < 0.7
+            dims = [d if k else 1 for d, k in zip(lead, kept)]
+            strides.append(_cuda.ext.broadcast_strides(dims + [2, 3], 2, lead))
+        f = fold(lead, strides)
+        assert len(f["shape"]) <= rank
+        for op in range(4):
+            assert folded_offsets(f, op) == brute_offsets(lead, strides, op)
+
+
+@needs_ext
+def test_fold_lead_refuses_too_many_dims():
+    lead = [2] * 8
+    # a walks the dims in reverse order, b forwards: nothing can merge.
+    a = [2**d for d in range(8)]
+    b = [2 ** (7 - d) for d in range(8)]
+    with pytest.raises(ValueError, match="at most 6"):
+        _cuda.ext.fold_lead(lead, [a, b, [], []])
+
+
+@needs_ext
+def test_decode_stride_form_offsets_follow_numpy_broadcasting():
+    a_shape, b_shape, c_shape = (2, 1, 4, 8, 16), (3, 4, 16, 32), (1, 3, 8, 32)
+    d = _cuda.ext.decode_stride_form(list(a_shape), list(b_shape), list(c_shape), [32], [2, 3, 8, 32])
+    assert (d["m"], d["n"], d["k"], d["count"], d["problems"]) == (8, 32, 16, 4, 6)
+    assert d["lead"] == [2, 3]
+    # Element offset of problem (i, j) in each operand, the NumPy way.
+    for p, (i, j) in enumerate(itertools.product(range(2), range(3))):
+        assert d["offsets"][0][p] == np.ravel_multi_index((i, 0, 0, 0, 0), a_shape)
+        assert d["offsets"][1][p] == np.ravel_multi_index((j, 0, 0, 0), b_shape)
+        assert d["offsets"][2][p] == np.ravel_multi_index((0, j, 0, 0), c_shape)
+        assert d["offsets"][3][p] == 0
+
+
+@needs_ext
+@pytest.mark.parametrize("args, match", [
+    (([4, 8, 16], [4, 16, 32], None, None, [8, 32]), None),
+    (([4, 8], [4, 16, 32], None, None, [8, 32]), "a and b must have rank >= 3"),
+    (([4, 9, 16], [4, 16, 32], None, None, [8, 32]), r"a's m \(9\)"),
+    (([4, 8, 16], [3, 16, 32], None, None, [8, 32]), "b must end in"),
+    (([4, 8, 16], [4, 16, 32], [8, 31], None, [8, 32]), r"c must end in \(m, n\)"),
+    (([4, 8, 16], [4, 16, 32], None, [31], [8, 32]), r"bias must have shape \(n,\)"),
+    (([2, 4, 8, 16], [4, 16, 32], None, None, [3, 8, 32]), "a leading dims"),
+    (([4, 8, 16], [4, 16, 32], [5, 8, 32], None, [8, 32]), "c has more leading dims"),
+    (([4, 8, 16], [4, 16, 32], None, None, [32]), "result must have rank >= 2"),
+])
+def test_decode_stride_form_errors(args, match):
+    if match is None:
+        assert _cuda.ext.decode_stride_form(*args)["problems"] == 1
+    else:
+        with pytest.raises(ValueError, match=match):
+            _cuda.ext.decode_stride_form(*args)
+
+
+@needs_ext
+def test_decode_offset_form():
+    dec = _cuda.ext.decode_offset_form
+    d = dec([5, 8, 16], [4, 16, 32], [2, 3, 7], [2, 3, 7], [2, 3, 8, 32], [32], [2, 3, 8, 32])
+    assert (d["count"], d["a_blocks"], d["b_blocks"], d["problems"]) == (7, 5, 4, 6)
+    assert d["offsets"][2] == [p * 8 * 32 for p in range(6)]  # c walks the problems
+    assert d["offsets"][0] == [0] * 6  # pools: indexed, not walked
+    with pytest.raises(ValueError, match="a_index and b_index must have shape"):
+        dec([5, 8, 16], [4, 16, 32], [2, 3, 7], [2, 3, 6], None, None, [2, 3, 8, 32])
+    with pytest.raises(ValueError, match="a_index and b_index must have shape"):
+        dec([5, 8, 16], [4, 16, 32], [3, 7], [3, 7], None, None, [2, 3, 8, 32])
+    with pytest.raises(ValueError, match="do not match a result"):
+        dec([5, 8, 16], [4, 15, 32], [7], [7], None, None, [8, 32])
+    with pytest.raises(ValueError, match="must have rank 3"):
+        dec([8, 16], [4, 16, 32], [7], [7], None, None, [8, 32])
+
+
+@needs_ext
+def test_plan_tiles():
+    plan = _cuda.ext.plan_tiles
+    p = plan("float32", 100, 130, 3, 132)
+    assert (p["bm"], p["bn"], p["threads"]) == (64, 64, 256)
+    assert (p["tiles_m"], p["tiles_n"], p["blocks"]) == (2, 3, 18)
+    # 16-bit: the 128 x 128 tile only when the output fills it and the grid fills the GPU.
+    assert plan("bfloat16", 4096, 4096, 1, 132)["bm"] == 128
+    assert plan("float16", 256, 256, 1, 132)["bm"] == 64      # 4 large blocks for 132 SMs
+    assert plan("bfloat16", 256, 256, 64, 132)["bm"] == 128
+    assert plan("bfloat16", 64, 4096, 64, 132)["bm"] == 64    # m smaller than the tile
+    p = plan("bfloat16", 1, 1, 1, 132)
+    assert (p["tiles_m"], p["tiles_n"], p["blocks"]) == (1, 1, 1)
+    with pytest.raises(ValueError, match="too many output tiles"):
+        plan("float32", 64 * 2**16, 64 * 2**16, 1, 132)
+    with pytest.raises(ValueError, match="m, n and problems >= 1"):
+        plan("float32", 0, 4, 1, 132)
+    with pytest.raises(ValueError, match="dtype"):
+        plan("int8", 4, 4, 1, 132)
+
+
+# ------------------------------------------------------------------ on a GPU
+
+
+def gpu():
+    return jax.devices("cuda")[0]
+
+
+def to_gpu(*xs):
+    return [jax.device_put(x, gpu()) for x in xs]
+
+
+def reference(a, b, c=None, alpha=1.0, beta=0.0, act="none", bias=None):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    z = alpha * np.einsum("...imk,...ikn->...mn", a, b)
+    if c is not None:
+        z = z + beta * np.asarray(c, np.float64)
+    if bias is not None:
+        z = z + np.asarray(bias, np.float64)
+    return ACTIVATIONS[act](z)
+
+
+# (a lead, b lead, c lead or None, count, m, k, n): ragged tiles, several tiles, broadcasting.
+GPU_SHAPES = [
+    ((), (), None, 1, 1, 1, 1),
+    ((2,), (2,), (2,), 5, 17, 33, 7),
+    ((3,), (3,), None, 4, 64, 64, 64),
+    ((2, 1), (3,), (1, 3), 3, 100, 129, 70),
+    ((), (4,), (), 2, 130, 40, 260),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_brgemm_float32_on_gpu(rng, shape, act):
+    a_lead, b_lead, c_lead, count, m, k, n = shape
+    a = rng.standard_normal(a_lead + (count, m, k)).astype(F32)
+    b = rng.standard_normal(b_lead + (count, k, n)).astype(F32)
+    c = None if c_lead is None else rng.standard_normal(c_lead + (m, n)).astype(F32)
+    bias = rng.standard_normal(n).astype(F32)
+    epilogue = None if act == "none" else act
+    f = jax.jit(lambda a, b, c, bias: jb.brgemm(a, b, c, alpha=0.7, beta=1.5, epilogue=epilogue, bias=bias))
+    out = f(*to_gpu(a, b), None if c is None else to_gpu(c)[0], to_gpu(bias)[0])
+    assert out.devices() == {gpu()}
+    assert rel_err(out, reference(a, b, c, 0.7, 1.5, act, bias)) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_brgemm_16bit_on_gpu(rng, dtype, shape):
+    a_lead, b_lead, c_lead, count, m, k, n = shape
+    # Round on the host: the reference sees exactly the kernel's inputs, so only the float32
+    # accumulation differs (bf16/f16 products are exact in float32).
+    a = jnp.asarray(rng.standard_normal(a_lead + (count, m, k)), dtype)
+    b = jnp.asarray(rng.standard_normal(b_lead + (count, k, n)), dtype)
+    c = None if c_lead is None else rng.standard_normal(c_lead + (m, n)).astype(F32)
+    bias = rng.standard_normal(n).astype(F32)
+    f = jax.jit(lambda a, b, c, bias: _cuda.raw_brgemm(a, b, c, bias, alpha=0.5, beta=2.0, activation="tanh"))
+    out = f(*to_gpu(a, b), None if c is None else to_gpu(c)[0], to_gpu(bias)[0])
+    ref = reference(np.asarray(a, np.float64), np.asarray(b, np.float64), c, 0.5, 2.0, "tanh", bias)
+    assert rel_err(out, ref) < 2e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_brgemm_indexed_on_gpu(rng, dtype):
+    a_blocks = jnp.asarray(rng.standard_normal((5, 40, 24)), dtype)
+    b_blocks = jnp.asarray(rng.standard_normal((4, 24, 72)), dtype)
+    a_index = rng.integers(0, 5, (3, 7)).astype(np.int32)
+    b_index = rng.integers(0, 4, (3, 7)).astype(np.int32)
+    c = rng.standard_normal((3, 40, 72)).astype(F32)
+    bias = rng.standard_normal(72).astype(F32)
+    args = to_gpu(a_blocks, b_blocks, a_index, b_index, c, bias)
+    if dtype == jnp.float32:  # through the op
+        out = jax.jit(lambda A, B, ia, ib, c, bias: jb.brgemm_indexed(
+            A, B, ia, ib, c, alpha=2.0, beta=0.5, epilogue="sigmoid", bias=bias))(*args)
+    else:
+        out = jax.jit(lambda *x: _cuda.raw_brgemm_indexed(*x, alpha=2.0, beta=0.5, activation="sigmoid"))(*args)
+    A, B = np.asarray(a_blocks, np.float64), np.asarray(b_blocks, np.float64)
+    ref = reference(A[a_index], B[b_index], c, 2.0, 0.5, "sigmoid", bias)
+    assert out.devices() == {gpu()}
+    assert rel_err(out, ref) < 2e-5
+
+
+@needs_gpu
+def test_brgemm_indexed_out_of_range_on_gpu_is_an_error():
+    a_blocks, b_blocks = to_gpu(np.ones((2, 3, 4), F32), np.ones((2, 4, 5), F32))
+    f = jax.jit(lambda ia, ib: jb.brgemm_indexed(a_blocks, b_blocks, ia, ib))
+    good = np.array([[0, 1]], np.int32)
+    with pytest.raises(Exception, match=r"a_index holds 7, outside \[0, 2\)"):
+        jax.block_until_ready(f(*to_gpu(np.array([[0, 7]], np.int32), good)))
+    with pytest.raises(Exception, match=r"b_index holds -1, outside \[0, 2\)"):
+        jax.block_until_ready(f(*to_gpu(good, np.array([[-1, 0]], np.int32))))
+    assert rel_err(f(*to_gpu(good, good)), np.full((1, 3, 5), 8.0)) == 0.0  # still usable
+
+
+@needs_gpu
+@pytest.mark.parametrize("act", ["relu", "gelu", "tanh"])
+def test_gradients_on_gpu(rng, act):
+    a = rng.standard_normal((2, 3, 20, 30)).astype(F32)
+    b = rng.standard_normal((3, 30, 40)).astype(F32)
+    c = rng.standard_normal((2, 20, 40)).astype(F32)
+    bias = rng.standard_normal(40).astype(F32)
+    w = rng.standard_normal((2, 20, 40)).astype(F32)
+
+    def loss(a, b, c, bias):
+        return jnp.sum(jb.brgemm(a, b, c, alpha=1.3, beta=0.4, epilogue=act, bias=bias) * w)
+
+    def loss_ref(a, b, c, bias):
+        z = 1.3 * jnp.einsum("...imk,...ikn->...mn", a, b, precision="highest") + 0.4 * c + bias
+        return jnp.sum(_activations.apply(act, z) * w)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*to_gpu(a, b, c, bias))
+    with jax.default_device(jax.devices("cpu")[0]):
+        want = jax.grad(loss_ref, argnums=(0, 1, 2, 3))(a, b, c, bias)
+    for g, r in zip(grads, want):
+        assert g.devices() == {gpu()}
+        assert rel_err(g, r) < 1e-5
+
+
+@needs_gpu
+def test_vmap_and_cpu_agreement_on_gpu(rng):
+    a = rng.standard_normal((4, 2, 3, 16, 24)).astype(F32)
+    b = rng.standard_normal((3, 24, 8)).astype(F32)
+    a_gpu, b_gpu = to_gpu(a, b)
+    out = jax.jit(jax.vmap(lambda a: jb.brgemm(a, b_gpu, epilogue="relu")))(a_gpu)
+    assert out.devices() == {gpu()}
+    assert rel_err(out, reference(a, b, act="relu")) < 1e-5
+    on_cpu = jax.jit(jax.vmap(lambda a: jb.brgemm(a, b, epilogue="relu")))(
+        jax.device_put(a, jax.devices("cpu")[0]))
+    assert on_cpu.devices() == set(jax.devices("cpu")[:1])
+    assert rel_err(out, on_cpu) < 1e-5
