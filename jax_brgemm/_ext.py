@@ -31,3 +31,8 @@ def set_isa(name: str | None) -> None:
     reads it at run time. Raises ValueError for an unknown or unsupported name.
     """
     ext.set_isa(name or "")
+
+try:  # CUDA handlers (platform "CUDA"), where the CUDA extension was built
+    from . import _cuda  # noqa: F401
+except ImportError:
+    pass
