@@ -103,6 +103,10 @@ const Kernel& get_kernel(const Desc& d);
 // epilogue uses, so primitives that apply activations outside a brgemm call agree with it.
 void apply_activation(Activation act, float* data, int64_t size, Isa isa);
 
+// CPU time of the calling thread, in seconds: single-thread measurements use it so that time
+// the thread spends descheduled on a shared machine does not count against the kernel.
+double thread_cpu_seconds();
+
 // Measured peak: single-thread float32 GFLOP/s of a register-resident FMA loop on `isa`.
 double measure_fma_peak_gflops(Isa isa, double seconds = 0.2);
 // The same for the ISA's native bfloat16 dot-product instruction (0 where it has none).

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -216,6 +217,12 @@ const Kernel& get_kernel(const Desc& d) {
 void apply_activation(Activation act, float* data, int64_t size, Isa isa) {
   const detail::IsaImpl* impl = impl_for(isa);
   (impl ? impl : &detail::impl_ref)->activation(act, data, size);
+}
+
+double thread_cpu_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
 double measure_fma_peak_gflops(Isa isa, double seconds) {

@@ -106,7 +106,7 @@ void kernel_call(const std::string& form, AnyArray a_pool, AnyArray b_pool, AnyA
 }
 
 // Single-thread GFLOP/s of one kernel shape on in-cache data: the median of `samples`
-// timings, each long enough (>= ~20 ms) to dwarf the clock's resolution.
+// timings (thread CPU time), each long enough (>= ~20 ms) to dwarf the clock's resolution.
 double bench_kernel(int64_t m, int64_t n, int64_t k, int64_t count, const std::string& form,
                     const std::string& isa, const std::string& dtype, int samples) {
   Desc d;
@@ -136,20 +136,20 @@ double bench_kernel(int64_t m, int64_t n, int64_t k, int64_t count, const std::s
   else throw nb::value_error("variant: must be 'stride', 'offset' or 'address'");
   const Kernel& kernel = get_kernel(d);
   nb::gil_scoped_release release;
-  using clock = std::chrono::steady_clock;
+  // Thread CPU time, like the peak loops: the ratio stays meaningful on a shared machine.
   const double flops = 2.0 * m * n * k * count;
   int64_t reps = 1;
   for (;;) {  // calibrate reps to ~20 ms
-    auto t0 = clock::now();
+    const double t0 = thread_cpu_seconds();
     for (int64_t r = 0; r < reps; ++r) kernel(batch, c.data());
-    if (std::chrono::duration<double>(clock::now() - t0).count() > 0.02) break;
+    if (thread_cpu_seconds() - t0 > 0.02) break;
     reps *= 2;
   }
   std::vector<double> rates;
   for (int s = 0; s < samples; ++s) {
-    auto t0 = clock::now();
+    const double t0 = thread_cpu_seconds();
     for (int64_t r = 0; r < reps; ++r) kernel(batch, c.data());
-    rates.push_back(flops * reps / std::chrono::duration<double>(clock::now() - t0).count() * 1e-9);
+    rates.push_back(flops * reps / (thread_cpu_seconds() - t0) * 1e-9);
   }
   std::sort(rates.begin(), rates.end());
   return rates[rates.size() / 2];
