@@ -46,6 +46,17 @@ void fill_epilogue(float* out, int64_t m, int64_t n, int64_t ld, const float* bi
   }
 }
 
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols. Strips of 16 columns
+// read each source line once and keep only 16 destination lines in flight.
+void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
+               int64_t ld_dst) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+    const int64_t j1 = std::min(cols, j0 + 16);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = j0; j < j1; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  }
+}
+
 const Kernel* kernel_for(Desc d, std::string* error) {
   if (std::string e = validate(d); !e.empty()) {
     *error = e;
@@ -69,13 +80,12 @@ std::unique_ptr<float[]> pack_weights(const ConvShape& s, const float* w, bool t
     const int64_t width = std::min(bw, cols - blk * bw);
     float* out = dst.get() + item * rows * bw;
     const float* src = w + t * cg * s.out_c + g * kg;
-    for (int64_t i = 0; i < rows; ++i, out += bw) {
-      for (int64_t j = 0; j < width; ++j) {
-        const int64_t col = blk * bw + j;
-        out[j] = transposed ? src[col * s.out_c + i] : src[i * s.out_c + col];
-      }
-      std::fill(out + width, out + bw, 0.0f);
+    if (transposed) {
+      transpose(src + blk * bw * s.out_c, s.out_c, width, rows, out, bw);
+    } else {
+      for (int64_t i = 0; i < rows; ++i) std::copy_n(src + i * s.out_c + blk * bw, width, out + i * bw);
     }
+    for (int64_t i = 0; i < rows; ++i) std::fill(out + i * bw + width, out + (i + 1) * bw, 0.0f);
   });
   return dst;
 }
@@ -422,6 +432,7 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
         if (slot_of[key] < 0) continue;
         const float* src = x + ((n_first * s.in_h + key) * s.in_w) * s.in_c + g * cg + c_first;
         float* dst = xt.data() + slot_of[key] * slot_size;
+        // Pixel by pixel: x is read in order (it comes from memory, the writes stay in L1).
         for (int64_t v = 0; v < s.in_w; ++v) {
           if (!phase_used[v % sw]) continue;
           float* col = dst + (v % sw) * range_c * phase_w + v / sw;
