@@ -12,6 +12,7 @@ namespace {
 constexpr int64_t kBlock = 64;     // channel block: 4 AVX-512 vectors wide
 constexpr int64_t kMaxRows = 56;   // output pixels per call (a multiple of 7 and 8)
 constexpr int64_t kMaxReduce = 512;  // weight-update: pixels reduced per call
+constexpr int64_t kPadWidth = 32;    // rows up to this many pixels get a padded copy
 constexpr int64_t kPanelBudget = 512 << 10;  // bytes of packed weights kept in L2 at once
 constexpr int64_t kPartialBudget = 1 << 20;  // floats of weight-update partial sums, all splits
 constexpr int64_t kTransposeBudget = 64 << 10;  // floats of transposed input per chunk
@@ -119,8 +120,39 @@ struct ColTap {
   int64_t s, col;  // tap and the A column of the piece's first pixel
 };
 
+std::string run_rows(const RowPass& rp, const Executor* executor);
+
+// Narrow rows whose border pixels miss some taps would split into short calls (m of 1 at
+// each edge of a 7-pixel row). There, a copy of A with zero columns on both sides is
+// cheaper: every pixel then uses every tap and each row is one call per channel block.
+std::string run_rows_padded(const RowPass& rp, int64_t left, int64_t right, const Executor* executor) {
+  RowPass padded = rp;
+  padded.in_cols = rp.in_cols + left + right;
+  padded.cols.off += left * rp.cols.div, padded.cols.extent = padded.in_cols;
+  const int64_t row = padded.in_cols * rp.in_pix;
+  std::unique_ptr<float[]> a(new float[rp.images * rp.in_rows * row]);
+  parallel_for(executor, rp.images * rp.in_rows, [&](int64_t i) {
+    float* dst = a.get() + i * row;
+    std::fill(dst, dst + left * rp.in_pix, 0.0f);
+    std::copy_n(rp.a + i * rp.in_cols * rp.in_pix, rp.in_cols * rp.in_pix, dst + left * rp.in_pix);
+    std::fill(dst + (left + rp.in_cols) * rp.in_pix, dst + row, 0.0f);
+  });
+  padded.a = a.get();
+  return run_rows(padded, executor);
+}
+
 std::string run_rows(const RowPass& rp, const Executor* executor) {
   const int64_t step = rp.phases * rp.cols.mul / rp.cols.div;  // A columns per output pixel
+  if (rp.phases == 1 && rp.cols.div == 1 && rp.out_cols <= kPadWidth) {
+    int64_t first = rp.cols.off, last = first;  // A columns the taps reach
+    for (int64_t s = 0; s < rp.taps_s; ++s) {
+      const int64_t col0 = s * rp.cols.tmul + rp.cols.off;
+      first = std::min(first, col0), last = std::max(last, col0 + (rp.out_cols - 1) * step);
+    }
+    const int64_t left = std::max<int64_t>(0, -first), right = std::max<int64_t>(0, last - rp.cols.extent + 1);
+    if ((left > 0 || right > 0) && left + right <= rp.in_cols)
+      return run_rows_padded(rp, left, right, executor);
+  }
   std::vector<Piece> pieces;
   std::vector<ColTap> col_taps;
   for (int64_t f = 0; f < rp.phases; ++f) {

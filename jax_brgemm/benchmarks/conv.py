@@ -51,9 +51,9 @@ def _xla(x, w, stride, pad):
 
 def _torch_times(torch, x, w, dy, stride, pad, repeats):
     cl = torch.channels_last
-    tx = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
-    tw = torch.from_numpy(np.asarray(w)).permute(3, 2, 0, 1).contiguous(memory_format=cl)
-    tdy = torch.from_numpy(np.asarray(dy)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    tw = torch.from_numpy(np.array(w)).permute(3, 2, 0, 1).contiguous(memory_format=cl)
+    tdy = torch.from_numpy(np.array(dy)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
     F = torch.nn.functional
     args = ([stride] * 2, [pad] * 2, [1] * 2, False, [0, 0], 1)
 
