@@ -438,8 +438,11 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
   std::unique_ptr<float[]> partial(splits > 1 ? new float[splits * dw_size] : nullptr);
   const int64_t range_c = cb_per_range * bc;  // channels a transposed row holds
   const int64_t slot_size = sw * range_c * phase_w;  // one transposed input row: [phase][c][v / sw]
+  // Output rows per chunk: at most kMaxReduce pixels per call, and the input rows they read,
+  // (rows - 1) * sh + (R - 1) * dh + 1, within the transpose buffer.
+  const int64_t halo = (s.taps_h - 1) * s.dil_h + 1;
   const int64_t rows_per_chunk = std::clamp<int64_t>(
-      std::min(kMaxReduce / s.out_w, kTransposeBudget / (slot_size * s.stride_h)) - s.taps_h + 1, 1,
+      std::min(kMaxReduce / s.out_w, (kTransposeBudget / slot_size - halo) / s.stride_h + 1), 1,
       reduce_rows);
 
   // Input row (channels x pixels, one matrix per column phase), as the A blocks want it.
