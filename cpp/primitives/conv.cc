@@ -11,7 +11,7 @@ namespace {
 
 constexpr int64_t kBlock = 64;     // channel block: 4 AVX-512 vectors wide
 constexpr int64_t kMaxRows = 56;   // output pixels per call (a multiple of 7 and 8)
-constexpr int64_t kMaxReduce = 512;  // weight-update: pixels reduced per call
+constexpr int64_t kMaxReduce = 1024; // weight-update: pixels reduced per call
 constexpr int64_t kPadWidth = 32;    // rows up to this many pixels get a padded copy
 constexpr int64_t kPanelBudget = 512 << 10;  // bytes of packed weights kept in L2 at once
 constexpr int64_t kPartialBudget = 1 << 20;  // floats of weight-update partial sums, all splits
