@@ -1,6 +1,7 @@
 // Handlers for jax_brgemm.nn.conv2d: forward, backward-data and weight-update.
 // Shapes: x (N, H, W, C), w (R, S, C/groups, K), y (N, P, Q, K). Every handler gets the
 // geometry attribute [stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, groups].
+#include <new>
 #include <string>
 
 #include "ffi/common.h"
@@ -43,8 +44,15 @@ ffi::Error decode(const ffi::AnyBuffer& x, const char* x_name, const ffi::AnyBuf
   return ffi::Error::Success();
 }
 
-ffi::Error done(const std::string& error) {
-  return error.empty() ? ffi::Error::Success() : invalid(error);
+// Runs a primitive; its message, or a failed allocation of its work buffers, becomes an error.
+template <typename Run>
+ffi::Error run_primitive(Run run) {
+  try {
+    const std::string error = run();
+    return error.empty() ? ffi::Error::Success() : invalid(error);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_brgemm: conv2d work buffers do not fit in memory");
+  }
 }
 
 ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
@@ -66,9 +74,11 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   PoolExecutor executor(std::move(pool));
-  return done(prim::conv2d_forward(s, static_cast<const float*>(x.untyped_data()),
-                                   static_cast<const float*>(w.untyped_data()), bias_ptr, act,
-                                   static_cast<float*>(y->untyped_data()), isa, &executor));
+  return run_primitive([&] {
+    return prim::conv2d_forward(s, static_cast<const float*>(x.untyped_data()),
+                                static_cast<const float*>(w.untyped_data()), bias_ptr, act,
+                                static_cast<float*>(y->untyped_data()), isa, &executor);
+  });
 }
 
 ffi::Error backward_data_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer w,
@@ -78,9 +88,11 @@ ffi::Error backward_data_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyB
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   PoolExecutor executor(std::move(pool));
-  return done(prim::conv2d_backward_data(s, static_cast<const float*>(dy.untyped_data()),
-                                         static_cast<const float*>(w.untyped_data()),
-                                         static_cast<float*>(dx->untyped_data()), isa, &executor));
+  return run_primitive([&] {
+    return prim::conv2d_backward_data(s, static_cast<const float*>(dy.untyped_data()),
+                                      static_cast<const float*>(w.untyped_data()),
+                                      static_cast<float*>(dx->untyped_data()), isa, &executor);
+  });
 }
 
 ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
@@ -90,9 +102,11 @@ ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   PoolExecutor executor(std::move(pool));
-  return done(prim::conv2d_weight_update(s, static_cast<const float*>(x.untyped_data()),
-                                         static_cast<const float*>(dy.untyped_data()),
-                                         static_cast<float*>(dw->untyped_data()), isa, &executor));
+  return run_primitive([&] {
+    return prim::conv2d_weight_update(s, static_cast<const float*>(x.untyped_data()),
+                                      static_cast<const float*>(dy.untyped_data()),
+                                      static_cast<float*>(dw->untyped_data()), isa, &executor);
+  });
 }
 
 }  // namespace

@@ -9,14 +9,15 @@
 namespace jbr::prim {
 namespace {
 
-constexpr int64_t kBlock = 64;     // channel block: 4 AVX-512 vectors wide
-constexpr int64_t kMaxRows = 56;   // output pixels per call (a multiple of 7 and 8)
-constexpr int64_t kMaxReduce = 1024; // weight-update: pixels reduced per call
-constexpr int64_t kPadWidth = 32;    // rows up to this many pixels get a padded copy
-constexpr int64_t kPanelBudget = 512 << 10;  // bytes of packed weights kept in L2 at once
-constexpr int64_t kPartialBudget = 1 << 20;  // floats of weight-update partial sums, all splits
+// Block sizes and cache budgets (measured on Zen 4: 32 KiB L1d, 1 MiB L2 per core).
+constexpr int64_t kBlock = 64;                  // channel block: 4 AVX-512 vectors wide
+constexpr int64_t kMaxRows = 56;                // output pixels per call (a multiple of 7 and 8)
+constexpr int64_t kMaxReduce = 1024;            // weight-update: pixels reduced per call
+constexpr int64_t kPadWidth = 32;               // rows up to this many pixels get a padded copy
+constexpr int64_t kPanelBudget = 512 << 10;     // bytes of packed weights kept in L2 at once
+constexpr int64_t kPartialBudget = 1 << 20;     // floats of weight-update partial sums, all splits
 constexpr int64_t kTransposeBudget = 64 << 10;  // floats of transposed input per chunk
-constexpr int64_t kPortionBudget = 64 << 10;  // floats of weight blocks one item accumulates
+constexpr int64_t kPortionBudget = 64 << 10;    // floats of weight blocks one item accumulates
 
 int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
 int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
