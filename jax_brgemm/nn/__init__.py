@@ -1,3 +1,5 @@
 """Deep-learning primitives as loops around the brgemm kernel."""
 
-__all__: list[str] = []
+from .conv import conv2d
+
+__all__: list[str] = ["conv2d"]

@@ -1,0 +1,605 @@
+#include "primitives/conv.h"
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+namespace jbr::prim {
+namespace {
+
+// Block sizes and cache budgets (measured on Zen 4: 32 KiB L1d, 1 MiB L2 per core).
+constexpr int64_t kBlock = 64;                  // channel block: 4 AVX-512 vectors wide
+constexpr int64_t kMaxRows = 56;                // output pixels per call (a multiple of 7 and 8)
+constexpr int64_t kMaxReduce = 1024;            // weight-update: pixels reduced per call
+constexpr int64_t kPadWidth = 32;               // rows up to this many pixels get a padded copy
+constexpr int64_t kPanelBudget = 512 << 10;     // bytes of packed weights kept in L2 at once
+constexpr int64_t kPartialBudget = 1 << 20;     // floats of weight-update partial sums, all splits
+constexpr int64_t kTransposeBudget = 64 << 10;  // floats of transposed input per chunk
+constexpr int64_t kPortionBudget = 64 << 10;    // floats of weight blocks one item accumulates
+
+int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
+int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
+
+int64_t threads_of(const Executor* executor) {
+  return executor ? executor->num_workers() + 1 : 1;
+}
+
+// Maps an output index o and a tap t to an input index (o*mul + t*tmul + off) / div; it
+// exists only where the division is exact and the result lies in [0, extent).
+struct AxisMap {
+  int64_t mul, tmul, off, div, extent;
+  bool at(int64_t o, int64_t t, int64_t* i) const {
+    const int64_t num = o * mul + t * tmul + off;
+    if (num % div != 0) return false;
+    *i = num / div;
+    return *i >= 0 && *i < extent;
+  }
+};
+
+// m x n block (leading dimension ld) = act(bias or 0): the output of an empty reduction.
+void fill_epilogue(float* out, int64_t m, int64_t n, int64_t ld, const float* bias,
+                   Activation act, Isa isa) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = out + i * ld;
+    for (int64_t j = 0; j < n; ++j) row[j] = bias ? bias[j] : 0.0f;
+    apply_activation(act, row, n, isa);
+  }
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols. Strips of 16 columns
+// read each source line once and keep only 16 destination lines in flight.
+void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
+               int64_t ld_dst) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+    const int64_t j1 = std::min(cols, j0 + 16);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = j0; j < j1; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  }
+}
+
+const Kernel* kernel_for(Desc d, std::string* error) {
+  if (std::string e = validate(d); !e.empty()) {
+    *error = e;
+    return nullptr;
+  }
+  return &get_kernel(d);
+}
+
+// HWIO weights as the B blocks of a RowPass: dst[g][blk][t][i][j], i < rows, j < bw (zero
+// past the last block's edge). Forward: rows are the group's input channels and columns
+// its output channels, w[t][i][g*Kg + col]. Transposed (backward data): rows are output
+// channels, columns input channels, w[t][col][g*Kg + i].
+std::unique_ptr<float[]> pack_weights(const ConvShape& s, const float* w, bool transposed,
+                                      int64_t bw, const Executor* executor) {
+  const int64_t taps = s.taps_h * s.taps_w, cg = s.in_c / s.groups, kg = s.out_c / s.groups;
+  const int64_t rows = transposed ? kg : cg, cols = transposed ? cg : kg;
+  const int64_t blocks = ceil_div(cols, bw);
+  std::unique_ptr<float[]> dst(new float[s.groups * blocks * taps * rows * bw]);
+  parallel_for(executor, s.groups * blocks * taps, [&](int64_t item) {
+    const int64_t t = item % taps, blk = item / taps % blocks, g = item / taps / blocks;
+    const int64_t width = std::min(bw, cols - blk * bw);
+    float* out = dst.get() + item * rows * bw;
+    const float* src = w + t * cg * s.out_c + g * kg;
+    if (transposed) {
+      transpose(src + blk * bw * s.out_c, s.out_c, width, rows, out, bw);
+    } else {
+      for (int64_t i = 0; i < rows; ++i) std::copy_n(src + i * s.out_c + blk * bw, width, out + i * bw);
+    }
+    for (int64_t i = 0; i < rows; ++i) std::fill(out + i * bw + width, out + (i + 1) * bw, 0.0f);
+  });
+  return dst;
+}
+
+// The loop nest shared by the forward and backward-data passes: rows of output pixels,
+//   out[img, o, f + j*phases, g*ng + :] =
+//       act(bias + sum_{r, s} A[img, rows(o, r), cols(f + j*phases, s), g*kg + :kg] @ B[g, r, s])
+// with one brgemm call per (image, output row, run of pixels, block of bn output channels)
+// reducing over every tap that lands inside A. Pixels whose set of valid taps differs (the
+// borders) get calls of their own, so padding needs no copy. B is packed [g][blk][r][s][kg][bn].
+struct RowPass {
+  int64_t images, groups, taps_r, taps_s;
+  int64_t out_rows, out_cols, out_pix;  // out: (images, out_rows, out_cols, out_pix)
+  int64_t in_rows, in_cols, in_pix;     // A:   (images, in_rows, in_cols, in_pix)
+  int64_t kg, ng, bn;
+  int64_t phases;  // output columns handled as `phases` interleaved sets
+  AxisMap rows, cols;
+  const float* a;
+  const float* b;
+  const float* bias;  // (groups * ng) or null
+  float* out;
+  Activation act;
+  Isa isa;
+};
+
+struct Piece {
+  int64_t phase, j0, j1;  // output columns phase + j*phases, j in [j0, j1)
+  int64_t tap0, tap1;     // its valid column taps: col_taps[tap0, tap1)
+};
+struct ColTap {
+  int64_t s, col;  // tap and the A column of the piece's first pixel
+};
+
+std::string run_rows(const RowPass& rp, const Executor* executor);
+
+// Narrow rows whose border pixels miss some taps would split into short calls (m of 1 at
+// each edge of a 7-pixel row). There, a copy of A with zero columns on both sides is
+// cheaper: every pixel then uses every tap and each row is one call per channel block.
+std::string run_rows_padded(const RowPass& rp, int64_t left, int64_t right, const Executor* executor) {
+  RowPass padded = rp;
+  padded.in_cols = rp.in_cols + left + right;
+  padded.cols.off += left * rp.cols.div, padded.cols.extent = padded.in_cols;
+  const int64_t row = padded.in_cols * rp.in_pix;
+  std::unique_ptr<float[]> a(new float[rp.images * rp.in_rows * row]);
+  parallel_for(executor, rp.images * rp.in_rows, [&](int64_t i) {
+    float* dst = a.get() + i * row;
+    std::fill(dst, dst + left * rp.in_pix, 0.0f);
+    std::copy_n(rp.a + i * rp.in_cols * rp.in_pix, rp.in_cols * rp.in_pix, dst + left * rp.in_pix);
+    std::fill(dst + (left + rp.in_cols) * rp.in_pix, dst + row, 0.0f);
+  });
+  padded.a = a.get();
+  return run_rows(padded, executor);
+}
+
+std::string run_rows(const RowPass& rp, const Executor* executor) {
+  const int64_t step = rp.phases * rp.cols.mul / rp.cols.div;  // A columns per output pixel
+  if (rp.phases == 1 && rp.cols.div == 1 && rp.out_cols <= kPadWidth) {
+    int64_t first = rp.cols.off, last = first;  // A columns the taps reach
+    for (int64_t s = 0; s < rp.taps_s; ++s) {
+      const int64_t col0 = s * rp.cols.tmul + rp.cols.off;
+      first = std::min(first, col0), last = std::max(last, col0 + (rp.out_cols - 1) * step);
+    }
+    const int64_t left = std::max<int64_t>(0, -first), right = std::max<int64_t>(0, last - rp.cols.extent + 1);
+    if ((left > 0 || right > 0) && left + right <= rp.in_cols)
+      return run_rows_padded(rp, left, right, executor);
+  }
+  std::vector<Piece> pieces;
+  std::vector<ColTap> col_taps;
+  for (int64_t f = 0; f < rp.phases; ++f) {
+    const int64_t count = ceil_div(rp.out_cols - f, rp.phases);
+    struct Range { int64_t s, col0, lo, hi; };
+    std::vector<Range> ranges;
+    std::vector<int64_t> cuts = {0, count};
+    for (int64_t s = 0; s < rp.taps_s; ++s) {
+      const int64_t num = f * rp.cols.mul + s * rp.cols.tmul + rp.cols.off;
+      if (num % rp.cols.div != 0) continue;
+      const int64_t col0 = num / rp.cols.div;
+      const int64_t lo = std::max<int64_t>(0, ceil_div(-col0, step));
+      const int64_t hi = std::min(count, floor_div(rp.cols.extent - 1 - col0, step) + 1);
+      if (lo >= hi) continue;
+      ranges.push_back({s, col0, lo, hi});
+      cuts.push_back(lo), cuts.push_back(hi);
+    }
+    std::sort(cuts.begin(), cuts.end());
+    cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+    for (size_t c = 0; c + 1 < cuts.size(); ++c) {
+      for (int64_t j0 = cuts[c]; j0 < cuts[c + 1]; j0 += kMaxRows) {
+        Piece piece{f, j0, std::min(j0 + kMaxRows, cuts[c + 1]), int64_t(col_taps.size()), 0};
+        for (const Range& rg : ranges)
+          if (rg.lo <= piece.j0 && piece.j1 <= rg.hi) col_taps.push_back({rg.s, rg.col0 + j0 * step});
+        piece.tap1 = col_taps.size();
+        pieces.push_back(piece);
+      }
+    }
+  }
+
+  const int64_t blocks = ceil_div(rp.ng, rp.bn);
+  const int64_t last_n = rp.ng - (blocks - 1) * rp.bn;
+  Desc d;
+  d.k = rp.kg, d.lda = step * rp.in_pix, d.ldb = rp.bn, d.ldc = rp.phases * rp.out_pix;
+  d.activation = rp.act, d.has_bias = rp.bias != nullptr, d.isa = rp.isa;
+  std::vector<const Kernel*> kernels(2 * pieces.size());  // [piece][last block?]
+  std::string error;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    d.m = pieces[i].j1 - pieces[i].j0;
+    d.n = rp.bn;
+    if (!(kernels[2 * i] = kernel_for(d, &error))) return error;
+    d.n = last_n;
+    if (!(kernels[2 * i + 1] = kernel_for(d, &error))) return error;
+  }
+
+  // Loop order (outer to inner): group, image, set of channel blocks, output row, piece,
+  // block of the set. A set's B panels stay in L2 while every row of A that uses them
+  // streams through once per set, not once per block.
+  const int64_t panel_bytes = rp.taps_r * rp.taps_s * rp.kg * rp.bn * int64_t{sizeof(float)};
+  int64_t per_set = std::clamp<int64_t>(kPanelBudget / panel_bytes, 1, blocks);
+  while (blocks % per_set != 0) --per_set;
+  // Outputs no tap reaches (most of dx for a strided 1x1 convolution) are zero: then one
+  // memset pass over the whole output beats filling them block by block.
+  bool some_empty = false;
+  for (const Piece& pc : pieces) some_empty |= pc.tap0 == pc.tap1;
+  for (int64_t o = 0; o < rp.out_rows && !some_empty; ++o) {
+    int64_t row, valid = 0;
+    for (int64_t r = 0; r < rp.taps_r; ++r) valid += rp.rows.at(o, r, &row);
+    some_empty = valid == 0;
+  }
+  const bool zeroed = some_empty && rp.bias == nullptr && rp.act == Activation::none;
+  if (zeroed) {
+    const int64_t size = rp.images * rp.out_rows * rp.out_cols * rp.out_pix, chunk = 1 << 16;
+    parallel_for(executor, ceil_div(size, chunk), [&](int64_t c) {
+      std::fill(rp.out + c * chunk, rp.out + std::min(size, (c + 1) * chunk), 0.0f);
+    });
+  }
+  const int64_t n_pieces = pieces.size();
+  const int64_t items = rp.groups * rp.images * blocks * rp.out_rows * n_pieces;
+  parallel_for(executor, items, [&](int64_t item) {
+    const int64_t blk_in_set = item % per_set;
+    int64_t rest = item / per_set;
+    const int64_t piece = rest % n_pieces;
+    const Piece& pc = pieces[piece];
+    rest /= n_pieces;
+    const int64_t o = rest % rp.out_rows;
+    rest /= rp.out_rows;
+    const int64_t blk = rest % (blocks / per_set) * per_set + blk_in_set;
+    rest /= blocks / per_set;
+    const int64_t img = rest % rp.images, g = rest / rp.images;
+
+    const int64_t channel = g * rp.ng + blk * rp.bn;
+    const Kernel& kernel = *kernels[2 * piece + (blk + 1 == blocks)];
+    float* out = rp.out + ((img * rp.out_rows + o) * rp.out_cols + pc.phase + pc.j0 * rp.phases) *
+                              rp.out_pix + channel;
+    const float* bias = rp.bias ? rp.bias + channel : nullptr;
+
+    thread_local std::vector<int64_t> offs_a, offs_b;
+    offs_a.clear(), offs_b.clear();
+    const float* b_block = rp.b + (g * blocks + blk) * rp.taps_r * rp.taps_s * rp.kg * rp.bn;
+    for (int64_t r = 0; r < rp.taps_r; ++r) {
+      int64_t row;
+      if (!rp.rows.at(o, r, &row)) continue;
+      const int64_t row_base = (img * rp.in_rows + row) * rp.in_cols;
+      for (int64_t t = pc.tap0; t < pc.tap1; ++t) {
+        offs_a.push_back((row_base + col_taps[t].col) * rp.in_pix + g * rp.kg);
+        offs_b.push_back((r * rp.taps_s + col_taps[t].s) * rp.kg * rp.bn);
+      }
+    }
+    if (offs_a.empty()) {
+      if (!zeroed) fill_epilogue(out, kernel.desc.m, kernel.desc.n, kernel.desc.ldc, bias, rp.act, rp.isa);
+      return;
+    }
+    kernel(Batch::offsets(rp.a, offs_a.data(), b_block, offs_b.data(), offs_a.size()), out, 1.0f,
+           bias);
+  });
+  return "";
+}
+
+// A 1x1, stride-1, unpadded convolution is one GEMM over all pixels: one long row.
+bool pointwise(const ConvShape& s) {
+  return s.taps_h == 1 && s.taps_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
+         s.pad_top == 0 && s.pad_left == 0 && s.out_h == s.in_h && s.out_w == s.in_w;
+}
+
+// Few input channels use few vector lanes in backward-data and weight-update (the stem's
+// 3). Folding the filter columns into the channels, x_wide[n, h, q, t*C + c] =
+// x[n, h, q*sw + t*dw - pl, c] (zero outside x), turns the problem into one with a single
+// filter column, t*C + c channels and stride 1 along the width, whose HWIO weights
+// (R, 1, S*C, K) are the same array.
+bool widen_pays(const ConvShape& s) { return s.groups == 1 && s.taps_w > 1 && s.in_c < 16; }
+
+ConvShape widened(const ConvShape& s) {
+  ConvShape w = s;
+  w.in_w = s.out_w, w.in_c = s.taps_w * s.in_c;
+  w.taps_w = 1, w.stride_w = 1, w.dil_w = 1, w.pad_left = 0;
+  return w;
+}
+
+// Calls visit(input column or -1, wide column offset) for every (q, t) of input row data.
+template <typename Visit>
+void for_each_wide_pixel(const ConvShape& s, Visit visit) {
+  for (int64_t q = 0; q < s.out_w; ++q)
+    for (int64_t t = 0; t < s.taps_w; ++t) {
+      const int64_t v = q * s.stride_w + t * s.dil_w - s.pad_left;
+      visit(v >= 0 && v < s.in_w ? v : -1, (q * s.taps_w + t) * s.in_c);
+    }
+}
+
+std::unique_ptr<float[]> widen_input(const ConvShape& s, const float* x, const Executor* executor) {
+  const int64_t row = s.out_w * s.taps_w * s.in_c;
+  std::unique_ptr<float[]> wide(new float[s.batch * s.in_h * row]);
+  parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
+    const float* src = x + nh * s.in_w * s.in_c;
+    float* dst = wide.get() + nh * row;
+    for_each_wide_pixel(s, [&](int64_t v, int64_t at) {
+      for (int64_t c = 0; c < s.in_c; ++c) dst[at + c] = v < 0 ? 0.0f : src[v * s.in_c + c];
+    });
+  });
+  return wide;
+}
+
+// dx from the widened problem's input gradient: every wide column adds into its pixel.
+void narrow_gradient(const ConvShape& s, const float* wide, float* dx, const Executor* executor) {
+  const int64_t row = s.out_w * s.taps_w * s.in_c;
+  parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
+    const float* src = wide + nh * row;
+    float* dst = dx + nh * s.in_w * s.in_c;
+    std::fill(dst, dst + s.in_w * s.in_c, 0.0f);
+    for_each_wide_pixel(s, [&](int64_t v, int64_t at) {
+      if (v >= 0)
+        for (int64_t c = 0; c < s.in_c; ++c) dst[v * s.in_c + c] += src[at + c];
+    });
+  });
+}
+
+}  // namespace
+
+std::string validate(const ConvShape& s) {
+  const std::pair<const char*, int64_t> positive[] = {
+      {"batch", s.batch}, {"in_h", s.in_h}, {"in_w", s.in_w}, {"in_c", s.in_c},
+      {"out_h", s.out_h}, {"out_w", s.out_w}, {"out_c", s.out_c}, {"taps_h", s.taps_h},
+      {"taps_w", s.taps_w}, {"groups", s.groups}, {"stride_h", s.stride_h},
+      {"stride_w", s.stride_w}, {"dil_h", s.dil_h}, {"dil_w", s.dil_w}};
+  for (auto [name, v] : positive)
+    if (v < 1) return std::string(name) + " must be >= 1, got " + std::to_string(v);
+  if (s.in_c % s.groups != 0 || s.out_c % s.groups != 0)
+    return "groups (" + std::to_string(s.groups) + ") must divide in_c (" +
+           std::to_string(s.in_c) + ") and out_c (" + std::to_string(s.out_c) + ")";
+  return "";
+}
+
+std::string conv2d_forward(const ConvShape& s, const float* x, const float* w, const float* bias,
+                           Activation act, float* y, Isa isa, const Executor* executor) {
+  if (std::string e = validate(s); !e.empty()) return e;
+  const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(kg, kBlock);
+  auto packed = pack_weights(s, w, /*transposed=*/false, bn, executor);
+  RowPass rp;
+  rp.images = s.batch, rp.groups = s.groups, rp.taps_r = s.taps_h, rp.taps_s = s.taps_w;
+  rp.out_rows = s.out_h, rp.out_cols = s.out_w, rp.out_pix = s.out_c;
+  rp.in_rows = s.in_h, rp.in_cols = s.in_w, rp.in_pix = s.in_c;
+  rp.kg = cg, rp.ng = kg, rp.bn = bn, rp.phases = 1;
+  rp.rows = {s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
+  rp.cols = {s.stride_w, s.dil_w, -s.pad_left, 1, s.in_w};
+  if (pointwise(s)) {
+    rp.images = rp.in_rows = rp.out_rows = 1;
+    rp.in_cols = rp.out_cols = s.batch * s.in_h * s.in_w;
+    rp.rows.extent = 1, rp.cols.extent = rp.in_cols;
+  }
+  rp.a = x, rp.b = packed.get(), rp.bias = bias, rp.out = y, rp.act = act, rp.isa = isa;
+  return run_rows(rp, executor);
+}
+
+std::string conv2d_backward_data(const ConvShape& s, const float* dy, const float* w, float* dx,
+                                 Isa isa, const Executor* executor) {
+  if (std::string e = validate(s); !e.empty()) return e;
+  if (widen_pays(s)) {
+    const ConvShape ws = widened(s);
+    std::unique_ptr<float[]> wide(new float[ws.batch * ws.in_h * ws.in_w * ws.in_c]);
+    if (std::string e = conv2d_backward_data(ws, dy, w, wide.get(), isa, executor); !e.empty()) return e;
+    narrow_gradient(s, wide.get(), dx, executor);
+    return "";
+  }
+  const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(cg, kBlock);
+  auto packed = pack_weights(s, w, /*transposed=*/true, bn, executor);
+  // dx[n, h, v] = sum over taps of dy[n, p, q] @ w[r, s]^T where h = p*sh + r*dh - pt,
+  // i.e. p = (h + pt - r*dh) / sh when exact; columns likewise, one phase per v mod sw.
+  RowPass rp;
+  rp.images = s.batch, rp.groups = s.groups, rp.taps_r = s.taps_h, rp.taps_s = s.taps_w;
+  rp.out_rows = s.in_h, rp.out_cols = s.in_w, rp.out_pix = s.in_c;
+  rp.in_rows = s.out_h, rp.in_cols = s.out_w, rp.in_pix = s.out_c;
+  rp.kg = kg, rp.ng = cg, rp.bn = bn, rp.phases = s.stride_w;
+  rp.rows = {1, -s.dil_h, s.pad_top, s.stride_h, s.out_h};
+  rp.cols = {1, -s.dil_w, s.pad_left, s.stride_w, s.out_w};
+  if (pointwise(s)) {
+    rp.images = rp.in_rows = rp.out_rows = 1;
+    rp.in_cols = rp.out_cols = s.batch * s.in_h * s.in_w;
+    rp.rows.extent = 1, rp.cols.extent = rp.in_cols;
+  }
+  rp.a = dy, rp.b = packed.get(), rp.bias = nullptr, rp.out = dx, rp.act = Activation::none;
+  rp.isa = isa;
+  return run_rows(rp, executor);
+}
+
+std::string conv2d_weight_update(const ConvShape& s, const float* x, const float* dy, float* dw,
+                                 Isa isa, const Executor* executor) {
+  if (std::string e = validate(s); !e.empty()) return e;
+  if (widen_pays(s)) return conv2d_weight_update(widened(s), widen_input(s, x, executor).get(), dy, dw, isa, executor);
+  const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups;
+  const int64_t bc = std::min(cg, kBlock), bk = std::min(kg, kBlock);
+  const int64_t cblocks = ceil_div(cg, bc), kblocks = ceil_div(kg, bk);
+  const int64_t sw = s.stride_w, phase_w = ceil_div(s.in_w, sw);
+  const int64_t taps = s.taps_h * s.taps_w;
+
+  // Per filter column t: the output columns q whose input column q*sw + t*dw - pl exists,
+  // and where that column lands in x transposed by phase: (q + shift) * sw + phase.
+  struct Cols { int64_t lo, hi, phase, shift; };
+  std::vector<Cols> cols(s.taps_w);
+  std::vector<char> phase_used(sw, 0);
+  for (int64_t t = 0; t < s.taps_w; ++t) {
+    const int64_t c0 = t * s.dil_w - s.pad_left;
+    cols[t] = {std::max<int64_t>(0, ceil_div(-c0, sw)),
+               std::min(s.out_w, floor_div(s.in_w - 1 - c0, sw) + 1), c0 - floor_div(c0, sw) * sw,
+               floor_div(c0, sw)};
+    if (cols[t].lo < cols[t].hi) phase_used[cols[t].phase] = 1;
+  }
+  const AxisMap rows{s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
+
+  // Work items: (split of the reduction rows, group, range of input-channel blocks, range
+  // of output-channel blocks). Each reduces its rows in chunks: transpose the chunk's input
+  // rows (its channels only) into a local buffer, then one brgemm call per (tap, channel
+  // block, output-channel block) accumulating into that weight block. The ranges keep an
+  // item's weight blocks in L2 across chunks (each range re-reads x or dy, so they stay as
+  // wide as that allows); reduction splits into partial sums, while those stay small, and
+  // then narrower ranges give every thread enough items.
+  const int64_t reduce_rows = s.batch * s.out_h;
+  const int64_t dw_size = taps * cg * s.out_c;
+  const int64_t want = threads_of(executor) == 1 ? 1 : 8 * threads_of(executor);
+  const int64_t splits = std::clamp<int64_t>(
+      want / s.groups, 1, std::min(reduce_rows, std::max<int64_t>(1, kPartialBudget / dw_size)));
+  int64_t cranges = 1, kranges = 1;
+  auto narrow = [&] {  // split the wider of the two ranges further; false when both are single blocks
+    const bool more_k = kranges < kblocks && (cranges == cblocks || kblocks / kranges >= cblocks / cranges);
+    if (!more_k && cranges == cblocks) return false;
+    int64_t& ranges = more_k ? kranges : cranges;
+    const int64_t total = more_k ? kblocks : cblocks;
+    for (++ranges; total % ranges != 0; ++ranges) {}
+    return true;
+  };
+  while (taps * ceil_div(cg, cranges) * ceil_div(kg, kranges) > kPortionBudget && narrow()) {}
+  while (splits * s.groups * cranges * kranges < want && narrow()) {}
+  const int64_t cb_per_range = cblocks / cranges, kb_per_range = kblocks / kranges;
+  std::unique_ptr<float[]> partial(splits > 1 ? new float[splits * dw_size] : nullptr);
+  const int64_t range_c = cb_per_range * bc;  // channels a transposed row holds
+  const int64_t slot_size = sw * range_c * phase_w;  // one transposed input row: [phase][c][v / sw]
+  // Output rows per chunk: at most kMaxReduce pixels per call, and the input rows they read,
+  // (rows - 1) * sh + (R - 1) * dh + 1, within the transpose buffer.
+  const int64_t halo = (s.taps_h - 1) * s.dil_h + 1;
+  const int64_t rows_per_chunk = std::clamp<int64_t>(
+      std::min(kMaxReduce / s.out_w, (kTransposeBudget / slot_size - halo) / s.stride_h + 1), 1,
+      reduce_rows);
+
+  // Input row (channels x pixels, one matrix per column phase), as the A blocks want it.
+  auto transpose_row = [&](const float* src, int64_t channels, int64_t phase_channels, float* dst) {
+    for (int64_t v = 0; v < s.in_w; ++v) {  // x in order (it comes from memory)
+      if (!phase_used[v % sw]) continue;
+      float* col = dst + (v % sw) * phase_channels * phase_w + v / sw;
+      for (int64_t c = 0; c < channels; ++c) col[c * phase_w] = src[v * s.in_c + c];
+    }
+  };
+  // Several output-channel ranges would each transpose the same rows: then transpose every
+  // used row once up front, x_t[n][h][g][phase][c][v / sw].
+  const bool shared = kranges > 1;
+  const int64_t shared_row = s.groups * sw * cg * phase_w;
+  std::unique_ptr<float[]> x_t;
+  if (shared) {
+    std::vector<char> row_used(s.in_h, 0);
+    for (int64_t p = 0; p < s.out_h; ++p)
+      for (int64_t r = 0; r < s.taps_h; ++r) {
+        int64_t h;
+        if (rows.at(p, r, &h)) row_used[h] = 1;
+      }
+    x_t.reset(new float[s.batch * s.in_h * shared_row]);
+    parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
+      if (!row_used[nh % s.in_h]) return;
+      for (int64_t g = 0; g < s.groups; ++g)
+        transpose_row(x + nh * s.in_w * s.in_c + g * cg, cg, cg, x_t.get() + nh * shared_row + g * sw * cg * phase_w);
+    });
+  }
+
+  // dy's rows are out_c apart: with several output-channel blocks, pack them
+  // [g][kb][n * out_h + p][q][bk] so each call's B panel is contiguous (rows 4 KiB apart,
+  // say, would all land in the same L1 sets).
+  const bool pack_dy = s.out_c != bk;
+  const int64_t ldb = pack_dy ? bk : s.out_c;
+  std::unique_ptr<float[]> dy_packed;
+  if (pack_dy) {
+    const int64_t plane = reduce_rows * s.out_w * bk;
+    dy_packed.reset(new float[s.groups * kblocks * plane]);
+    parallel_for(executor, reduce_rows, [&](int64_t e) {
+      for (int64_t q = 0; q < s.out_w; ++q) {
+        const float* src = dy + (e * s.out_w + q) * s.out_c;
+        for (int64_t g = 0; g < s.groups; ++g)
+          for (int64_t kb = 0; kb < kblocks; ++kb)
+            std::copy_n(src + g * kg + kb * bk, std::min(bk, kg - kb * bk),
+                        dy_packed.get() + (g * kblocks + kb) * plane + (e * s.out_w + q) * bk);
+      }
+    });
+  }
+  auto b_base = [&](int64_t g, int64_t kb) {
+    return pack_dy ? dy_packed.get() + (g * kblocks + kb) * reduce_rows * s.out_w * bk
+                   : dy + g * kg + kb * bk;
+  };
+
+  std::string error;
+  std::mutex error_mutex;
+  parallel_for(executor, splits * s.groups * cranges * kranges, [&](int64_t item) {
+    const int64_t kr = item % kranges, cr = item / kranges % cranges;
+    const int64_t g = item / kranges / cranges % s.groups;
+    const int64_t split = item / kranges / cranges / s.groups;
+    const int64_t c_first = cr * range_c, c_count = std::min(range_c, cg - c_first);
+    float* out = splits > 1 ? partial.get() + split * dw_size : dw;
+    // Weight block (r, t, cb-th block of the range, kb-th block of the range), HWIO.
+    auto block_index = [&](int64_t r, int64_t t, int64_t cb, int64_t kb) {
+      return ((r * s.taps_w + t) * cb_per_range + cb) * kb_per_range + kb;
+    };
+    auto block_of = [&](int64_t r, int64_t t, int64_t cb, int64_t kb) {
+      return out + ((r * s.taps_w + t) * cg + c_first + cb * bc) * s.out_c + g * kg +
+             (kr * kb_per_range + kb) * bk;
+    };
+    thread_local std::vector<float> xt;
+    thread_local std::vector<int64_t> slot_of, offs_a, offs_b;
+    std::vector<char> written(taps * cb_per_range * kb_per_range, 0);
+
+    const int64_t e_begin = reduce_rows * split / splits, e_end = reduce_rows * (split + 1) / splits;
+    for (int64_t e0 = e_begin; e0 < e_end; e0 += rows_per_chunk) {
+      const int64_t e1 = std::min(e_end, e0 + rows_per_chunk);
+      // Transpose every input row the chunk reads, once (unless x_t holds them all).
+      const int64_t n_first = e0 / s.out_h, n_last = (e1 - 1) / s.out_h;
+      if (!shared) {
+        slot_of.assign((n_last - n_first + 1) * s.in_h, -1);
+        int64_t slots = 0;
+        for (int64_t e = e0; e < e1; ++e)
+          for (int64_t r = 0; r < s.taps_h; ++r) {
+            int64_t h;
+            if (rows.at(e % s.out_h, r, &h) && slot_of[(e / s.out_h - n_first) * s.in_h + h] < 0)
+              slot_of[(e / s.out_h - n_first) * s.in_h + h] = slots++;
+          }
+        if (static_cast<int64_t>(xt.size()) < slots * slot_size) xt.resize(slots * slot_size);
+        for (int64_t key = 0; key < static_cast<int64_t>(slot_of.size()); ++key)
+          if (slot_of[key] >= 0)
+            transpose_row(x + ((n_first * s.in_h + key) * s.in_w) * s.in_c + g * cg + c_first, c_count,
+                          range_c, xt.data() + slot_of[key] * slot_size);
+      }
+      const float* a_base = shared ? x_t.get() + (g * sw * cg + c_first) * phase_w : xt.data();
+      const int64_t phase_size = (shared ? cg : range_c) * phase_w;
+      // One call per (tap, channel block, output-channel block) over the chunk's rows.
+      for (int64_t r = 0; r < s.taps_h; ++r)
+        for (int64_t t = 0; t < s.taps_w; ++t) {
+          const Cols& ct = cols[t];
+          if (ct.lo >= ct.hi) continue;
+          offs_a.clear(), offs_b.clear();
+          for (int64_t e = e0; e < e1; ++e) {
+            int64_t h;
+            if (!rows.at(e % s.out_h, r, &h)) continue;
+            const int64_t row = shared ? (e / s.out_h * s.in_h + h) * shared_row
+                                       : slot_of[(e / s.out_h - n_first) * s.in_h + h] * slot_size;
+            offs_a.push_back(row + ct.phase * phase_size + ct.lo + ct.shift);
+            offs_b.push_back((e * s.out_w + ct.lo) * ldb);
+          }
+          if (offs_a.empty()) continue;
+          for (int64_t cb = 0; cb < cb_per_range; ++cb)
+            for (int64_t kb = 0; kb < kb_per_range; ++kb) {
+              char& seen = written[block_index(r, t, cb, kb)];
+              const int64_t kb_abs = kr * kb_per_range + kb, k_first = kb_abs * bk;
+              Desc d;
+              d.m = std::min(bc, c_count - cb * bc), d.n = std::min(bk, kg - k_first);
+              d.k = ct.hi - ct.lo;
+              d.lda = phase_w, d.ldb = ldb, d.ldc = s.out_c, d.isa = isa;
+              d.beta = seen ? 1.0f : 0.0f;
+              std::string kernel_error;
+              const Kernel* kernel = kernel_for(d, &kernel_error);
+              if (!kernel) {
+                std::lock_guard<std::mutex> lock(error_mutex);
+                error = kernel_error;
+                return;
+              }
+              (*kernel)(Batch::offsets(a_base + cb * bc * phase_w, offs_a.data(), b_base(g, kb_abs),
+                                       offs_b.data(), offs_a.size()),
+                        block_of(r, t, cb, kb));
+              seen = 1;
+            }
+        }
+    }
+    // Weight blocks no row reached (taps that only see padding) are zero.
+    for (int64_t r = 0; r < s.taps_h; ++r)
+      for (int64_t t = 0; t < s.taps_w; ++t)
+        for (int64_t cb = 0; cb < cb_per_range; ++cb)
+          for (int64_t kb = 0; kb < kb_per_range; ++kb)
+            if (!written[block_index(r, t, cb, kb)])
+              fill_epilogue(block_of(r, t, cb, kb), std::min(bc, c_count - cb * bc),
+                            std::min(bk, kg - (kr * kb_per_range + kb) * bk), s.out_c, nullptr,
+                            Activation::none, isa);
+  });
+  if (!error.empty() || splits == 1) return error;
+
+  const int64_t chunk = 4096;
+  parallel_for(executor, ceil_div(dw_size, chunk), [&](int64_t c) {
+    const int64_t i0 = c * chunk, i1 = std::min(dw_size, i0 + chunk);
+    std::copy(partial.get() + i0, partial.get() + i1, dw + i0);
+    for (int64_t sp = 1; sp < splits; ++sp) {
+      const float* src = partial.get() + sp * dw_size;
+      for (int64_t i = i0; i < i1; ++i) dw[i] += src[i];
+    }
+  });
+  return "";
+}
+
+}  // namespace jbr::prim
