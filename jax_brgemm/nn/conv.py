@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
 from .._checks import check_activation, check_float32
+from .._sharding import batch_partitioned
 
 _NONE = jnp.zeros((0,), jnp.float32)  # stands for an absent bias in the FFI call
 
@@ -194,13 +195,19 @@ def _from_channels(y, size):  # (..., B*C) -> (B, ..., C)
 
 @functools.lru_cache(maxsize=None)
 def _forward_call(geom, act, has_bias):
-    @jax.custom_batching.custom_vmap
-    def call(x, kernel, bias):
+    def ffi(x, kernel, bias):
         n, h, w, _ = x.shape
         p, q = geom.out_size((h, w), kernel.shape[:2])
         out = jax.ShapeDtypeStruct((n, p, q, kernel.shape[3]), jnp.float32)
         return jax.ffi.ffi_call("jax_brgemm_conv2d_forward", out)(
             x, kernel, bias, geometry=geom.attr(), activation=act)
+
+    # Data parallel: images split across devices, weights replicated.
+    sharded = batch_partitioned(ffi, batched=(True, False, False), outputs=("batch",))
+
+    @jax.custom_batching.custom_vmap
+    def call(x, kernel, bias):
+        return sharded(x, kernel, bias)
 
     @call.def_vmap
     def rule(size, in_batched, x, kernel, bias):
@@ -217,11 +224,16 @@ def _forward_call(geom, act, has_bias):
 
 @functools.lru_cache(maxsize=None)
 def _backward_data_call(geom, in_hw):
-    @jax.custom_batching.custom_vmap
-    def call(dy, kernel):
+    def ffi(dy, kernel):
         n, _, _, _ = dy.shape
         out = jax.ShapeDtypeStruct((n, *in_hw, kernel.shape[2] * geom.groups), jnp.float32)
         return jax.ffi.ffi_call("jax_brgemm_conv2d_backward_data", out)(dy, kernel, geometry=geom.attr())
+
+    sharded = batch_partitioned(ffi, batched=(True, False), outputs=("batch",))
+
+    @jax.custom_batching.custom_vmap
+    def call(dy, kernel):
+        return sharded(dy, kernel)
 
     @call.def_vmap
     def rule(size, in_batched, dy, kernel):
@@ -237,11 +249,17 @@ def _backward_data_call(geom, in_hw):
 
 @functools.lru_cache(maxsize=None)
 def _weight_update_call(geom, taps_hw):
-    @jax.custom_batching.custom_vmap
-    def call(x, dy):
+    def ffi(x, dy):
         cg = x.shape[3] // geom.groups
         out = jax.ShapeDtypeStruct((*taps_hw, cg, dy.shape[3]), jnp.float32)
         return jax.ffi.ffi_call("jax_brgemm_conv2d_weight_update", out)(x, dy, geometry=geom.attr())
+
+    # Per-shard partial sums over the images, all-reduced across the batch's devices.
+    sharded = batch_partitioned(ffi, batched=(True, True), outputs=("sum",))
+
+    @jax.custom_batching.custom_vmap
+    def call(x, dy):
+        return sharded(x, dy)
 
     @call.def_vmap
     def rule(size, in_batched, x, dy):
