@@ -18,18 +18,20 @@ int64_t threads_of(const Executor* executor) {
 // Block sizes (elements). A strip is a column block of the output that one work item
 // owns; its B panel (kReduceChunk x kStripCols) stays in L2 while every row block of
 // the item's rows uses it, and each brgemm call reduces kReduceBlock-deep blocks.
-#include <cstdlib>
-struct Tune { int64_t v[4] = {64, 64, 512, 64}; Tune() { if (const char* e = std::getenv("JBR_DENSE_TUNE")) sscanf(e, "%ld,%ld,%ld,%ld", &v[0], &v[1], &v[2], &v[3]); } };
-static const Tune tune;
-const int64_t kStripCols = tune.v[0];
-const int64_t kRowTarget = tune.v[1];
-const int64_t kReduceChunk = tune.v[2];
-const int64_t kReduceBlock = tune.v[3];
+constexpr int64_t kStripCols = 64;
+constexpr int64_t kRowTarget = 64;
+constexpr int64_t kReduceChunk = 512;
+constexpr int64_t kReduceBlock = 64;
+// Plain B panels are copied contiguous when at least this many rows use each copy: a
+// power-of-two ldb puts every panel row in the same few L1 sets and on its own page.
+constexpr int64_t kPackRows = 256;
 
 // One GEMM as a loop nest of brgemm calls:
 //   out[m x n] (ldo) = epilogue(A[m x r] (lda) @ B[r x n])
-// where B is either plain (b, ldb) or, with b_transposed, the transpose of b (n x r, ldb),
-// packed one (chunk x strip) panel at a time into per-thread scratch just before use.
+// where B is either plain (b, ldb) or, with b_transposed, the transpose of b (n x r, ldb).
+// Work items are (column strip, row group); each walks the reduction in chunks, and packs
+// the strip's (chunk x strip) B panel into per-thread scratch just before its row blocks
+// use it: always when transposed, when plain only where enough rows share the copy.
 struct GemmNest {
   int64_t m = 0, n = 0, r = 0;
   const float* a = nullptr;
@@ -108,8 +110,11 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
   probe.lda = g.lda, probe.ldb = g.b_transposed ? probe.n : g.ldb, probe.ldc = g.ldo;
   probe.isa = g.isa;
   if (std::string e = validate(probe); !e.empty()) return e;
+  // Row blocks of about kRowTarget rows, a multiple of the register block where that
+  // splits m evenly, else m split evenly (the kernel picks the register blocking per m).
   const int64_t tile_rows = get_kernel(probe).rows_per_block;
-  const int64_t bm = std::min(g.m, tile_rows * std::max<int64_t>(1, kRowTarget / tile_rows));
+  int64_t bm = tile_rows * std::max<int64_t>(1, kRowTarget / tile_rows);
+  if (g.m % bm != 0) bm = ceil_div(g.m, ceil_div(g.m, bm));
 
   const int64_t strips = ceil_div(g.n, kStripCols);
   const int64_t row_blocks = ceil_div(g.m, bm);
@@ -119,13 +124,14 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
       std::clamp<int64_t>(ceil_div(4 * threads_of(executor), strips), 1, row_blocks);
   const int64_t group_rows = ceil_div(row_blocks, groups) * bm;
   const int64_t chunk = std::min(g.r, kReduceChunk);
+  const bool pack = g.b_transposed || group_rows >= kPackRows;
 
   parallel_for(executor, strips * groups, [&](int64_t item) {
     const int64_t strip = item / groups, group = item % groups;
     const int64_t col0 = strip * kStripCols, cols = std::min(kStripCols, g.n - col0);
     const int64_t row_begin = group * group_rows, row_end = std::min(g.m, row_begin + group_rows);
     thread_local std::vector<float> panel;
-    if (g.b_transposed && panel.size() < static_cast<size_t>(chunk * cols))
+    if (pack && panel.size() < static_cast<size_t>(chunk * cols))
       panel.resize(chunk * cols);
     for (int64_t r0 = 0; r0 < g.r; r0 += chunk) {
       const int64_t depth = std::min(chunk, g.r - r0);
@@ -133,6 +139,10 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
       int64_t ldb = g.ldb;
       if (g.b_transposed) {
         transpose_block(g.b + col0 * g.ldb + r0, g.ldb, cols, depth, panel.data(), cols);
+        b = panel.data(), ldb = cols;
+      } else if (pack) {
+        for (int64_t i = 0; i < depth; ++i)
+          std::memcpy(panel.data() + i * cols, b + i * g.ldb, sizeof(float) * cols);
         b = panel.data(), ldb = cols;
       }
       const bool first = r0 == 0, last = r0 + depth == g.r;
