@@ -47,6 +47,9 @@ struct GemmNest {
   // When set: `out` gets the pre-activation (bias only in the epilogue) and act_out
   // (ldo) gets activation(out), computed from the hot block.
   float* act_out = nullptr;
+  // When set: each finished out block is also written transposed here (ld ldt), from cache.
+  float* out_t = nullptr;
+  int64_t ldt = 0;
   Isa isa = Isa::ref;
 };
 
@@ -128,7 +131,9 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
   int64_t group_blocks = std::clamp<int64_t>(target_rows / bm, 1, row_blocks);
   while (group_blocks > 1 && strips * ceil_div(row_blocks, group_blocks) < 4 * threads_of(executor))
     group_blocks = ceil_div(group_blocks, 2);
-  const int64_t groups = ceil_div(row_blocks, group_blocks), group_rows = group_blocks * bm;
+  const int64_t groups = ceil_div(row_blocks, group_blocks);
+  group_blocks = ceil_div(row_blocks, groups);  // balanced: no runt group at the end
+  const int64_t group_rows = group_blocks * bm;
   const int64_t chunk = std::min(g.r, kReduceChunk);
   const bool pack = g.b_transposed || group_blocks >= kPackBlocks;
 
@@ -165,6 +170,8 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
             apply_activation(g.activation, dst, cols, g.isa);
           }
         }
+        if (last && g.out_t)
+          transpose_block(out, g.ldo, rows, cols, g.out_t + col0 * g.ldt + row0, g.ldt);
       }
     }
   });
@@ -263,7 +270,8 @@ std::string dense_backward(const DenseBackward& p, const Executor* executor) {
   if (p.dx && c > 0) {
     if (n * (c + k) < c * k) {
       // Few rows: transposing dz and the result (n (c + k) elements) is cheaper than w
-      // (c k): dx^T (c x n) = w (c x k, as it is) @ dz^T.
+      // (c k): dx^T (c x n) = w (c x k, as it is) @ dz^T, each finished block of it
+      // transposed into dx while hot.
       std::unique_ptr<float[]> dzt(new float[k * n]), dxt(new float[c * n]);
       transpose(dz, k, n, k, dzt.get(), n, executor);
       GemmNest g;
@@ -271,8 +279,8 @@ std::string dense_backward(const DenseBackward& p, const Executor* executor) {
       g.a = p.w, g.lda = k;
       g.b = dzt.get(), g.ldb = n;
       g.out = dxt.get(), g.ldo = n, g.isa = p.isa;
+      g.out_t = p.dx, g.ldt = c;
       if (std::string e = run_gemm(g, executor); !e.empty()) return e;
-      transpose(dxt.get(), n, c, n, p.dx, c, executor);
     } else {
       // dx (n x c) = dz (n x k) @ w^T, each w^T panel packed just before its use.
       GemmNest g;
