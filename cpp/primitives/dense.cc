@@ -23,8 +23,10 @@ constexpr int64_t kRowTarget = 64;
 constexpr int64_t kReduceChunk = 512;
 constexpr int64_t kReduceBlock = 64;
 constexpr int64_t kGroupRows = 256;
-// Plain B panels are copied contiguous when at least this many row blocks use each copy:
-// a power-of-two ldb puts every panel row in the same few L1 sets and on its own page.
+// Plain B panels are copied contiguous when their rows lie at least kPackLdb floats apart
+// (each on its own page, all in the same few L1 sets: TLB and cache-set misses) and at
+// least kPackBlocks row blocks share each copy (it costs a pass over the panel).
+constexpr int64_t kPackLdb = 2048;
 constexpr int64_t kPackBlocks = 3;
 
 // One GEMM as a loop nest of brgemm calls:
@@ -135,7 +137,7 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
   group_blocks = ceil_div(row_blocks, groups);  // balanced: no runt group at the end
   const int64_t group_rows = group_blocks * bm;
   const int64_t chunk = std::min(g.r, kReduceChunk);
-  const bool pack = g.b_transposed || group_blocks >= kPackBlocks;
+  const bool pack = g.b_transposed || (g.ldb >= kPackLdb && group_blocks >= kPackBlocks);
 
   // Strips vary fastest, so items running at the same time share their A block.
   parallel_for(executor, strips * groups, [&](int64_t item) {
@@ -268,7 +270,7 @@ std::string dense_backward(const DenseBackward& p, const Executor* executor) {
   }
 
   if (p.dx && c > 0) {
-    if (n * (c + k) < c * k) {
+    if (2 * n * (c + k) < c * k) {
       // Few rows: transposing dz and the result (n (c + k) elements) is cheaper than w
       // (c k): dx^T (c x n) = w (c x k, as it is) @ dz^T, each finished block of it
       // transposed into dx while hot.
