@@ -258,7 +258,8 @@ def main(argv=None):
     if args.json:
         print_records(layers + mlps, [], True)
         return
-    print(f"peak {peak:.0f} GFLOP/s (measured FMA loop x {'1 core, CPU time' if args.cpu_time else 'cores'}); jax {jax.__version__}"
+    how = "1 core, CPU time" if args.cpu_time else "cores"
+    print(f"peak {peak:.0f} GFLOP/s (measured FMA loop x {how}); jax {jax.__version__}"
           + (f", torch {torch.__version__}" if torch else ""))
     cols = ["N", "in", "out", "pass", "GFLOP/s", "%peak", "xla GFLOP/s", "vs xla"]
     if torch is not None:
