@@ -132,14 +132,20 @@ def partitionable_ffi_call(target: str, results, *, batched: Sequence[bool],
 @functools.lru_cache(maxsize=None)
 def _expand_dims_call(target, specs, single, batched, outputs, attr_items):
     attrs = dict(attr_items)
-
-    def impl(*args):
-        results = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in specs)
-        return jax.ffi.ffi_call(target, results[0] if single else results)(*args, **attrs)
-
     # An empty placeholder result has no batch to split.
     kinds = tuple("replicated" if math.prod(shape) == 0 else kind
                   for (shape, _), kind in zip(specs, outputs))
+
+    def impl(*args):
+        # "batch" results follow the batch of the arguments they get: the global one, or a
+        # device's shard of it inside the partitioned lowering.
+        batch = max((a.shape[0] for a, b in zip(args, batched) if b and a.ndim), default=None)
+        results = tuple(
+            jax.ShapeDtypeStruct((batch,) + shape[1:] if kind == "batch" and batch and shape else shape,
+                                 dtype)
+            for (shape, dtype), kind in zip(specs, kinds))
+        return jax.ffi.ffi_call(target, results[0] if single else results)(*args, **attrs)
+
     sharded = batch_partitioned(impl, batched, kinds)
 
     @jax.custom_batching.custom_vmap

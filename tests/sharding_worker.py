@@ -92,6 +92,15 @@ def conv_case(rng):
     return x, params, apply
 
 
+@layer("dense")
+def dense_case(rng):
+    x = rng.standard_normal((BATCH, 3, 20)).astype(np.float32)
+    params = (0.3 * rng.standard_normal((20, 33)).astype(np.float32),
+              rng.standard_normal(33).astype(np.float32))
+    apply = lambda x, p: jb.nn.dense(x, p[0], p[1], activation="gelu")
+    return x, params, apply
+
+
 def check_layers(mesh):
     """Each layer op: sharded forward and training step equal the unsharded ones, and the
     compiled HLO gathers no activations (weights are replicated, their gradients reduced)."""

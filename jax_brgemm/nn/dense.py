@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import _ext  # noqa: F401  (registers the FFI targets)
 from .._checks import check_activation, check_float32, check_rank
+from .._sharding import partitionable_ffi_call
 
 _NONE = jnp.zeros((0,), jnp.float32)  # an absent optional operand or result
 
@@ -62,7 +63,9 @@ def _forward_call(x, kernel, bias, act, keep_preact):
     shape = (x.shape[0], kernel.shape[1])
     outs = (jax.ShapeDtypeStruct(shape, jnp.float32),
             jax.ShapeDtypeStruct(shape if keep_preact else (0,), jnp.float32))
-    call = jax.ffi.ffi_call("jax_brgemm_dense_fwd", outs, vmap_method="expand_dims")
+    # Data parallel: rows split across devices, weights replicated.
+    call = partitionable_ffi_call("jax_brgemm_dense_fwd", outs, batched=(True, False, False),
+                                  outputs=("batch", "batch"))
     return call(x, kernel, _NONE if bias is None else bias, activation=act)
 
 
@@ -75,7 +78,9 @@ def _backward_call(dy, x, kernel, saved, act, *, want_dx=True, want_dw=True, wan
         return jax.ShapeDtypeStruct(shape if want else (0,), jnp.float32)
 
     outs = (result(want_dx, (n, c)), result(want_dw, (c, k)), result(want_db, (k,)))
-    call = jax.ffi.ffi_call("jax_brgemm_dense_bwd", outs, vmap_method="expand_dims")
+    # dx splits like the rows; dkernel and dbias are per-shard sums, all-reduced.
+    call = partitionable_ffi_call("jax_brgemm_dense_bwd", outs, batched=(True, True, False, True),
+                                  outputs=("batch", "sum", "sum"))
     return call(dy, x, kernel, _NONE if saved is None else saved, activation=act)
 
 
