@@ -396,3 +396,9 @@ def test_brgemm_indexed_out_of_range_is_an_error_not_a_read():
 def test_bad_input_names_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (3, 17), (16, 16), (33, 65), (100, 7), (64, 129)])
+def test_kernel_layer_transpose(rows, cols, isa, rng):
+    x = rng.standard_normal((rows, cols)).astype(F32)
+    np.testing.assert_array_equal(ext.transpose_f32(x, isa), x.T)

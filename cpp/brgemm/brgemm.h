@@ -103,6 +103,12 @@ const Kernel& get_kernel(const Desc& d);
 // epilogue uses, so primitives that apply activations outside a brgemm call agree with it.
 void apply_activation(Activation act, float* data, int64_t size, Isa isa);
 
+// dst (cols x rows, leading dimension ldd) = src (rows x cols, lds) transposed, float32:
+// dst[j * ldd + i] = src[i * lds + j]. In-register 16 x 16 transposes on AVX-512, so the
+// primitives' re-layouts (packing A^T or B^T panels) run at memory speed.
+void transpose_f32(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                   int64_t ldd, Isa isa);
+
 // CPU time of the calling thread, in seconds: single-thread measurements use it so that time
 // the thread spends descheduled on a shared machine does not count against the kernel.
 double thread_cpu_seconds();

@@ -219,6 +219,18 @@ void apply_activation(Activation act, float* data, int64_t size, Isa isa) {
   (impl ? impl : &detail::impl_ref)->activation(act, data, size);
 }
 
+void transpose_f32(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                   int64_t ldd, Isa isa) {
+  // avx512bf16's float32 code is the AVX-512 one.
+  const detail::IsaImpl* impl = impl_for(isa);
+  if (impl && impl->transpose_f32) return impl->transpose_f32(src, lds, rows, cols, dst, ldd);
+  constexpr int64_t T = 16;  // tiles keep the destination lines in flight few
+  for (int64_t i0 = 0; i0 < rows; i0 += T)
+    for (int64_t j0 = 0; j0 < cols; j0 += T)
+      for (int64_t j = j0; j < std::min(cols, j0 + T); ++j)
+        for (int64_t i = i0; i < std::min(rows, i0 + T); ++i) dst[j * ldd + i] = src[i * lds + j];
+}
+
 double thread_cpu_seconds() {
   timespec ts;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);

@@ -7,6 +7,58 @@
 #define JBR_MAX_ROWS_BF16 {0, 16, 13, 8, 6}
 #include "kernel_impl.h"
 
+namespace jbr::avx512 {
+
+// One 16 x 16 block: rows [0, h) and columns [0, w) of src land as rows [0, w) and columns
+// [0, h) of dst. Three rounds of interleaves (32-bit, 64-bit, 128-bit lanes) in registers.
+inline void transpose_16x16(const float* src, int64_t lds, int h, int w, float* dst, int64_t ldd) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << w) - 1u);
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << h) - 1u);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < h ? _mm512_maskz_loadu_ps(col_mask, src + i * lds) : _mm512_setzero_ps();
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  // u[4k + c]: lane L holds column 4L + c of rows 4k..4k+3.
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * k + 1]), d = _mm512_castps_pd(t[4 * k + 3]);
+    r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);
+    const __m512 v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+    const __m512 w0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+    const __m512 w1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+    t[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);       // column c
+    t[4 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);   // column 4 + c
+    t[8 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);   // column 8 + c
+    t[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);  // column 12 + c
+  }
+  for (int j = 0; j < w; ++j) _mm512_mask_storeu_ps(dst + j * ldd, row_mask, t[j]);
+}
+
+void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 16)
+    for (int64_t j0 = 0; j0 < cols; j0 += 16)
+      transpose_16x16(src + i0 * lds + j0, lds, static_cast<int>(std::min<int64_t>(16, rows - i0)),
+                      static_cast<int>(std::min<int64_t>(16, cols - j0)), dst + j0 * ldd + i0, ldd);
+}
+
+}  // namespace jbr::avx512
+
 namespace jbr::detail {
-const IsaImpl impl_avx512 = avx512::make_impl();
+namespace {
+IsaImpl make_avx512_impl() {
+  IsaImpl impl = avx512::make_impl();
+  impl.transpose_f32 = &avx512::transpose;
+  return impl;
+}
+}  // namespace
+const IsaImpl impl_avx512 = make_avx512_impl();
 }  // namespace jbr::detail

@@ -22,6 +22,9 @@ struct IsaImpl {
   void (*activation)(Activation act, float* data, int64_t size) = nullptr;
   double (*fma_peak_gflops)(double seconds) = nullptr;
   double (*bf16_peak_gflops)(double seconds) = nullptr;  // null: no native bf16 math
+  // Optional: a vectorised float32 transpose (null: the portable loop in dispatch.cc).
+  void (*transpose_f32)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                        int64_t ldd) = nullptr;
 };
 
 extern const IsaImpl impl_ref;

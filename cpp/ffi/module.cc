@@ -193,6 +193,14 @@ NB_MODULE(_jax_brgemm, m) {
     return measure_bf16_peak_gflops(chosen, seconds);
   }, nb::arg("isa") = "", nb::arg("seconds") = 0.2,
      "Single-thread GFLOP/s of the ISA's native bfloat16 dot-product loop (0: none).");
+  m.def("transpose_f32", [](F32Array src, const std::string& isa) {
+    if (src.ndim() != 2) throw nb::value_error("src: must be 2-D");
+    const int64_t rows = src.shape(0), cols = src.shape(1);
+    float* out = new float[std::max<int64_t>(rows * cols, 1)];
+    nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<float*>(p); });
+    transpose_f32(src.data(), cols, rows, cols, out, rows, isa_or_active(isa));
+    return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out, {size_t(cols), size_t(rows)}, owner);
+  }, nb::arg("src"), nb::arg("isa") = "", "src.T through the kernel layer's transpose (tests).");
   m.def("kernel_call", &kernel_call, nb::arg("form"), nb::arg("a_pool"), nb::arg("b_pool"),
         nb::arg("c"), nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("lda"), nb::arg("ldb"),
         nb::arg("ldc"), nb::arg("count"), nb::arg("stride_a"), nb::arg("stride_b"),

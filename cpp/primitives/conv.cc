@@ -48,15 +48,11 @@ void fill_epilogue(float* out, int64_t m, int64_t n, int64_t ld, const float* bi
   }
 }
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols. Strips of 16 columns
-// read each source line once and keep only 16 destination lines in flight.
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols (the kernel layer's
+// vectorised transpose).
 void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
                int64_t ld_dst) {
-  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
-    const int64_t j1 = std::min(cols, j0 + 16);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = j0; j < j1; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
-  }
+  transpose_f32(src, ld_src, rows, cols, dst, ld_dst, active_isa());
 }
 
 const Kernel* kernel_for(Desc d, std::string* error) {

@@ -55,24 +55,11 @@ struct GemmNest {
   Isa isa = Isa::ref;
 };
 
-// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols, in 16 x 16 tiles staged
-// through a local buffer: every source and destination line is read or written whole in
-// one go, so nothing has to stay cached across a power-of-two stride (which would put
-// all the lines of a tile in one L1 set).
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (the kernel layer's
+// vectorised transpose).
 void transpose_block(const float* __restrict src, int64_t lds, int64_t rows, int64_t cols,
                      float* __restrict dst, int64_t ldd) {
-  constexpr int64_t T = 16;
-  float tile[T][T];
-  for (int64_t i0 = 0; i0 < rows; i0 += T) {
-    const int64_t h = std::min(T, rows - i0);
-    for (int64_t j0 = 0; j0 < cols; j0 += T) {
-      const int64_t w = std::min(T, cols - j0);
-      for (int64_t i = 0; i < h; ++i)
-        for (int64_t j = 0; j < w; ++j) tile[j][i] = src[(i0 + i) * lds + j0 + j];
-      for (int64_t j = 0; j < w; ++j)
-        for (int64_t i = 0; i < h; ++i) dst[(j0 + j) * ldd + i0 + i] = tile[j][i];
-    }
-  }
+  transpose_f32(src, lds, rows, cols, dst, ldd, active_isa());
 }
 
 // dst (cols x rows, ldd) = src (rows x cols, lds)^T, in parallel over column slabs of src.
