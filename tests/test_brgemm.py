@@ -258,6 +258,7 @@ BF16_ROUNDING = 2.0**-8  # relative rounding of one bfloat16 value
 
 @pytest.mark.parametrize("form", ["stride", "offset", "address"])
 @pytest.mark.parametrize("m,n,k,count", [(1, 1, 1, 1), (7, 17, 5, 3), (16, 64, 64, 4), (13, 33, 1, 2),
+                                         (16, 16, 15, 3), (9, 5, 7, 2),
                                          (28, 64, 63, 9), (33, 100, 17, 5)])
 def test_kernel_bf16_all_forms_all_isas(form, m, n, k, count, isa_bf16, rng):
     # Odd k exercises the unpaired last row of the bfloat16 pair layout.

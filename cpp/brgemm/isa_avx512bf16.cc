@@ -29,8 +29,42 @@ inline uint32_t load_pair(const uint16_t* p) {
   return pair;
 }
 
+// A block at most 16 columns wide: rows p and p+1 are widened into the pair layout in
+// natural column order (low half B[p][j], high half B[p+1][j]), so no lanes are wasted and
+// the epilogue needs no shuffle.
+template <int ROWS>
+void tile_dot_narrow(const Tile& t) {
+  const Desc& d = *t.desc;
+  const int64_t lda = d.lda, ldb = d.ldb, k = d.k;
+  const __mmask16 mask = static_cast<__mmask16>((1u << t.tail_lanes) - 1u);
+  __m512 acc[ROWS];
+#pragma GCC unroll 32
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < t.batch->count; ++i) {
+    const uint16_t* a = block_a<uint16_t>(*t.batch, i) + t.row0 * lda;
+    const uint16_t* b = block_b<uint16_t>(*t.batch, i) + t.col0;
+    for (int64_t p = 0; p < k; p += 2) {
+      const bool odd_tail = p + 1 == k;
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, b + p * ldb));
+      const __m512i hi = odd_tail ? _mm512_setzero_si512()
+                                  : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, b + (p + 1) * ldb));
+      const __m512bh bv = reinterpret_cast<__m512bh>(_mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+#pragma GCC unroll 32
+      for (int r = 0; r < ROWS; ++r) {
+        const uint32_t pair = odd_tail ? uint32_t{a[r * lda + p]} : load_pair(a + r * lda + p);
+        acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair))), bv);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < ROWS; ++r) finish(t, Vec{acc[r]}, r, 0, t.tail_lanes < 16, mask);
+}
+
 template <int ROWS, int NG, bool MASKED>
 void tile_dot(const Tile& t) {
+  if constexpr (MASKED && NG == 1) {
+    if (t.tail_lanes <= 16) return tile_dot_narrow<ROWS>(t);
+  }
   const Desc& d = *t.desc;
   const int64_t lda = d.lda, ldb = d.ldb, k = d.k;
   // t.tail_lanes: valid columns of the last 32-column group.
