@@ -1,3 +1,5 @@
 """Deep-learning primitives as loops around the brgemm kernel."""
 
-__all__: list[str] = []
+from .dense import dense, mlp, mlp_init
+
+__all__: list[str] = ["dense", "mlp", "mlp_init"]

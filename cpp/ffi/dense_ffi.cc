@@ -1,0 +1,170 @@
+// Handlers for jax_brgemm.nn.dense: the forward and the backward (data and weight) passes.
+//
+// Python hands plain 2-D arrays: x (n, c), w (c, k), bias (k,). vmap (expand_dims) adds
+// leading "problem" dims: x (P..., n, c), w (1 or P..., c, k), etc. When the weights and
+// bias are shared the problems fold into the minibatch; otherwise they run one by one.
+#include <string>
+
+#include "ffi/common.h"
+#include "primitives/dense.h"
+
+namespace jbr::ffi_handlers {
+namespace {
+
+int64_t lead_count(const ffi::AnyBuffer& b, size_t block_rank) {
+  auto d = b.dimensions();
+  int64_t p = 1;
+  for (size_t i = 0; i + block_rank < d.size(); ++i) p *= d[i];
+  return p;
+}
+
+// Checks `b` is float32 with rank >= block_rank, ends in `tail` and has 1 or `problems`
+// leading problems; sets *shared when it has one.
+ffi::Error expect_operand(const ffi::AnyBuffer& b, const char* name,
+                          std::initializer_list<int64_t> tail, int64_t problems, bool* shared) {
+  if (auto e = expect_f32(b, name); e.failure()) return e;
+  auto d = b.dimensions();
+  bool ok = d.size() >= tail.size();
+  size_t i = d.size() - tail.size();
+  for (int64_t t : tail) ok = ok && d[i++] == t;
+  std::string want = "(...";
+  for (int64_t t : tail) want += ", " + std::to_string(t);
+  if (!ok) return invalid(std::string(name) + " must have shape " + want + "), got " + shape_str(d));
+  const int64_t p = lead_count(b, tail.size());
+  if (p != 1 && p != problems)
+    return invalid(std::string(name) + " has " + std::to_string(p) + " leading problems, expected 1 or " +
+                   std::to_string(problems));
+  *shared = p == 1;
+  return ffi::Error::Success();
+}
+
+ffi::Error setup(std::string_view activation, Activation* act, Isa* isa) {
+  if (!parse_activation(activation, act))
+    return invalid("unknown activation '" + std::string(activation) + "'");
+  return current_isa(isa);
+}
+
+ffi::Error dense_fwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                          ffi::Result<ffi::AnyBuffer> preact, std::string_view activation) {
+  prim::DenseForward p;
+  if (auto e = setup(activation, &p.activation, &p.isa); e.failure()) return e;
+  if (auto e = expect_f32(x, "x"); e.failure()) return e;
+  auto xd = x.dimensions();
+  if (xd.size() < 2) return invalid("x must have shape (..., n, c), got " + shape_str(xd));
+  const int64_t problems = lead_count(x, 2);
+  p.n = xd[xd.size() - 2], p.c = xd[xd.size() - 1];
+  if (auto e = expect_f32(w, "kernel"); e.failure()) return e;
+  auto wd = w.dimensions();
+  if (wd.size() < 2) return invalid("kernel must have shape (..., c, k), got " + shape_str(wd));
+  p.k = wd[wd.size() - 1];
+  bool w_shared = true, b_shared = true, unused = true;
+  if (auto e = expect_operand(w, "kernel", {p.c, p.k}, problems, &w_shared); e.failure()) return e;
+  const bool has_bias = bias.element_count() > 0;
+  if (has_bias)
+    if (auto e = expect_operand(bias, "bias", {p.k}, problems, &b_shared); e.failure()) return e;
+  if (auto e = expect_operand(*y, "y", {p.n, p.k}, problems, &unused); e.failure()) return e;
+  const bool save = preact->element_count() > 0;
+  if (save)
+    if (auto e = expect_operand(*preact, "preact", {p.n, p.k}, problems, &unused); e.failure()) return e;
+  if (lead_count(*y, 2) != problems) return invalid("y's leading dims must match x's");
+
+  PoolExecutor executor(std::move(pool));
+  const bool fold = w_shared && b_shared;
+  const int64_t runs = fold ? 1 : problems;
+  if (fold) p.n *= problems;
+  const int64_t x_step = p.n * p.c, y_step = p.n * p.k;
+  for (int64_t i = 0; i < runs; ++i) {
+    prim::DenseForward q = p;
+    q.x = static_cast<const float*>(x.untyped_data()) + i * x_step;
+    q.w = static_cast<const float*>(w.untyped_data()) + (w_shared ? 0 : i * p.c * p.k);
+    q.bias = has_bias ? static_cast<const float*>(bias.untyped_data()) + (b_shared ? 0 : i * p.k) : nullptr;
+    q.y = static_cast<float*>(y->untyped_data()) + i * y_step;
+    q.preact = save ? static_cast<float*>(preact->untyped_data()) + i * y_step : nullptr;
+    if (std::string e = prim::dense_forward(q, &executor); !e.empty()) return invalid(e);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer x,
+                          ffi::AnyBuffer w, ffi::AnyBuffer saved, ffi::Result<ffi::AnyBuffer> dx,
+                          ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::AnyBuffer> dbias,
+                          std::string_view activation) {
+  prim::DenseBackward p;
+  if (auto e = setup(activation, &p.activation, &p.isa); e.failure()) return e;
+  if (auto e = expect_f32(dy, "dy"); e.failure()) return e;
+  auto gd = dy.dimensions();
+  if (gd.size() < 2) return invalid("dy must have shape (..., n, k), got " + shape_str(gd));
+  const int64_t problems = lead_count(dy, 2);
+  p.n = gd[gd.size() - 2], p.k = gd[gd.size() - 1];
+  if (auto e = expect_f32(x, "x"); e.failure()) return e;
+  auto xd = x.dimensions();
+  if (xd.size() < 2) return invalid("x must have shape (..., n, c), got " + shape_str(xd));
+  p.c = xd[xd.size() - 1];
+  bool shared = false, w_shared = true, dw_shared = true, db_shared = true;
+  if (auto e = expect_operand(x, "x", {p.n, p.c}, problems, &shared); e.failure()) return e;
+  if (shared && problems != 1) return invalid("x's leading dims must match dy's");
+  if (auto e = expect_operand(w, "kernel", {p.c, p.k}, problems, &w_shared); e.failure()) return e;
+  if (p.activation != Activation::none) {
+    if (auto e = expect_operand(saved, "saved", {p.n, p.k}, problems, &shared); e.failure()) return e;
+    if (shared && problems != 1) return invalid("saved's leading dims must match dy's");
+  }
+  const bool want_dx = dx->element_count() > 0, want_dw = dw->element_count() > 0,
+             want_db = dbias->element_count() > 0;
+  if (want_dx) {
+    if (auto e = expect_operand(*dx, "dx", {p.n, p.c}, problems, &shared); e.failure()) return e;
+    if (shared && problems != 1) return invalid("dx's leading dims must match dy's");
+  }
+  if (want_dw)
+    if (auto e = expect_operand(*dw, "dw", {p.c, p.k}, problems, &dw_shared); e.failure()) return e;
+  if (want_db)
+    if (auto e = expect_operand(*dbias, "dbias", {p.k}, problems, &db_shared); e.failure()) return e;
+
+  PoolExecutor executor(std::move(pool));
+  // Shared weights whose gradients are summed over problems: one fold into the minibatch.
+  const bool fold = w_shared && (!want_dw || dw_shared) && (!want_db || db_shared);
+  const int64_t runs = fold ? 1 : problems;
+  if (fold) p.n *= problems;
+  const int64_t nk = p.n * p.k, nc = p.n * p.c, ck = p.c * p.k;
+  for (int64_t i = 0; i < runs; ++i) {
+    prim::DenseBackward q = p;
+    q.dy = static_cast<const float*>(dy.untyped_data()) + i * nk;
+    q.x = static_cast<const float*>(x.untyped_data()) + i * nc;
+    q.w = static_cast<const float*>(w.untyped_data()) + (w_shared ? 0 : i * ck);
+    q.saved = p.activation != Activation::none
+                  ? static_cast<const float*>(saved.untyped_data()) + i * nk : nullptr;
+    q.dx = want_dx ? static_cast<float*>(dx->untyped_data()) + i * nc : nullptr;
+    q.dw = want_dw ? static_cast<float*>(dw->untyped_data()) + i * ck : nullptr;
+    q.dbias = want_db ? static_cast<float*>(dbias->untyped_data()) + i * p.k : nullptr;
+    if (std::string e = prim::dense_backward(q, &executor); !e.empty()) return invalid(e);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_dense_fwd, dense_fwd_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // kernel
+                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Ret<ffi::AnyBuffer>()  // pre-activation (empty: not kept)
+                                  .Attr<std::string_view>("activation"));
+JBR_REGISTER_HANDLER("jax_brgemm_dense_fwd", jbr_dense_fwd);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_dense_bwd, dense_bwd_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // kernel
+                                  .Arg<ffi::AnyBuffer>()  // saved y or pre-activation
+                                  .Ret<ffi::AnyBuffer>()  // dx (empty: skip)
+                                  .Ret<ffi::AnyBuffer>()  // dkernel (empty: skip)
+                                  .Ret<ffi::AnyBuffer>()  // dbias (empty: skip)
+                                  .Attr<std::string_view>("activation"));
+JBR_REGISTER_HANDLER("jax_brgemm_dense_bwd", jbr_dense_bwd);
+
+}  // namespace jbr::ffi_handlers
