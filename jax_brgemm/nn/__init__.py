@@ -1,5 +1,6 @@
 """Deep-learning primitives as loops around the brgemm kernel."""
 
 from .dense import dense, mlp, mlp_init
+from .conv import conv2d
 
-__all__: list[str] = ["dense", "mlp", "mlp_init"]
+__all__: list[str] = ["dense", "mlp", "mlp_init", "conv2d"]

@@ -1,0 +1,129 @@
+// Handlers for jax_brgemm.nn.conv2d: forward, backward-data and weight-update.
+// Shapes: x (N, H, W, C), w (R, S, C/groups, K), y (N, P, Q, K). Every handler gets the
+// geometry attribute [stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, groups].
+#include <string>
+
+#include "ffi/common.h"
+#include "primitives/conv.h"
+
+namespace jbr::ffi_handlers {
+namespace {
+
+ffi::Error rank4(const ffi::AnyBuffer& buffer, const char* name, const char* layout) {
+  if (auto e = expect_f32(buffer, name); e.failure()) return e;
+  if (buffer.dimensions().size() != 4)
+    return invalid(std::string(name) + " must have shape " + layout + ", got " +
+                   shape_str(buffer.dimensions()));
+  return ffi::Error::Success();
+}
+
+// The convolution's shape from its three tensors (x, w, y or their gradients).
+ffi::Error decode(const ffi::AnyBuffer& x, const char* x_name, const ffi::AnyBuffer& w,
+                  const char* w_name, const ffi::AnyBuffer& y, const char* y_name,
+                  ffi::Span<const int64_t> geometry, prim::ConvShape* s) {
+  if (auto e = rank4(x, x_name, "(N, H, W, C)"); e.failure()) return e;
+  if (auto e = rank4(w, w_name, "(R, S, C/groups, K)"); e.failure()) return e;
+  if (auto e = rank4(y, y_name, "(N, P, Q, K)"); e.failure()) return e;
+  if (geometry.size() != 7) return invalid("geometry must hold 7 values");
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
+  s->batch = xd[0], s->in_h = xd[1], s->in_w = xd[2], s->in_c = xd[3];
+  s->taps_h = wd[0], s->taps_w = wd[1];
+  s->out_h = yd[1], s->out_w = yd[2], s->out_c = yd[3];
+  s->stride_h = geometry[0], s->stride_w = geometry[1];
+  s->dil_h = geometry[2], s->dil_w = geometry[3];
+  s->pad_top = geometry[4], s->pad_left = geometry[5], s->groups = geometry[6];
+  if (yd[0] != xd[0])
+    return invalid(std::string(y_name) + " " + shape_str(yd) + " and " + x_name + " " +
+                   shape_str(xd) + " have different batch sizes");
+  if (std::string e = prim::validate(*s); !e.empty()) return invalid(e);
+  if (wd[2] * s->groups != s->in_c || wd[3] != s->out_c)
+    return invalid(std::string(w_name) + " " + shape_str(wd) + " does not match " + x_name +
+                   " " + shape_str(xd) + ", " + y_name + " " + shape_str(yd) + " and groups " +
+                   std::to_string(s->groups));
+  return ffi::Error::Success();
+}
+
+ffi::Error done(const std::string& error) {
+  return error.empty() ? ffi::Error::Success() : invalid(error);
+}
+
+ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                        ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                        ffi::Span<const int64_t> geometry, std::string_view activation) {
+  prim::ConvShape s;
+  if (auto e = decode(x, "x", w, "kernel", *y, "result", geometry, &s); e.failure()) return e;
+  const float* bias_ptr = nullptr;
+  if (bias.element_count() > 0) {
+    if (auto e = expect_f32(bias, "bias"); e.failure()) return e;
+    if (bias.dimensions().size() != 1 || bias.dimensions()[0] != s.out_c)
+      return invalid("bias must have shape (" + std::to_string(s.out_c) + ",), got " +
+                     shape_str(bias.dimensions()));
+    bias_ptr = static_cast<const float*>(bias.untyped_data());
+  }
+  Activation act;
+  if (!parse_activation(activation, &act))
+    return invalid("unknown activation '" + std::string(activation) + "'");
+  Isa isa;
+  if (auto e = current_isa(&isa); e.failure()) return e;
+  PoolExecutor executor(std::move(pool));
+  return done(prim::conv2d_forward(s, static_cast<const float*>(x.untyped_data()),
+                                   static_cast<const float*>(w.untyped_data()), bias_ptr, act,
+                                   static_cast<float*>(y->untyped_data()), isa, &executor));
+}
+
+ffi::Error backward_data_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer w,
+                              ffi::Result<ffi::AnyBuffer> dx, ffi::Span<const int64_t> geometry) {
+  prim::ConvShape s;
+  if (auto e = decode(*dx, "result", w, "kernel", dy, "dy", geometry, &s); e.failure()) return e;
+  Isa isa;
+  if (auto e = current_isa(&isa); e.failure()) return e;
+  PoolExecutor executor(std::move(pool));
+  return done(prim::conv2d_backward_data(s, static_cast<const float*>(dy.untyped_data()),
+                                         static_cast<const float*>(w.untyped_data()),
+                                         static_cast<float*>(dx->untyped_data()), isa, &executor));
+}
+
+ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                              ffi::Result<ffi::AnyBuffer> dw, ffi::Span<const int64_t> geometry) {
+  prim::ConvShape s;
+  if (auto e = decode(x, "x", *dw, "result", dy, "dy", geometry, &s); e.failure()) return e;
+  Isa isa;
+  if (auto e = current_isa(&isa); e.failure()) return e;
+  PoolExecutor executor(std::move(pool));
+  return done(prim::conv2d_weight_update(s, static_cast<const float*>(x.untyped_data()),
+                                         static_cast<const float*>(dy.untyped_data()),
+                                         static_cast<float*>(dw->untyped_data()), isa, &executor));
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_conv2d_forward, forward_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // kernel
+                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<ffi::Span<const int64_t>>("geometry")
+                                  .Attr<std::string_view>("activation"));
+JBR_REGISTER_HANDLER("jax_brgemm_conv2d_forward", jbr_conv2d_forward);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_conv2d_backward_data, backward_data_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Arg<ffi::AnyBuffer>()  // kernel
+                                  .Ret<ffi::AnyBuffer>()  // dx
+                                  .Attr<ffi::Span<const int64_t>>("geometry"));
+JBR_REGISTER_HANDLER("jax_brgemm_conv2d_backward_data", jbr_conv2d_backward_data);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_conv2d_weight_update, weight_update_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // dy
+                                  .Ret<ffi::AnyBuffer>()  // dkernel
+                                  .Attr<ffi::Span<const int64_t>>("geometry"));
+JBR_REGISTER_HANDLER("jax_brgemm_conv2d_weight_update", jbr_conv2d_weight_update);
+
+}  // namespace jbr::ffi_handlers

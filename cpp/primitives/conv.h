@@ -1,0 +1,43 @@
+// 2-D convolution as loop nests around the brgemm kernel: forward, backward-data and
+// weight-update (Georganas et al., IPDPS 2020). NHWC activations, HWIO weights, float32.
+//
+//   y[n, p, q, g*Kg + k] = sum_{r, s, c < Cg} x[n, p*sh + r*dh - pt, q*sw + s*dw - pl, g*Cg + c]
+//                                             * w[r, s, c, g*Kg + k]
+//
+// Taps that fall outside x read zeros (the padding). Cg = in_c / groups, Kg = out_c / groups.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "brgemm/brgemm.h"
+#include "primitives/parallel.h"
+
+namespace jbr::prim {
+
+struct ConvShape {
+  int64_t batch = 0, in_h = 0, in_w = 0, in_c = 0;  // x: (batch, in_h, in_w, in_c)
+  int64_t out_h = 0, out_w = 0, out_c = 0;          // y: (batch, out_h, out_w, out_c)
+  int64_t taps_h = 0, taps_w = 0;                   // w: (taps_h, taps_w, in_c / groups, out_c)
+  int64_t groups = 1;
+  int64_t stride_h = 1, stride_w = 1, dil_h = 1, dil_w = 1;
+  int64_t pad_top = 0, pad_left = 0;  // bottom / right follow from out_h / out_w; may be < 0
+};
+
+// Empty when the shape can be run, else the reason (names the field).
+std::string validate(const ConvShape& shape);
+
+// y = act(conv(x, w) + bias); bias (out_c) may be null.
+std::string conv2d_forward(const ConvShape& shape, const float* x, const float* w,
+                           const float* bias, Activation act, float* y, Isa isa,
+                           const Executor* executor);
+
+// dx = d(sum(conv(x, w) * dy)) / dx.
+std::string conv2d_backward_data(const ConvShape& shape, const float* dy, const float* w,
+                                 float* dx, Isa isa, const Executor* executor);
+
+// dw = d(sum(conv(x, w) * dy)) / dw, in HWIO.
+std::string conv2d_weight_update(const ConvShape& shape, const float* x, const float* dy,
+                                 float* dw, Isa isa, const Executor* executor);
+
+}  // namespace jbr::prim

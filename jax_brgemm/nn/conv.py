@@ -1,0 +1,253 @@
+"""jax_brgemm.nn.conv2d: 2-D convolution as loop nests around the brgemm kernel.
+
+Forward, backward-data and weight-update are each one FFI call into a C++ loop nest
+(cpp/primitives/conv.cc); ``jax.grad`` goes through the latter two via a custom_vjp.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
+from .._checks import check_activation, check_float32
+
+_NONE = jnp.zeros((0,), jnp.float32)  # stands for an absent bias in the FFI call
+
+
+class _Geometry(NamedTuple):
+    strides: tuple[int, int]
+    dilation: tuple[int, int]
+    pads: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+    groups: int
+
+    def attr(self):
+        (top, _), (left, _) = self.pads
+        return np.array([*self.strides, *self.dilation, top, left, self.groups], np.int64)
+
+    def out_size(self, in_hw, taps_hw):
+        return tuple((size + lo + hi - (d * (t - 1) + 1)) // s + 1
+                     for size, (lo, hi), t, s, d in zip(in_hw, self.pads, taps_hw, self.strides, self.dilation))
+
+    def widened(self, factor):
+        return self._replace(groups=self.groups * factor)
+
+
+def conv2d(x, kernel, bias=None, *, strides=1, padding="SAME", dilation=1, feature_group_count=1,
+           activation=None):
+    """2-D convolution, ``activation(conv(x, kernel) + bias)``.
+
+    Args:
+      x: ``(N, H, W, C)`` float32 (NHWC); extra leading dims fold into the batch.
+      kernel: ``(R, S, C // feature_group_count, K)`` float32 (HWIO).
+      bias: optional ``(K,)`` float32.
+      strides, dilation: an int or a pair of ints (height, width), all >= 1. ``dilation``
+        spreads the kernel taps (``rhs_dilation`` in ``lax.conv_general_dilated``).
+      padding: "SAME", "VALID", an int, or explicit ``((top, bottom), (left, right))``.
+      feature_group_count: groups; must divide C and K (C == groups: depthwise).
+      activation: None, "relu", "gelu" (tanh form), "sigmoid" or "tanh", fused after bias.
+
+    Returns ``(N, P, Q, K)`` float32, the same as ``lax.conv_general_dilated`` with
+    ``dimension_numbers=("NHWC", "HWIO", "NHWC")`` plus bias and activation. Works under
+    jit, vmap and grad (to x, kernel and bias).
+    """
+    check_float32("x", x)
+    check_float32("kernel", kernel)
+    if np.ndim(x) < 4:
+        raise ValueError(f"x must have shape (N, H, W, C) (NHWC), got {np.shape(x)}")
+    if np.ndim(kernel) != 4:
+        raise ValueError(f"kernel must have shape (R, S, C // feature_group_count, K) (HWIO), got {np.shape(kernel)}")
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    lead, (h, w, c) = x.shape[:-3], x.shape[-3:]
+    r, s, cg, k = kernel.shape
+    groups = _positive_int("feature_group_count", feature_group_count)
+    if c % groups:
+        raise ValueError(f"feature_group_count ({groups}) must divide x's channels ({c})")
+    if k % groups:
+        raise ValueError(f"feature_group_count ({groups}) must divide kernel's output channels ({k})")
+    if cg * groups != c:
+        raise ValueError(f"kernel's input channels ({cg}) times feature_group_count ({groups}) must equal "
+                         f"x's channels ({c}); x {x.shape}, kernel {kernel.shape}")
+    geom = _Geometry(_pair("strides", strides), _pair("dilation", dilation), (), groups)
+    geom = geom._replace(pads=_pads(padding, (h, w), (r, s), geom.strides, geom.dilation))
+    p, q = geom.out_size((h, w), (r, s))
+    if p < 1 or q < 1:
+        raise ValueError(f"kernel {kernel.shape[:2]} (dilation {geom.dilation}) is larger than the padded input: "
+                         f"x spatial {(h, w)}, padding {geom.pads} give an output of {(p, q)}")
+    act = check_activation("activation", activation)
+    if bias is not None:
+        check_float32("bias", bias)
+        bias = jnp.asarray(bias)
+        if bias.shape != (k,):
+            raise ValueError(f"bias must have shape (K,) = ({k},), got {bias.shape}")
+    n = math.prod(lead)
+    if n == 0 or k == 0:
+        return jnp.zeros(lead + (p, q, k), jnp.float32)
+    if c == 0:  # an empty sum: only bias and activation remain
+        z = jnp.zeros(lead + (p, q, k), jnp.float32)
+        return _activations.apply(act, z if bias is None else z + bias)
+    out = _conv(x.reshape((n, h, w, c)), kernel, bias, geom, act)
+    return out.reshape(lead + out.shape[1:])
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _pair(name, value):
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
+    return tuple(_positive_int(name, v) for v in value)
+
+
+def _pads(padding, in_hw, taps_hw, strides, dilation):
+    """((top, bottom), (left, right)) with lax.conv_general_dilated's meaning of padding."""
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "VALID":
+            return ((0, 0), (0, 0))
+        if mode == "SAME":
+            pads = []
+            for size, t, s, d in zip(in_hw, taps_hw, strides, dilation):
+                total = max((-(-size // s) - 1) * s + d * (t - 1) + 1 - size, 0)
+                pads.append((total // 2, total - total // 2))
+            return tuple(pads)
+        raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), got {padding!r}")
+    if isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
+        return ((int(padding),) * 2,) * 2
+    try:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        ok = len(pads) == 2 and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                    for pair in padding for v in pair)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), got {padding!r}")
+    return pads
+
+
+# ------------------------------------------------------------------ custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _conv(x, kernel, bias, geom, act):
+    return _forward_call(geom, act, bias is not None)(x, kernel, _NONE if bias is None else bias)
+
+
+def _conv_fwd(x, kernel, bias, geom, act):
+    call = _forward_call(geom, "none" if _activations.needs_preactivation(act) else act, bias is not None)
+    z = call(x, kernel, _NONE if bias is None else bias)
+    if _activations.needs_preactivation(act):  # gelu's derivative needs the pre-activation
+        return _activations.apply(act, z), (x, kernel, bias, None, z)
+    return z, (x, kernel, bias, None if act == "none" else z, None)
+
+
+def _conv_bwd(geom, act, res, g):
+    x, kernel, bias, out, z = res
+    gz = _activations.grad_from(act, g, out, z)
+    dx = _backward_data_call(geom, x.shape[1:3])(gz, kernel)
+    dkernel = _weight_update_call(geom, kernel.shape[:2])(x, gz)
+    dbias = None if bias is None else gz.sum(axis=(0, 1, 2))
+    return dx, dkernel, dbias
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+# ------------------------------------------------------------------ FFI calls and vmap
+# A vmapped axis of the activations alone folds into the batch. Anything else (batched
+# kernels) becomes a grouped convolution with the vmapped axis as extra groups.
+
+
+def _fold(x):  # (B, N, ...) -> (B*N, ...)
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _unfold(y, size):  # (B*N, ...) -> (B, N, ...)
+    return y.reshape((size, -1) + y.shape[1:])
+
+
+def _lift(x, batched, size):
+    return x if batched else jnp.broadcast_to(x, (size,) + x.shape)
+
+
+def _to_channels(x):  # (B, ..., C) -> (..., B*C): the vmapped axis as groups of channels
+    x = jnp.moveaxis(x, 0, -2)
+    return x.reshape(x.shape[:-2] + (-1,))
+
+
+def _from_channels(y, size):  # (..., B*C) -> (B, ..., C)
+    return jnp.moveaxis(y.reshape(y.shape[:-1] + (size, -1)), -2, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_call(geom, act, has_bias):
+    @jax.custom_batching.custom_vmap
+    def call(x, kernel, bias):
+        n, h, w, _ = x.shape
+        p, q = geom.out_size((h, w), kernel.shape[:2])
+        out = jax.ShapeDtypeStruct((n, p, q, kernel.shape[3]), jnp.float32)
+        return jax.ffi.ffi_call("jax_brgemm_conv2d_forward", out)(
+            x, kernel, bias, geometry=geom.attr(), activation=act)
+
+    @call.def_vmap
+    def rule(size, in_batched, x, kernel, bias):
+        x_b, k_b, b_b = in_batched
+        if not k_b and not (has_bias and b_b):
+            return _unfold(call(_fold(x), kernel, bias), size), True
+        wide = _forward_call(geom.widened(size), act, has_bias)
+        bias = _to_channels(_lift(bias, b_b, size)) if has_bias else bias
+        out = wide(_to_channels(_lift(x, x_b, size)), _to_channels(_lift(kernel, k_b, size)), bias)
+        return _from_channels(out, size), True
+
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_data_call(geom, in_hw):
+    @jax.custom_batching.custom_vmap
+    def call(dy, kernel):
+        n, _, _, _ = dy.shape
+        out = jax.ShapeDtypeStruct((n, *in_hw, kernel.shape[2] * geom.groups), jnp.float32)
+        return jax.ffi.ffi_call("jax_brgemm_conv2d_backward_data", out)(dy, kernel, geometry=geom.attr())
+
+    @call.def_vmap
+    def rule(size, in_batched, dy, kernel):
+        dy_b, k_b = in_batched
+        if not k_b:
+            return _unfold(call(_fold(dy), kernel), size), True
+        wide = _backward_data_call(geom.widened(size), in_hw)
+        out = wide(_to_channels(_lift(dy, dy_b, size)), _to_channels(kernel))
+        return _from_channels(out, size), True
+
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_update_call(geom, taps_hw):
+    @jax.custom_batching.custom_vmap
+    def call(x, dy):
+        cg = x.shape[3] // geom.groups
+        out = jax.ShapeDtypeStruct((*taps_hw, cg, dy.shape[3]), jnp.float32)
+        return jax.ffi.ffi_call("jax_brgemm_conv2d_weight_update", out)(x, dy, geometry=geom.attr())
+
+    @call.def_vmap
+    def rule(size, in_batched, x, dy):
+        x_b, dy_b = in_batched
+        wide = _weight_update_call(geom.widened(size), taps_hw)
+        out = wide(_to_channels(_lift(x, x_b, size)), _to_channels(_lift(dy, dy_b, size)))
+        return _from_channels(out, size), True
+
+    return call
