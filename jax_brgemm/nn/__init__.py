@@ -2,5 +2,6 @@
 
 from .dense import dense, mlp, mlp_init
 from .conv import conv2d
+from .lstm import lstm
 
-__all__: list[str] = ["dense", "mlp", "mlp_init", "conv2d"]
+__all__: list[str] = ["dense", "mlp", "mlp_init", "conv2d", "lstm"]
