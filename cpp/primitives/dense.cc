@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace jbr::prim {
@@ -21,11 +22,16 @@ constexpr int64_t kStripCols = 64;
 constexpr int64_t kRowTarget = 64;
 constexpr int64_t kReduceChunk = 512;
 constexpr int64_t kReduceBlock = 64;
+// Plain B panels are copied contiguous when at least this many rows use each copy: a
+// power-of-two ldb puts every panel row in the same few L1 sets and on its own page.
+constexpr int64_t kPackRows = 256;
 
 // One GEMM as a loop nest of brgemm calls:
 //   out[m x n] (ldo) = epilogue(A[m x r] (lda) @ B[r x n])
-// where B is either plain (b, ldb) or, with b_transposed, the transpose of b (n x r, ldb),
-// packed one (chunk x strip) panel at a time into per-thread scratch just before use.
+// where B is either plain (b, ldb) or, with b_transposed, the transpose of b (n x r, ldb).
+// Work items are (column strip, row group); each walks the reduction in chunks, and packs
+// the strip's (chunk x strip) B panel into per-thread scratch just before its row blocks
+// use it: always when transposed, when plain only where enough rows share the copy.
 struct GemmNest {
   int64_t m = 0, n = 0, r = 0;
   const float* a = nullptr;
@@ -43,15 +49,32 @@ struct GemmNest {
   Isa isa = Isa::ref;
 };
 
-// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols.
-void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
-                     int64_t ldd) {
-  constexpr int64_t T = 16;
-  for (int64_t i0 = 0; i0 < rows; i0 += T) {
-    const int64_t i1 = std::min(rows, i0 + T);
-    for (int64_t j = 0; j < cols; ++j)
-      for (int64_t i = i0; i < i1; ++i) dst[j * ldd + i] = src[i * lds + j];
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols. Each source row is read
+// 64 floats (four cache lines) at a time, the next four are prefetched, and the 64
+// destination rows being filled (ldd floats each) stay in L1.
+void transpose_block(const float* __restrict src, int64_t lds, int64_t rows, int64_t cols,
+                     float* __restrict dst, int64_t ldd) {
+  constexpr int64_t T = 64;
+  for (int64_t j0 = 0; j0 < cols; j0 += T) {
+    const int64_t width = std::min(T, cols - j0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* s = src + i * lds + j0;
+      if (j0 + T < cols)
+        for (int64_t line = 0; line < T; line += 16) __builtin_prefetch(s + T + line);
+      float* d = dst + j0 * ldd + i;
+      for (int64_t j = 0; j < width; ++j) d[j * ldd] = s[j];
+    }
   }
+}
+
+// dst (cols x rows, ldd) = src (rows x cols, lds)^T, in parallel over column slabs of src.
+void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+               int64_t ldd, const Executor* executor) {
+  constexpr int64_t slab = 64;
+  parallel_for(executor, ceil_div(cols, slab), [&](int64_t s) {
+    const int64_t j0 = s * slab;
+    transpose_block(src + j0, lds, rows, std::min(slab, cols - j0), dst + j0 * ldd, ldd);
+  });
 }
 
 // A (rows x depth, lda) @ B (depth x cols, ldb) into out (ldo), as full kReduceBlock-deep
@@ -87,8 +110,11 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
   probe.lda = g.lda, probe.ldb = g.b_transposed ? probe.n : g.ldb, probe.ldc = g.ldo;
   probe.isa = g.isa;
   if (std::string e = validate(probe); !e.empty()) return e;
+  // Row blocks of about kRowTarget rows, a multiple of the register block where that
+  // splits m evenly, else m split evenly (the kernel picks the register blocking per m).
   const int64_t tile_rows = get_kernel(probe).rows_per_block;
-  const int64_t bm = std::min(g.m, tile_rows * std::max<int64_t>(1, kRowTarget / tile_rows));
+  int64_t bm = tile_rows * std::max<int64_t>(1, kRowTarget / tile_rows);
+  if (g.m % bm != 0) bm = ceil_div(g.m, ceil_div(g.m, bm));
 
   const int64_t strips = ceil_div(g.n, kStripCols);
   const int64_t row_blocks = ceil_div(g.m, bm);
@@ -98,13 +124,14 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
       std::clamp<int64_t>(ceil_div(4 * threads_of(executor), strips), 1, row_blocks);
   const int64_t group_rows = ceil_div(row_blocks, groups) * bm;
   const int64_t chunk = std::min(g.r, kReduceChunk);
+  const bool pack = g.b_transposed || group_rows >= kPackRows;
 
   parallel_for(executor, strips * groups, [&](int64_t item) {
     const int64_t strip = item / groups, group = item % groups;
     const int64_t col0 = strip * kStripCols, cols = std::min(kStripCols, g.n - col0);
     const int64_t row_begin = group * group_rows, row_end = std::min(g.m, row_begin + group_rows);
     thread_local std::vector<float> panel;
-    if (g.b_transposed && panel.size() < static_cast<size_t>(chunk * cols))
+    if (pack && panel.size() < static_cast<size_t>(chunk * cols))
       panel.resize(chunk * cols);
     for (int64_t r0 = 0; r0 < g.r; r0 += chunk) {
       const int64_t depth = std::min(chunk, g.r - r0);
@@ -112,6 +139,10 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
       int64_t ldb = g.ldb;
       if (g.b_transposed) {
         transpose_block(g.b + col0 * g.ldb + r0, g.ldb, cols, depth, panel.data(), cols);
+        b = panel.data(), ldb = cols;
+      } else if (pack) {
+        for (int64_t i = 0; i < depth; ++i)
+          std::memcpy(panel.data() + i * cols, b + i * g.ldb, sizeof(float) * cols);
         b = panel.data(), ldb = cols;
       }
       const bool first = r0 == 0, last = r0 + depth == g.r;
@@ -144,12 +175,17 @@ void bias_only(const DenseForward& p) {
 }
 
 // d act(z) / dz * dy, from y (relu, sigmoid, tanh) or z (gelu, tanh form).
-void activation_grad(Activation act, const float* dy, const float* saved, float* dz,
-                     int64_t size) {
+void activation_grad(Activation act, const float* __restrict dy,
+                     const float* __restrict saved, float* __restrict dz, int64_t size) {
   switch (act) {
     case Activation::none: std::memcpy(dz, dy, sizeof(float) * size); return;
-    case Activation::relu:
-      for (int64_t i = 0; i < size; ++i) dz[i] = saved[i] > 0.0f ? dy[i] : 0.0f;
+    case Activation::relu:  // select by bit mask: vectorises, and a branch would mispredict
+      for (int64_t i = 0; i < size; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, dy + i, sizeof bits);
+        bits &= 0u - static_cast<uint32_t>(saved[i] > 0.0f);
+        std::memcpy(dz + i, &bits, sizeof bits);
+      }
       return;
     case Activation::sigmoid:
       for (int64_t i = 0; i < size; ++i) dz[i] = dy[i] * saved[i] * (1.0f - saved[i]);
@@ -197,9 +233,9 @@ std::string dense_backward(const DenseBackward& p, const Executor* executor) {
   if (n == 0 || k == 0) return "";
 
   // dz = dy * act'(...), and dbias = its column sums, in one pass over column slabs.
-  std::vector<float> dz_store;
+  std::unique_ptr<float[]> dz_store;
   const float* dz = p.dy;
-  if (p.activation != Activation::none) dz_store.resize(n * k), dz = dz_store.data();
+  if (p.activation != Activation::none) dz_store.reset(new float[n * k]), dz = dz_store.get();
   if (p.activation != Activation::none || p.dbias) {
     constexpr int64_t slab = 256;
     parallel_for(executor, ceil_div(k, slab), [&](int64_t s) {
@@ -209,7 +245,7 @@ std::string dense_backward(const DenseBackward& p, const Executor* executor) {
         const float* row = dz + i * k + j0;
         if (p.activation != Activation::none) {
           activation_grad(p.activation, p.dy + i * k + j0, p.saved + i * k + j0,
-                          dz_store.data() + i * k + j0, cols);
+                          dz_store.get() + i * k + j0, cols);
         }
         for (int64_t j = 0; j < cols; ++j) sums[j] += row[j];
       }
@@ -217,24 +253,35 @@ std::string dense_backward(const DenseBackward& p, const Executor* executor) {
     });
   }
 
-  if (p.dx && c > 0) {  // backward-data: dx (n x c) = dz (n x k) @ w^T, w^T panels packed
-    GemmNest g;
-    g.m = n, g.n = c, g.r = k;
-    g.a = dz, g.lda = k;
-    g.b = p.w, g.ldb = k, g.b_transposed = true;
-    g.out = p.dx, g.ldo = c, g.isa = p.isa;
-    if (std::string e = run_gemm(g, executor); !e.empty()) return e;
+  if (p.dx && c > 0) {
+    if (n * (c + k) < c * k) {
+      // Few rows: transposing dz and the result (n (c + k) elements) is cheaper than w
+      // (c k): dx^T (c x n) = w (c x k, as it is) @ dz^T.
+      std::unique_ptr<float[]> dzt(new float[k * n]), dxt(new float[c * n]);
+      transpose(dz, k, n, k, dzt.get(), n, executor);
+      GemmNest g;
+      g.m = c, g.n = n, g.r = k;
+      g.a = p.w, g.lda = k;
+      g.b = dzt.get(), g.ldb = n;
+      g.out = dxt.get(), g.ldo = n, g.isa = p.isa;
+      if (std::string e = run_gemm(g, executor); !e.empty()) return e;
+      transpose(dxt.get(), n, c, n, p.dx, c, executor);
+    } else {
+      // dx (n x c) = dz (n x k) @ w^T, each w^T panel packed just before its use.
+      GemmNest g;
+      g.m = n, g.n = c, g.r = k;
+      g.a = dz, g.lda = k;
+      g.b = p.w, g.ldb = k, g.b_transposed = true;
+      g.out = p.dx, g.ldo = c, g.isa = p.isa;
+      if (std::string e = run_gemm(g, executor); !e.empty()) return e;
+    }
   }
   if (p.dw && c > 0) {  // weight-update: dw (c x k) = x^T (c x n, packed once) @ dz
-    std::vector<float> xt(c * n);
-    constexpr int64_t rows = 64;
-    parallel_for(executor, ceil_div(n, rows), [&](int64_t b) {
-      const int64_t i0 = b * rows;
-      transpose_block(p.x + i0 * c, c, std::min(rows, n - i0), c, xt.data() + i0, n);
-    });
+    std::unique_ptr<float[]> xt(new float[c * n]);  // not zeroed: fully written
+    transpose(p.x, c, n, c, xt.get(), n, executor);
     GemmNest g;
     g.m = c, g.n = k, g.r = n;
-    g.a = xt.data(), g.lda = n;
+    g.a = xt.get(), g.lda = n;
     g.b = dz, g.ldb = k;
     g.out = p.dw, g.ldo = k, g.isa = p.isa;
     if (std::string e = run_gemm(g, executor); !e.empty()) return e;

@@ -93,7 +93,10 @@ def _dense_fwd(x, kernel, bias, act):
 
 def _dense_bwd(act, res, dy):
     x, kernel, bias, saved = res
-    dx, dkernel, dbias = _backward_call(dy, x, kernel, saved, act, want_db=bias is not None)
+    # Two calls, so XLA drops the backward-data one where dx is unused (a first layer).
+    dx = _backward_call(dy, x, kernel, saved, act, want_dw=False, want_db=False)[0]
+    _, dkernel, dbias = _backward_call(dy, x, kernel, saved, act, want_dx=False,
+                                       want_db=bias is not None)
     return dx, dkernel, (None if bias is None else dbias)
 
 

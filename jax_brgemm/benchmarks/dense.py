@@ -1,0 +1,228 @@
+"""Dense layer and MLP benchmark: ``python -m jax_brgemm bench dense [--json] [--quick]``.
+
+Per shape and pass (forward, backward-data, weight-update, and the whole forward+backward of
+a loss that depends on the output), float32, relu, side by side in one run:
+  ours:  jax_brgemm.nn.dense (the passes are its FFI calls, as its custom_vjp makes them)
+  xla:   relu(x @ w + b) in jnp under jit, and the matching jnp backward expressions
+  torch: nn.functional.linear + relu (oneDNN), and the matmuls its autograd runs
+Then a 4-layer MLP (1024 wide, batch 256) optax training step, ours vs plain jnp (vs torch).
+Timings are medians over interleaved rounds, so a noisy shared machine hits every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..nn import mlp, mlp_init
+from ..nn.dense import _backward_call, _forward_call, dense
+from .common import gflops, machine_peak_gflops, median_seconds, print_records, torch_module
+
+BATCHES = (64, 256, 1024)
+FEATURES = ((1024, 1024), (2048, 512), (512, 1024), (4096, 4096))
+QUICK = [(256, 1024, 1024), (64, 512, 1024), (1024, 2048, 512)]
+
+
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Median seconds of each zero-argument fn, measured in alternating rounds."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if fn is not None:
+                samples[name].append(median_seconds(fn, repeats=3, min_seconds=0.03))
+    return {name: (statistics.median(s) if s else None) for name, s in samples.items()}
+
+
+def _ready(fn, *args):
+    return lambda: jax.block_until_ready(fn(*args))
+
+
+def _layer_cases(n, c, k, torch):
+    """{pass: {impl: fn}} for one shape."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, c)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((c, k)) / np.sqrt(c), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(k) * 0.1, jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    y = jax.nn.relu(x @ w + b)
+
+    ours_fwd = jax.jit(lambda x, w, b: _forward_call(x, w, b, "relu", False)[0])
+    ours_bwd_data = jax.jit(lambda dy, x, w, y: _backward_call(
+        dy, x, w, y, "relu", want_dw=False, want_db=False)[0])
+    ours_wu = jax.jit(lambda dy, x, w, y: _backward_call(dy, x, w, y, "relu", want_dx=False)[1:])
+    xla_fwd = jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b))
+    xla_bwd_data = jax.jit(lambda dy, w, y: jnp.where(y > 0, dy, 0.0) @ w.T)
+    xla_wu = jax.jit(lambda dy, x, y: (lambda dz: (x.T @ dz, dz.sum(0)))(jnp.where(y > 0, dy, 0.0)))
+
+    def train_grad(layer):  # the output feeds the loss, so the forward cannot be skipped
+        return jax.jit(jax.grad(lambda x, w, b: jnp.sum(layer(x, w, b) * dy), (0, 1, 2)))
+
+    cases = {
+        "forward": {"ours": _ready(ours_fwd, x, w, b), "xla": _ready(xla_fwd, x, w, b)},
+        "backward-data": {"ours": _ready(ours_bwd_data, dy, x, w, y),
+                          "xla": _ready(xla_bwd_data, dy, w, y)},
+        "weight-update": {"ours": _ready(ours_wu, dy, x, w, y), "xla": _ready(xla_wu, dy, x, y)},
+        "fwd+bwd": {"ours": _ready(train_grad(lambda x, w, b: dense(x, w, b, activation="relu")), x, w, b),
+                    "xla": _ready(train_grad(lambda x, w, b: jax.nn.relu(x @ w + b)), x, w, b)},
+    }
+    if torch is not None:
+        F = torch.nn.functional
+        tx = torch.from_numpy(np.asarray(x))
+        tw = torch.from_numpy(np.asarray(w).T.copy())  # nn.Linear's (out, in) weight
+        tb, tdy, ty = (torch.from_numpy(np.asarray(v)) for v in (b, dy, y))
+
+        def t_fwd():
+            with torch.no_grad():
+                return F.relu(F.linear(tx, tw, tb))
+
+        def t_bwd_data():  # what autograd runs for relu + linear's input gradient
+            return torch.where(ty > 0, tdy, 0.0) @ tw
+
+        def t_wu():
+            dz = torch.where(ty > 0, tdy, 0.0)
+            return dz.t() @ tx, dz.sum(0)
+
+        px, pw, pb = (t.clone().requires_grad_(True) for t in (tx, tw, tb))
+
+        def t_train():
+            for p in (px, pw, pb):
+                p.grad = None
+            (F.relu(F.linear(px, pw, pb)) * tdy).sum().backward()
+
+        for name, fn in (("forward", t_fwd), ("backward-data", t_bwd_data),
+                         ("weight-update", t_wu), ("fwd+bwd", t_train)):
+            cases[name]["torch"] = fn
+    return cases
+
+
+def _flops(name, n, c, k):
+    return 2.0 * n * c * k * (3 if name == "fwd+bwd" else 1)
+
+
+def layer_records(shapes, torch, rounds, peak):
+    records = []
+    for n, c, k in shapes:
+        for name, fns in _layer_cases(n, c, k, torch).items():
+            t = _interleaved(fns, rounds)
+            flops = _flops(name, n, c, k)
+            rec = {"N": n, "in": c, "out": k, "pass": name,
+                   "GFLOP/s": gflops(flops, t["ours"]),
+                   "%peak": 100.0 * gflops(flops, t["ours"]) / peak,
+                   "xla GFLOP/s": gflops(flops, t["xla"]),
+                   "vs xla": t["xla"] / t["ours"]}
+            if t.get("torch"):
+                rec["torch GFLOP/s"] = gflops(flops, t["torch"])
+                rec["vs torch"] = t["torch"] / t["ours"]
+            records.append(rec)
+            print_progress(rec)
+    return records
+
+
+def print_progress(rec):
+    import sys
+    print(f"# {rec['N']} {rec['in']}x{rec['out']} {rec['pass']}: {rec['GFLOP/s']:.0f} GFLOP/s, "
+          f"{rec['vs xla']:.2f}x xla", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ MLP training step
+
+
+def mlp_train_step(forward, opt):
+    """A jitted optax step of softmax cross-entropy for `forward(x, params)`."""
+
+    def loss_fn(params, x, labels):
+        logits = forward(x, params)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @jax.jit
+    def step(params, state, x, labels):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, labels)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    return step
+
+
+def plain_mlp(x, params):
+    for i, (w, b) in enumerate(params):
+        x = x @ w + b
+        if i + 1 < len(params):
+            x = jax.nn.relu(x)
+    return x
+
+
+def mlp_records(torch, rounds, peak, width=1024, depth=4, batch=256):
+    sizes = [width] * (depth + 1)
+    params = mlp_init(jax.random.PRNGKey(0), sizes)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((batch, width)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, width, batch))
+    opt = optax.sgd(1e-3, momentum=0.9)
+    state = opt.init(params)
+    ours = mlp_train_step(lambda x, p: mlp(x, p), opt)
+    plain = mlp_train_step(plain_mlp, opt)
+    fns = {"ours": _ready(ours, params, state, x, labels),
+           "xla": _ready(plain, params, state, x, labels)}
+    if torch is not None:
+        model = torch.nn.Sequential(*[m for i in range(depth) for m in (
+            [torch.nn.Linear(width, width)] + ([torch.nn.ReLU()] if i + 1 < depth else []))])
+        topt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        tx = torch.from_numpy(np.asarray(x))
+        tl = torch.from_numpy(np.asarray(labels)).long()
+
+        def t_step():
+            topt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(tx), tl)
+            loss.backward()
+            topt.step()
+        fns["torch"] = t_step
+    t = _interleaved(fns, rounds)
+    flops = 3 * 2.0 * batch * width * width * depth
+    rec = {"model": f"MLP {depth}x{width}, batch {batch}", "GFLOP/s": gflops(flops, t["ours"]),
+           "%peak": 100.0 * gflops(flops, t["ours"]) / peak, "ms": 1e3 * t["ours"],
+           "xla ms": 1e3 * t["xla"], "vs xla": t["xla"] / t["ours"]}
+    if t.get("torch"):
+        rec["torch ms"] = 1e3 * t["torch"]
+        rec["vs torch"] = t["torch"] / t["ours"]
+    return [rec]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m jax_brgemm bench dense")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a few small shapes")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args(argv)
+    # Idle OpenMP threads must not spin on the cores XLA's pool runs on next.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch = None if args.no_torch else torch_module()
+    rounds = args.rounds or (2 if args.quick else 3)
+    shapes = QUICK if args.quick else [(n, c, k) for c, k in FEATURES for n in BATCHES]
+    peak = machine_peak_gflops()
+    layers = layer_records(shapes, torch, rounds, peak)
+    mlps = mlp_records(torch, rounds, peak)
+    if args.json:
+        print_records(layers + mlps, [], True)
+        return
+    print(f"peak {peak:.0f} GFLOP/s (measured FMA loop x cores); jax {jax.__version__}"
+          + (f", torch {torch.__version__}" if torch else ""))
+    cols = ["N", "in", "out", "pass", "GFLOP/s", "%peak", "xla GFLOP/s", "vs xla"]
+    if torch is not None:
+        cols += ["torch GFLOP/s", "vs torch"]
+    print_records(layers, cols, False, "dense layer (float32, relu)")
+    print()
+    mcols = ["model", "ms", "GFLOP/s", "%peak", "xla ms", "vs xla"]
+    if torch is not None:
+        mcols += ["torch ms", "vs torch"]
+    print_records(mlps, mcols, False, "MLP training step (softmax cross-entropy, SGD momentum)")
+
+
+if __name__ == "__main__":
+    main()
