@@ -12,6 +12,10 @@ namespace {
 constexpr int64_t kBlock = 64;     // channel block: 4 AVX-512 vectors wide
 constexpr int64_t kMaxRows = 56;   // output pixels per call (a multiple of 7 and 8)
 constexpr int64_t kMaxReduce = 512;  // weight-update: pixels reduced per call
+constexpr int64_t kPanelBudget = 512 << 10;  // bytes of packed weights kept in L2 at once
+constexpr int64_t kPartialBudget = 1 << 20;  // floats of weight-update partial sums, all splits
+constexpr int64_t kTransposeBudget = 64 << 10;  // floats of transposed input per chunk
+constexpr int64_t kPortionBudget = 64 << 10;  // floats of weight blocks one item accumulates
 
 int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
 int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
@@ -42,6 +46,17 @@ void fill_epilogue(float* out, int64_t m, int64_t n, int64_t ld, const float* bi
   }
 }
 
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols. Strips of 16 columns
+// read each source line once and keep only 16 destination lines in flight.
+void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
+               int64_t ld_dst) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+    const int64_t j1 = std::min(cols, j0 + 16);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = j0; j < j1; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  }
+}
+
 const Kernel* kernel_for(Desc d, std::string* error) {
   if (std::string e = validate(d); !e.empty()) {
     *error = e;
@@ -65,13 +80,12 @@ std::unique_ptr<float[]> pack_weights(const ConvShape& s, const float* w, bool t
     const int64_t width = std::min(bw, cols - blk * bw);
     float* out = dst.get() + item * rows * bw;
     const float* src = w + t * cg * s.out_c + g * kg;
-    for (int64_t i = 0; i < rows; ++i, out += bw) {
-      for (int64_t j = 0; j < width; ++j) {
-        const int64_t col = blk * bw + j;
-        out[j] = transposed ? src[col * s.out_c + i] : src[i * s.out_c + col];
-      }
-      std::fill(out + width, out + bw, 0.0f);
+    if (transposed) {
+      transpose(src + blk * bw * s.out_c, s.out_c, width, rows, out, bw);
+    } else {
+      for (int64_t i = 0; i < rows; ++i) std::copy_n(src + i * s.out_c + blk * bw, width, out + i * bw);
     }
+    for (int64_t i = 0; i < rows; ++i) std::fill(out + i * bw + width, out + (i + 1) * bw, 0.0f);
   });
   return dst;
 }
@@ -152,19 +166,28 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
     if (!(kernels[2 * i + 1] = kernel_for(d, &error))) return error;
   }
 
+  // Loop order (outer to inner): group, image, set of channel blocks, output row, piece,
+  // block of the set. A set's B panels stay in L2 while every row of A that uses them
+  // streams through once per set, not once per block.
+  const int64_t panel_bytes = rp.taps_r * rp.taps_s * rp.kg * rp.bn * int64_t{sizeof(float)};
+  int64_t per_set = std::clamp<int64_t>(kPanelBudget / panel_bytes, 1, blocks);
+  while (blocks % per_set != 0) --per_set;
   const int64_t n_pieces = pieces.size();
   const int64_t items = rp.groups * rp.images * blocks * rp.out_rows * n_pieces;
   parallel_for(executor, items, [&](int64_t item) {
-    const Piece& pc = pieces[item % n_pieces];
-    int64_t rest = item / n_pieces;
+    const int64_t blk_in_set = item % per_set;
+    int64_t rest = item / per_set;
+    const int64_t piece = rest % n_pieces;
+    const Piece& pc = pieces[piece];
+    rest /= n_pieces;
     const int64_t o = rest % rp.out_rows;
     rest /= rp.out_rows;
-    const int64_t blk = rest % blocks;
-    rest /= blocks;
+    const int64_t blk = rest % (blocks / per_set) * per_set + blk_in_set;
+    rest /= blocks / per_set;
     const int64_t img = rest % rp.images, g = rest / rp.images;
 
     const int64_t channel = g * rp.ng + blk * rp.bn;
-    const Kernel& kernel = *kernels[2 * (item % n_pieces) + (blk + 1 == blocks)];
+    const Kernel& kernel = *kernels[2 * piece + (blk + 1 == blocks)];
     float* out = rp.out + ((img * rp.out_rows + o) * rp.out_cols + pc.phase + pc.j0 * rp.phases) *
                               rp.out_pix + channel;
     const float* bias = rp.bias ? rp.bias + channel : nullptr;
@@ -195,6 +218,57 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
 bool pointwise(const ConvShape& s) {
   return s.taps_h == 1 && s.taps_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
          s.pad_top == 0 && s.pad_left == 0 && s.out_h == s.in_h && s.out_w == s.in_w;
+}
+
+// Few input channels use few vector lanes in backward-data and weight-update (the stem's
+// 3). Folding the filter columns into the channels, x_wide[n, h, q, t*C + c] =
+// x[n, h, q*sw + t*dw - pl, c] (zero outside x), turns the problem into one with a single
+// filter column, t*C + c channels and stride 1 along the width, whose HWIO weights
+// (R, 1, S*C, K) are the same array.
+bool widen_pays(const ConvShape& s) { return s.groups == 1 && s.taps_w > 1 && s.in_c < 16; }
+
+ConvShape widened(const ConvShape& s) {
+  ConvShape w = s;
+  w.in_w = s.out_w, w.in_c = s.taps_w * s.in_c;
+  w.taps_w = 1, w.stride_w = 1, w.dil_w = 1, w.pad_left = 0;
+  return w;
+}
+
+// Calls visit(input column or -1, wide column offset) for every (q, t) of input row data.
+template <typename Visit>
+void for_each_wide_pixel(const ConvShape& s, Visit visit) {
+  for (int64_t q = 0; q < s.out_w; ++q)
+    for (int64_t t = 0; t < s.taps_w; ++t) {
+      const int64_t v = q * s.stride_w + t * s.dil_w - s.pad_left;
+      visit(v >= 0 && v < s.in_w ? v : -1, (q * s.taps_w + t) * s.in_c);
+    }
+}
+
+std::unique_ptr<float[]> widen_input(const ConvShape& s, const float* x, const Executor* executor) {
+  const int64_t row = s.out_w * s.taps_w * s.in_c;
+  std::unique_ptr<float[]> wide(new float[s.batch * s.in_h * row]);
+  parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
+    const float* src = x + nh * s.in_w * s.in_c;
+    float* dst = wide.get() + nh * row;
+    for_each_wide_pixel(s, [&](int64_t v, int64_t at) {
+      for (int64_t c = 0; c < s.in_c; ++c) dst[at + c] = v < 0 ? 0.0f : src[v * s.in_c + c];
+    });
+  });
+  return wide;
+}
+
+// dx from the widened problem's input gradient: every wide column adds into its pixel.
+void narrow_gradient(const ConvShape& s, const float* wide, float* dx, const Executor* executor) {
+  const int64_t row = s.out_w * s.taps_w * s.in_c;
+  parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
+    const float* src = wide + nh * row;
+    float* dst = dx + nh * s.in_w * s.in_c;
+    std::fill(dst, dst + s.in_w * s.in_c, 0.0f);
+    for_each_wide_pixel(s, [&](int64_t v, int64_t at) {
+      if (v >= 0)
+        for (int64_t c = 0; c < s.in_c; ++c) dst[v * s.in_c + c] += src[at + c];
+    });
+  });
 }
 
 }  // namespace
@@ -237,6 +311,13 @@ std::string conv2d_forward(const ConvShape& s, const float* x, const float* w, c
 std::string conv2d_backward_data(const ConvShape& s, const float* dy, const float* w, float* dx,
                                  Isa isa, const Executor* executor) {
   if (std::string e = validate(s); !e.empty()) return e;
+  if (widen_pays(s)) {
+    const ConvShape ws = widened(s);
+    std::unique_ptr<float[]> wide(new float[ws.batch * ws.in_h * ws.in_w * ws.in_c]);
+    if (std::string e = conv2d_backward_data(ws, dy, w, wide.get(), isa, executor); !e.empty()) return e;
+    narrow_gradient(s, wide.get(), dx, executor);
+    return "";
+  }
   const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(cg, kBlock);
   auto packed = pack_weights(s, w, /*transposed=*/true, bn, executor);
   // dx[n, h, v] = sum over taps of dy[n, p, q] @ w[r, s]^T where h = p*sh + r*dh - pt,
@@ -261,102 +342,150 @@ std::string conv2d_backward_data(const ConvShape& s, const float* dy, const floa
 std::string conv2d_weight_update(const ConvShape& s, const float* x, const float* dy, float* dw,
                                  Isa isa, const Executor* executor) {
   if (std::string e = validate(s); !e.empty()) return e;
+  if (widen_pays(s)) return conv2d_weight_update(widened(s), widen_input(s, x, executor).get(), dy, dw, isa, executor);
   const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups;
   const int64_t bc = std::min(cg, kBlock), bk = std::min(kg, kBlock);
   const int64_t cblocks = ceil_div(cg, bc), kblocks = ceil_div(kg, bk);
   const int64_t sw = s.stride_w, phase_w = ceil_div(s.in_w, sw);
+  const int64_t taps = s.taps_h * s.taps_w;
 
-  // x transposed per input row, group and column phase: xt[n][h][g][v % sw][c][v / sw], so
-  // that the pixels a tap reads form contiguous rows of a (channels x pixels) A block.
-  const int64_t row_size = s.groups * sw * cg * phase_w;
-  std::unique_ptr<float[]> xt(new float[s.batch * s.in_h * row_size]);
-  parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
-    const float* src = x + nh * s.in_w * s.in_c;
-    float* dst = xt.get() + nh * row_size;
-    for (int64_t g = 0; g < s.groups; ++g)
-      for (int64_t f = 0; f < sw; ++f)
-        for (int64_t c = 0; c < cg; ++c) {
-          float* out = dst + ((g * sw + f) * cg + c) * phase_w;
-          for (int64_t v = f, i = 0; v < s.in_w; v += sw, ++i) out[i] = src[v * s.in_c + g * cg + c];
-        }
-  });
-
-  // Rows of the reduction for each filter row r: every (image, output row) whose input
-  // row exists, as element offsets into xt and dy.
-  const AxisMap rows{s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> entries(s.taps_h);
-  for (int64_t r = 0; r < s.taps_h; ++r)
-    for (int64_t n = 0; n < s.batch; ++n)
-      for (int64_t p = 0; p < s.out_h; ++p) {
-        int64_t h;
-        if (rows.at(p, r, &h))
-          entries[r].push_back({(n * s.in_h + h) * row_size, (n * s.out_h + p) * s.out_w * s.out_c});
-      }
-  // Output columns q whose input column q*sw + s*dw - pl exists, per filter column.
-  struct Cols { int64_t lo, hi, phase, shift; };  // input column = (q + shift) * sw + phase
+  // Per filter column t: the output columns q whose input column q*sw + t*dw - pl exists,
+  // and where that column lands in x transposed by phase: (q + shift) * sw + phase.
+  struct Cols { int64_t lo, hi, phase, shift; };
   std::vector<Cols> cols(s.taps_w);
+  std::vector<char> phase_used(sw, 0);
   for (int64_t t = 0; t < s.taps_w; ++t) {
     const int64_t c0 = t * s.dil_w - s.pad_left;
     cols[t] = {std::max<int64_t>(0, ceil_div(-c0, sw)),
                std::min(s.out_w, floor_div(s.in_w - 1 - c0, sw) + 1), c0 - floor_div(c0, sw) * sw,
                floor_div(c0, sw)};
+    if (cols[t].lo < cols[t].hi) phase_used[cols[t].phase] = 1;
   }
+  const AxisMap rows{s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
 
-  // Enough independent pieces for every thread: split the reduction when there are few
-  // weight blocks, into partial sums added up at the end.
-  const int64_t blocks = s.groups * s.taps_h * s.taps_w * cblocks * kblocks;
-  const int64_t threads = threads_of(executor);
-  const int64_t splits =
-      threads == 1 ? 1 : std::clamp<int64_t>(ceil_div(8 * threads, blocks), 1, s.batch * s.out_h);
-  const int64_t dw_size = s.taps_h * s.taps_w * cg * s.out_c;
+  // Work items: (split of the reduction rows, group, range of input-channel blocks, range
+  // of output-channel blocks). Each reduces its rows in chunks: transpose the chunk's input
+  // rows (its channels only) into a local buffer, then one brgemm call per (tap, channel
+  // block, output-channel block) accumulating into that weight block. The ranges keep an
+  // item's weight blocks in L2 across chunks (each range re-reads x or dy, so they stay as
+  // wide as that allows); reduction splits into partial sums, while those stay small, and
+  // then narrower ranges give every thread enough items.
+  const int64_t reduce_rows = s.batch * s.out_h;
+  const int64_t dw_size = taps * cg * s.out_c;
+  const int64_t want = threads_of(executor) == 1 ? 1 : 8 * threads_of(executor);
+  const int64_t splits = std::clamp<int64_t>(
+      want / s.groups, 1, std::min(reduce_rows, std::max<int64_t>(1, kPartialBudget / dw_size)));
+  int64_t cranges = 1, kranges = 1;
+  auto narrow = [&] {  // split the wider of the two ranges further; false when both are single blocks
+    const bool more_k = kranges < kblocks && (cranges == cblocks || kblocks / kranges >= cblocks / cranges);
+    if (!more_k && cranges == cblocks) return false;
+    int64_t& ranges = more_k ? kranges : cranges;
+    const int64_t total = more_k ? kblocks : cblocks;
+    for (++ranges; total % ranges != 0; ++ranges) {}
+    return true;
+  };
+  while (taps * ceil_div(cg, cranges) * ceil_div(kg, kranges) > kPortionBudget && narrow()) {}
+  while (splits * s.groups * cranges * kranges < want && narrow()) {}
+  const int64_t cb_per_range = cblocks / cranges, kb_per_range = kblocks / kranges;
   std::unique_ptr<float[]> partial(splits > 1 ? new float[splits * dw_size] : nullptr);
+  const int64_t range_c = cb_per_range * bc;  // channels a transposed row holds
+  const int64_t slot_size = sw * range_c * phase_w;  // one transposed input row: [phase][c][v / sw]
+  const int64_t rows_per_chunk = std::clamp<int64_t>(
+      std::min(kMaxReduce / s.out_w, kTransposeBudget / (slot_size * s.stride_h)) - s.taps_h + 1, 1,
+      reduce_rows);
 
   std::string error;
   std::mutex error_mutex;
-  parallel_for(executor, blocks * splits, [&](int64_t item) {
-    const int64_t split = item % splits;
-    int64_t rest = item / splits;
-    const int64_t kb = rest % kblocks;
-    rest /= kblocks;
-    const int64_t cb = rest % cblocks;
-    rest /= cblocks;
-    const int64_t t = rest % s.taps_w;
-    rest /= s.taps_w;
-    const int64_t r = rest % s.taps_h, g = rest / s.taps_h;
+  parallel_for(executor, splits * s.groups * cranges * kranges, [&](int64_t item) {
+    const int64_t kr = item % kranges, cr = item / kranges % cranges;
+    const int64_t g = item / kranges / cranges % s.groups;
+    const int64_t split = item / kranges / cranges / s.groups;
+    const int64_t c_first = cr * range_c, c_count = std::min(range_c, cg - c_first);
+    float* out = splits > 1 ? partial.get() + split * dw_size : dw;
+    // Weight block (r, t, cb-th block of the range, kb-th block of the range), HWIO.
+    auto block_index = [&](int64_t r, int64_t t, int64_t cb, int64_t kb) {
+      return ((r * s.taps_w + t) * cb_per_range + cb) * kb_per_range + kb;
+    };
+    auto block_of = [&](int64_t r, int64_t t, int64_t cb, int64_t kb) {
+      return out + ((r * s.taps_w + t) * cg + c_first + cb * bc) * s.out_c + g * kg +
+             (kr * kb_per_range + kb) * bk;
+    };
+    thread_local std::vector<float> xt;
+    thread_local std::vector<int64_t> slot_of, offs_a, offs_b;
+    std::vector<char> written(taps * cb_per_range * kb_per_range, 0);
 
-    Desc d;
-    d.m = std::min(bc, cg - cb * bc), d.n = std::min(bk, kg - kb * bk);
-    d.k = cols[t].hi - cols[t].lo;
-    d.lda = phase_w, d.ldb = s.out_c, d.ldc = s.out_c, d.isa = isa;
-    float* out = (splits > 1 ? partial.get() + split * dw_size : dw) +
-                 ((r * s.taps_w + t) * cg + cb * bc) * s.out_c + g * kg + kb * bk;
-    const auto& rows_r = entries[r];
-    const int64_t e0 = rows_r.size() * split / splits, e1 = rows_r.size() * (split + 1) / splits;
-    if (d.k <= 0 || e0 == e1) {
-      fill_epilogue(out, d.m, d.n, d.ldc, nullptr, Activation::none, isa);
-      return;
-    }
-    const int64_t a_shift = ((g * sw + cols[t].phase) * cg + cb * bc) * phase_w + cols[t].lo + cols[t].shift;
-    const int64_t b_shift = cols[t].lo * s.out_c + g * kg + kb * bk;
-    const int64_t per_call = std::max<int64_t>(1, kMaxReduce / d.k);
-    thread_local std::vector<int64_t> offs_a, offs_b;
-    for (int64_t e = e0; e < e1; e += per_call) {
-      const int64_t count = std::min(per_call, e1 - e);
-      offs_a.resize(count), offs_b.resize(count);
-      for (int64_t i = 0; i < count; ++i) {
-        offs_a[i] = rows_r[e + i].first + a_shift;
-        offs_b[i] = rows_r[e + i].second + b_shift;
+    const int64_t e_begin = reduce_rows * split / splits, e_end = reduce_rows * (split + 1) / splits;
+    for (int64_t e0 = e_begin; e0 < e_end; e0 += rows_per_chunk) {
+      const int64_t e1 = std::min(e_end, e0 + rows_per_chunk);
+      // Transpose every input row the chunk reads, once.
+      const int64_t n_first = e0 / s.out_h, n_last = (e1 - 1) / s.out_h;
+      slot_of.assign((n_last - n_first + 1) * s.in_h, -1);
+      int64_t slots = 0;
+      for (int64_t e = e0; e < e1; ++e)
+        for (int64_t r = 0; r < s.taps_h; ++r) {
+          int64_t h;
+          if (rows.at(e % s.out_h, r, &h) && slot_of[(e / s.out_h - n_first) * s.in_h + h] < 0)
+            slot_of[(e / s.out_h - n_first) * s.in_h + h] = slots++;
+        }
+      if (static_cast<int64_t>(xt.size()) < slots * slot_size) xt.resize(slots * slot_size);
+      for (int64_t key = 0; key < static_cast<int64_t>(slot_of.size()); ++key) {
+        if (slot_of[key] < 0) continue;
+        const float* src = x + ((n_first * s.in_h + key) * s.in_w) * s.in_c + g * cg + c_first;
+        float* dst = xt.data() + slot_of[key] * slot_size;
+        // Pixel by pixel: x is read in order (it comes from memory, the writes stay in L1).
+        for (int64_t v = 0; v < s.in_w; ++v) {
+          if (!phase_used[v % sw]) continue;
+          float* col = dst + (v % sw) * range_c * phase_w + v / sw;
+          const float* px = src + v * s.in_c;
+          for (int64_t c = 0; c < c_count; ++c) col[c * phase_w] = px[c];
+        }
       }
-      d.beta = e == e0 ? 0.0f : 1.0f;
-      std::string kernel_error;
-      const Kernel* kernel = kernel_for(d, &kernel_error);
-      if (!kernel) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        error = kernel_error;
-        return;
-      }
-      (*kernel)(Batch::offsets(xt.get(), offs_a.data(), dy, offs_b.data(), count), out);
+      // One call per (tap, channel block, output-channel block) over the chunk's rows.
+      for (int64_t r = 0; r < s.taps_h; ++r)
+        for (int64_t t = 0; t < s.taps_w; ++t) {
+          const Cols& ct = cols[t];
+          if (ct.lo >= ct.hi) continue;
+          offs_a.clear(), offs_b.clear();
+          for (int64_t e = e0; e < e1; ++e) {
+            int64_t h;
+            if (!rows.at(e % s.out_h, r, &h)) continue;
+            const int64_t slot = slot_of[(e / s.out_h - n_first) * s.in_h + h];
+            offs_a.push_back(slot * slot_size + ct.phase * range_c * phase_w + ct.lo + ct.shift);
+            offs_b.push_back((e * s.out_w + ct.lo) * s.out_c + g * kg);
+          }
+          if (offs_a.empty()) continue;
+          for (int64_t cb = 0; cb < cb_per_range; ++cb)
+            for (int64_t kb = 0; kb < kb_per_range; ++kb) {
+              char& seen = written[block_index(r, t, cb, kb)];
+              const int64_t k_first = (kr * kb_per_range + kb) * bk;
+              Desc d;
+              d.m = std::min(bc, c_count - cb * bc), d.n = std::min(bk, kg - k_first);
+              d.k = ct.hi - ct.lo;
+              d.lda = phase_w, d.ldb = s.out_c, d.ldc = s.out_c, d.isa = isa;
+              d.beta = seen ? 1.0f : 0.0f;
+              std::string kernel_error;
+              const Kernel* kernel = kernel_for(d, &kernel_error);
+              if (!kernel) {
+                std::lock_guard<std::mutex> lock(error_mutex);
+                error = kernel_error;
+                return;
+              }
+              (*kernel)(Batch::offsets(xt.data() + cb * bc * phase_w, offs_a.data(), dy + k_first,
+                                       offs_b.data(), offs_a.size()),
+                        block_of(r, t, cb, kb));
+              seen = 1;
+            }
+        }
     }
+    // Weight blocks no row reached (taps that only see padding) are zero.
+    for (int64_t r = 0; r < s.taps_h; ++r)
+      for (int64_t t = 0; t < s.taps_w; ++t)
+        for (int64_t cb = 0; cb < cb_per_range; ++cb)
+          for (int64_t kb = 0; kb < kb_per_range; ++kb)
+            if (!written[block_index(r, t, cb, kb)])
+              fill_epilogue(block_of(r, t, cb, kb), std::min(bc, c_count - cb * bc),
+                            std::min(bk, kg - (kr * kb_per_range + kb) * bk), s.out_c, nullptr,
+                            Activation::none, isa);
   });
   if (!error.empty() || splits == 1) return error;
 
