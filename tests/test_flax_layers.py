@@ -138,6 +138,7 @@ def test_dense_fallback_keeps_activation(rng):
 
 CONV_CASES = [
     dict(kernel_size=(3, 3)),
+    dict(kernel_size=(4, 3), strides=2),
     dict(kernel_size=(3, 3), strides=2, padding="VALID"),
     dict(kernel_size=(5, 3), strides=(2, 1), padding=((2, 1), (0, 3))),
     dict(kernel_size=(3, 3), padding=1, kernel_dilation=2),

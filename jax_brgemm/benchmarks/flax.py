@@ -121,7 +121,9 @@ def model_data(name, rng, batch=None):
     raise ValueError(name)
 
 
-def step_seconds(model_cls, layers, x, labels, repeats) -> float:
+def step_runner(model_cls, layers, x, labels):
+    """A function running one training step of the model built from LAYERS[layers] (compiled
+    once here) and blocking until it is done."""
     model = model_cls(LAYERS[layers], rngs=nnx.Rngs(0))
     step, (params, rest, opt_state) = train_step(model, optax.adam(1e-3))
     x, labels = jnp.asarray(x), jnp.asarray(labels)
@@ -131,7 +133,8 @@ def step_seconds(model_cls, layers, x, labels, repeats) -> float:
         state[:3] = step(*state, x, labels)[:3]
         jax.block_until_ready(state[0])
 
-    return median_seconds(run, repeats=repeats)
+    run()
+    return run
 
 
 def records(names, repeats, rounds) -> list[dict]:
@@ -139,16 +142,17 @@ def records(names, repeats, rounds) -> list[dict]:
     out = []
     for name in names:
         model_cls, x, labels, flops = model_data(name, rng)
-        # Interleaved rounds, median over them: the machine is shared and noisy.
+        runners = {k: step_runner(model_cls, k, x, labels) for k in LAYERS}
+        # Alternating rounds, median over all of them: the machine is shared and noisy.
         times = {k: [] for k in LAYERS}
         for _ in range(rounds):
-            for k in LAYERS:
-                times[k].append(step_seconds(model_cls, k, x, labels, repeats))
+            for k, run in runners.items():
+                times[k].append(median_seconds(run, repeats=repeats, min_seconds=0.02))
         t = {k: float(np.median(v)) for k, v in times.items()}
         out.append(dict(model=name, batch=int(x.shape[0]), stock_ms=1e3 * t["stock"],
                         ours_ms=1e3 * t["ours"], ours_fused_ms=1e3 * t["ours_fused"],
                         speedup=t["stock"] / t["ours"], speedup_fused=t["stock"] / t["ours_fused"],
-                        ours_gflops=flops / t["ours"] * 1e-9, stock_gflops=flops / t["stock"] * 1e-9))
+                        stock_gflops=flops / t["stock"] * 1e-9, ours_gflops=flops / t["ours"] * 1e-9))
     return out
 
 
@@ -160,7 +164,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", choices=["mlp", "cnn", "lstm", "all"], default="all")
     args = p.parse_args(argv)
     names = ["mlp", "cnn", "lstm"] if args.model == "all" else [args.model]
-    recs = records(names, repeats=3 if args.quick else 7, rounds=1 if args.quick else 3)
+    recs = records(names, repeats=3 if args.quick else 5, rounds=2 if args.quick else 7)
     print_records(recs, ["model", "batch", "stock_ms", "ours_ms", "ours_fused_ms", "speedup",
                          "speedup_fused", "stock_gflops", "ours_gflops"], args.json,
                   "training step (forward + backward + Adam), flax_layers vs stock Flax NNX, "
