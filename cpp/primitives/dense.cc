@@ -22,9 +22,12 @@ constexpr int64_t kStripCols = 64;
 constexpr int64_t kRowTarget = 64;
 constexpr int64_t kReduceChunk = 512;
 constexpr int64_t kReduceBlock = 64;
-// Plain B panels are copied contiguous when at least this many rows use each copy: a
-// power-of-two ldb puts every panel row in the same few L1 sets and on its own page.
-constexpr int64_t kPackRows = 256;
+constexpr int64_t kGroupRows = 256;
+// Plain B panels are copied contiguous when their rows lie at least kPackLdb floats apart
+// (each on its own page, all in the same few L1 sets: TLB and cache-set misses) and at
+// least kPackBlocks row blocks share each copy (it costs a pass over the panel).
+constexpr int64_t kPackLdb = 2048;
+constexpr int64_t kPackBlocks = 3;
 
 // One GEMM as a loop nest of brgemm calls:
 //   out[m x n] (ldo) = epilogue(A[m x r] (lda) @ B[r x n])
@@ -46,23 +49,28 @@ struct GemmNest {
   // When set: `out` gets the pre-activation (bias only in the epilogue) and act_out
   // (ldo) gets activation(out), computed from the hot block.
   float* act_out = nullptr;
+  // When set: each finished out block is also written transposed here (ld ldt), from cache.
+  float* out_t = nullptr;
+  int64_t ldt = 0;
   Isa isa = Isa::ref;
 };
 
-// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols. Each source row is read
-// 64 floats (four cache lines) at a time, the next four are prefetched, and the 64
-// destination rows being filled (ldd floats each) stay in L1.
+// dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols, in 16 x 16 tiles staged
+// through a local buffer: every source and destination line is read or written whole in
+// one go, so nothing has to stay cached across a power-of-two stride (which would put
+// all the lines of a tile in one L1 set).
 void transpose_block(const float* __restrict src, int64_t lds, int64_t rows, int64_t cols,
                      float* __restrict dst, int64_t ldd) {
-  constexpr int64_t T = 64;
-  for (int64_t j0 = 0; j0 < cols; j0 += T) {
-    const int64_t width = std::min(T, cols - j0);
-    for (int64_t i = 0; i < rows; ++i) {
-      const float* s = src + i * lds + j0;
-      if (j0 + T < cols)
-        for (int64_t line = 0; line < T; line += 16) __builtin_prefetch(s + T + line);
-      float* d = dst + j0 * ldd + i;
-      for (int64_t j = 0; j < width; ++j) d[j * ldd] = s[j];
+  constexpr int64_t T = 16;
+  float tile[T][T];
+  for (int64_t i0 = 0; i0 < rows; i0 += T) {
+    const int64_t h = std::min(T, rows - i0);
+    for (int64_t j0 = 0; j0 < cols; j0 += T) {
+      const int64_t w = std::min(T, cols - j0);
+      for (int64_t i = 0; i < h; ++i)
+        for (int64_t j = 0; j < w; ++j) tile[j][i] = src[(i0 + i) * lds + j0 + j];
+      for (int64_t j = 0; j < w; ++j)
+        for (int64_t i = 0; i < h; ++i) dst[(j0 + j) * ldd + i0 + i] = tile[j][i];
     }
   }
 }
@@ -116,18 +124,24 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
   int64_t bm = tile_rows * std::max<int64_t>(1, kRowTarget / tile_rows);
   if (g.m % bm != 0) bm = ceil_div(g.m, ceil_div(g.m, bm));
 
+  // Row groups of about kGroupRows rows keep an item's A block (group x chunk) in L2 while
+  // the strips go by; smaller groups where there would be too few items for the threads.
   const int64_t strips = ceil_div(g.n, kStripCols);
   const int64_t row_blocks = ceil_div(g.m, bm);
-  // Split the rows into groups when there are too few strips to keep every thread busy
-  // (each group re-packs its strip's panels, so no more groups than needed).
-  const int64_t groups =
-      std::clamp<int64_t>(ceil_div(4 * threads_of(executor), strips), 1, row_blocks);
-  const int64_t group_rows = ceil_div(row_blocks, groups) * bm;
+  // (A transposed B panel costs more to pack than a copy: four times larger groups.)
+  const int64_t target_rows = g.b_transposed ? 4 * kGroupRows : kGroupRows;
+  int64_t group_blocks = std::clamp<int64_t>(target_rows / bm, 1, row_blocks);
+  while (group_blocks > 1 && strips * ceil_div(row_blocks, group_blocks) < 4 * threads_of(executor))
+    group_blocks = ceil_div(group_blocks, 2);
+  const int64_t groups = ceil_div(row_blocks, group_blocks);
+  group_blocks = ceil_div(row_blocks, groups);  // balanced: no runt group at the end
+  const int64_t group_rows = group_blocks * bm;
   const int64_t chunk = std::min(g.r, kReduceChunk);
-  const bool pack = g.b_transposed || group_rows >= kPackRows;
+  const bool pack = g.b_transposed || (g.ldb >= kPackLdb && group_blocks >= kPackBlocks);
 
+  // Strips vary fastest, so items running at the same time share their A block.
   parallel_for(executor, strips * groups, [&](int64_t item) {
-    const int64_t strip = item / groups, group = item % groups;
+    const int64_t strip = item % strips, group = item / strips;
     const int64_t col0 = strip * kStripCols, cols = std::min(kStripCols, g.n - col0);
     const int64_t row_begin = group * group_rows, row_end = std::min(g.m, row_begin + group_rows);
     thread_local std::vector<float> panel;
@@ -158,6 +172,8 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
             apply_activation(g.activation, dst, cols, g.isa);
           }
         }
+        if (last && g.out_t)
+          transpose_block(out, g.ldo, rows, cols, g.out_t + col0 * g.ldt + row0, g.ldt);
       }
     }
   });
@@ -254,9 +270,10 @@ std::string dense_backward(const DenseBackward& p, const Executor* executor) {
   }
 
   if (p.dx && c > 0) {
-    if (n * (c + k) < c * k) {
+    if (2 * n * (c + k) < c * k) {
       // Few rows: transposing dz and the result (n (c + k) elements) is cheaper than w
-      // (c k): dx^T (c x n) = w (c x k, as it is) @ dz^T.
+      // (c k): dx^T (c x n) = w (c x k, as it is) @ dz^T, each finished block of it
+      // transposed into dx while hot.
       std::unique_ptr<float[]> dzt(new float[k * n]), dxt(new float[c * n]);
       transpose(dz, k, n, k, dzt.get(), n, executor);
       GemmNest g;
@@ -264,8 +281,8 @@ std::string dense_backward(const DenseBackward& p, const Executor* executor) {
       g.a = p.w, g.lda = k;
       g.b = dzt.get(), g.ldb = n;
       g.out = dxt.get(), g.ldo = n, g.isa = p.isa;
+      g.out_t = p.dx, g.ldt = c;
       if (std::string e = run_gemm(g, executor); !e.empty()) return e;
-      transpose(dxt.get(), n, c, n, p.dx, c, executor);
     } else {
       // dx (n x c) = dz (n x k) @ w^T, each w^T panel packed just before its use.
       GemmNest g;
