@@ -12,6 +12,7 @@ namespace {
 constexpr int64_t kBlock = 64;     // channel block: 4 AVX-512 vectors wide
 constexpr int64_t kMaxRows = 56;   // output pixels per call (a multiple of 7 and 8)
 constexpr int64_t kMaxReduce = 512;  // weight-update: pixels reduced per call
+constexpr int64_t kPadWidth = 32;    // rows up to this many pixels get a padded copy
 constexpr int64_t kPanelBudget = 512 << 10;  // bytes of packed weights kept in L2 at once
 constexpr int64_t kPartialBudget = 1 << 20;  // floats of weight-update partial sums, all splits
 constexpr int64_t kTransposeBudget = 64 << 10;  // floats of transposed input per chunk
@@ -119,8 +120,39 @@ struct ColTap {
   int64_t s, col;  // tap and the A column of the piece's first pixel
 };
 
+std::string run_rows(const RowPass& rp, const Executor* executor);
+
+// Narrow rows whose border pixels miss some taps would split into short calls (m of 1 at
+// each edge of a 7-pixel row). There, a copy of A with zero columns on both sides is
+// cheaper: every pixel then uses every tap and each row is one call per channel block.
+std::string run_rows_padded(const RowPass& rp, int64_t left, int64_t right, const Executor* executor) {
+  RowPass padded = rp;
+  padded.in_cols = rp.in_cols + left + right;
+  padded.cols.off += left * rp.cols.div, padded.cols.extent = padded.in_cols;
+  const int64_t row = padded.in_cols * rp.in_pix;
+  std::unique_ptr<float[]> a(new float[rp.images * rp.in_rows * row]);
+  parallel_for(executor, rp.images * rp.in_rows, [&](int64_t i) {
+    float* dst = a.get() + i * row;
+    std::fill(dst, dst + left * rp.in_pix, 0.0f);
+    std::copy_n(rp.a + i * rp.in_cols * rp.in_pix, rp.in_cols * rp.in_pix, dst + left * rp.in_pix);
+    std::fill(dst + (left + rp.in_cols) * rp.in_pix, dst + row, 0.0f);
+  });
+  padded.a = a.get();
+  return run_rows(padded, executor);
+}
+
 std::string run_rows(const RowPass& rp, const Executor* executor) {
   const int64_t step = rp.phases * rp.cols.mul / rp.cols.div;  // A columns per output pixel
+  if (rp.phases == 1 && rp.cols.div == 1 && rp.out_cols <= kPadWidth) {
+    int64_t first = rp.cols.off, last = first;  // A columns the taps reach
+    for (int64_t s = 0; s < rp.taps_s; ++s) {
+      const int64_t col0 = s * rp.cols.tmul + rp.cols.off;
+      first = std::min(first, col0), last = std::max(last, col0 + (rp.out_cols - 1) * step);
+    }
+    const int64_t left = std::max<int64_t>(0, -first), right = std::max<int64_t>(0, last - rp.cols.extent + 1);
+    if ((left > 0 || right > 0) && left + right <= rp.in_cols)
+      return run_rows_padded(rp, left, right, executor);
+  }
   std::vector<Piece> pieces;
   std::vector<ColTap> col_taps;
   for (int64_t f = 0; f < rp.phases; ++f) {
@@ -172,6 +204,22 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   const int64_t panel_bytes = rp.taps_r * rp.taps_s * rp.kg * rp.bn * int64_t{sizeof(float)};
   int64_t per_set = std::clamp<int64_t>(kPanelBudget / panel_bytes, 1, blocks);
   while (blocks % per_set != 0) --per_set;
+  // Outputs no tap reaches (most of dx for a strided 1x1 convolution) are zero: then one
+  // memset pass over the whole output beats filling them block by block.
+  bool some_empty = false;
+  for (const Piece& pc : pieces) some_empty |= pc.tap0 == pc.tap1;
+  for (int64_t o = 0; o < rp.out_rows && !some_empty; ++o) {
+    int64_t row, valid = 0;
+    for (int64_t r = 0; r < rp.taps_r; ++r) valid += rp.rows.at(o, r, &row);
+    some_empty = valid == 0;
+  }
+  const bool zeroed = some_empty && rp.bias == nullptr && rp.act == Activation::none;
+  if (zeroed) {
+    const int64_t size = rp.images * rp.out_rows * rp.out_cols * rp.out_pix, chunk = 1 << 16;
+    parallel_for(executor, ceil_div(size, chunk), [&](int64_t c) {
+      std::fill(rp.out + c * chunk, rp.out + std::min(size, (c + 1) * chunk), 0.0f);
+    });
+  }
   const int64_t n_pieces = pieces.size();
   const int64_t items = rp.groups * rp.images * blocks * rp.out_rows * n_pieces;
   parallel_for(executor, items, [&](int64_t item) {
@@ -205,7 +253,7 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
       }
     }
     if (offs_a.empty()) {
-      fill_epilogue(out, kernel.desc.m, kernel.desc.n, kernel.desc.ldc, bias, rp.act, rp.isa);
+      if (!zeroed) fill_epilogue(out, kernel.desc.m, kernel.desc.n, kernel.desc.ldc, bias, rp.act, rp.isa);
       return;
     }
     kernel(Batch::offsets(rp.a, offs_a.data(), b_block, offs_b.data(), offs_a.size()), out, 1.0f,
@@ -390,9 +438,64 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
   std::unique_ptr<float[]> partial(splits > 1 ? new float[splits * dw_size] : nullptr);
   const int64_t range_c = cb_per_range * bc;  // channels a transposed row holds
   const int64_t slot_size = sw * range_c * phase_w;  // one transposed input row: [phase][c][v / sw]
+  // Output rows per chunk: at most kMaxReduce pixels per call, and the input rows they read,
+  // (rows - 1) * sh + (R - 1) * dh + 1, within the transpose buffer.
+  const int64_t halo = (s.taps_h - 1) * s.dil_h + 1;
   const int64_t rows_per_chunk = std::clamp<int64_t>(
-      std::min(kMaxReduce / s.out_w, kTransposeBudget / (slot_size * s.stride_h)) - s.taps_h + 1, 1,
+      std::min(kMaxReduce / s.out_w, (kTransposeBudget / slot_size - halo) / s.stride_h + 1), 1,
       reduce_rows);
+
+  // Input row (channels x pixels, one matrix per column phase), as the A blocks want it.
+  auto transpose_row = [&](const float* src, int64_t channels, int64_t phase_channels, float* dst) {
+    for (int64_t v = 0; v < s.in_w; ++v) {  // x in order (it comes from memory)
+      if (!phase_used[v % sw]) continue;
+      float* col = dst + (v % sw) * phase_channels * phase_w + v / sw;
+      for (int64_t c = 0; c < channels; ++c) col[c * phase_w] = src[v * s.in_c + c];
+    }
+  };
+  // Several output-channel ranges would each transpose the same rows: then transpose every
+  // used row once up front, x_t[n][h][g][phase][c][v / sw].
+  const bool shared = kranges > 1;
+  const int64_t shared_row = s.groups * sw * cg * phase_w;
+  std::unique_ptr<float[]> x_t;
+  if (shared) {
+    std::vector<char> row_used(s.in_h, 0);
+    for (int64_t p = 0; p < s.out_h; ++p)
+      for (int64_t r = 0; r < s.taps_h; ++r) {
+        int64_t h;
+        if (rows.at(p, r, &h)) row_used[h] = 1;
+      }
+    x_t.reset(new float[s.batch * s.in_h * shared_row]);
+    parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
+      if (!row_used[nh % s.in_h]) return;
+      for (int64_t g = 0; g < s.groups; ++g)
+        transpose_row(x + nh * s.in_w * s.in_c + g * cg, cg, cg, x_t.get() + nh * shared_row + g * sw * cg * phase_w);
+    });
+  }
+
+  // dy's rows are out_c apart: with several output-channel blocks, pack them
+  // [g][kb][n * out_h + p][q][bk] so each call's B panel is contiguous (rows 4 KiB apart,
+  // say, would all land in the same L1 sets).
+  const bool pack_dy = s.out_c != bk;
+  const int64_t ldb = pack_dy ? bk : s.out_c;
+  std::unique_ptr<float[]> dy_packed;
+  if (pack_dy) {
+    const int64_t plane = reduce_rows * s.out_w * bk;
+    dy_packed.reset(new float[s.groups * kblocks * plane]);
+    parallel_for(executor, reduce_rows, [&](int64_t e) {
+      for (int64_t q = 0; q < s.out_w; ++q) {
+        const float* src = dy + (e * s.out_w + q) * s.out_c;
+        for (int64_t g = 0; g < s.groups; ++g)
+          for (int64_t kb = 0; kb < kblocks; ++kb)
+            std::copy_n(src + g * kg + kb * bk, std::min(bk, kg - kb * bk),
+                        dy_packed.get() + (g * kblocks + kb) * plane + (e * s.out_w + q) * bk);
+      }
+    });
+  }
+  auto b_base = [&](int64_t g, int64_t kb) {
+    return pack_dy ? dy_packed.get() + (g * kblocks + kb) * reduce_rows * s.out_w * bk
+                   : dy + g * kg + kb * bk;
+  };
 
   std::string error;
   std::mutex error_mutex;
@@ -417,29 +520,25 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
     const int64_t e_begin = reduce_rows * split / splits, e_end = reduce_rows * (split + 1) / splits;
     for (int64_t e0 = e_begin; e0 < e_end; e0 += rows_per_chunk) {
       const int64_t e1 = std::min(e_end, e0 + rows_per_chunk);
-      // Transpose every input row the chunk reads, once.
+      // Transpose every input row the chunk reads, once (unless x_t holds them all).
       const int64_t n_first = e0 / s.out_h, n_last = (e1 - 1) / s.out_h;
-      slot_of.assign((n_last - n_first + 1) * s.in_h, -1);
-      int64_t slots = 0;
-      for (int64_t e = e0; e < e1; ++e)
-        for (int64_t r = 0; r < s.taps_h; ++r) {
-          int64_t h;
-          if (rows.at(e % s.out_h, r, &h) && slot_of[(e / s.out_h - n_first) * s.in_h + h] < 0)
-            slot_of[(e / s.out_h - n_first) * s.in_h + h] = slots++;
-        }
-      if (static_cast<int64_t>(xt.size()) < slots * slot_size) xt.resize(slots * slot_size);
-      for (int64_t key = 0; key < static_cast<int64_t>(slot_of.size()); ++key) {
-        if (slot_of[key] < 0) continue;
-        const float* src = x + ((n_first * s.in_h + key) * s.in_w) * s.in_c + g * cg + c_first;
-        float* dst = xt.data() + slot_of[key] * slot_size;
-        // Pixel by pixel: x is read in order (it comes from memory, the writes stay in L1).
-        for (int64_t v = 0; v < s.in_w; ++v) {
-          if (!phase_used[v % sw]) continue;
-          float* col = dst + (v % sw) * range_c * phase_w + v / sw;
-          const float* px = src + v * s.in_c;
-          for (int64_t c = 0; c < c_count; ++c) col[c * phase_w] = px[c];
-        }
+      if (!shared) {
+        slot_of.assign((n_last - n_first + 1) * s.in_h, -1);
+        int64_t slots = 0;
+        for (int64_t e = e0; e < e1; ++e)
+          for (int64_t r = 0; r < s.taps_h; ++r) {
+            int64_t h;
+            if (rows.at(e % s.out_h, r, &h) && slot_of[(e / s.out_h - n_first) * s.in_h + h] < 0)
+              slot_of[(e / s.out_h - n_first) * s.in_h + h] = slots++;
+          }
+        if (static_cast<int64_t>(xt.size()) < slots * slot_size) xt.resize(slots * slot_size);
+        for (int64_t key = 0; key < static_cast<int64_t>(slot_of.size()); ++key)
+          if (slot_of[key] >= 0)
+            transpose_row(x + ((n_first * s.in_h + key) * s.in_w) * s.in_c + g * cg + c_first, c_count,
+                          range_c, xt.data() + slot_of[key] * slot_size);
       }
+      const float* a_base = shared ? x_t.get() + (g * sw * cg + c_first) * phase_w : xt.data();
+      const int64_t phase_size = (shared ? cg : range_c) * phase_w;
       // One call per (tap, channel block, output-channel block) over the chunk's rows.
       for (int64_t r = 0; r < s.taps_h; ++r)
         for (int64_t t = 0; t < s.taps_w; ++t) {
@@ -449,19 +548,20 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
           for (int64_t e = e0; e < e1; ++e) {
             int64_t h;
             if (!rows.at(e % s.out_h, r, &h)) continue;
-            const int64_t slot = slot_of[(e / s.out_h - n_first) * s.in_h + h];
-            offs_a.push_back(slot * slot_size + ct.phase * range_c * phase_w + ct.lo + ct.shift);
-            offs_b.push_back((e * s.out_w + ct.lo) * s.out_c + g * kg);
+            const int64_t row = shared ? (e / s.out_h * s.in_h + h) * shared_row
+                                       : slot_of[(e / s.out_h - n_first) * s.in_h + h] * slot_size;
+            offs_a.push_back(row + ct.phase * phase_size + ct.lo + ct.shift);
+            offs_b.push_back((e * s.out_w + ct.lo) * ldb);
           }
           if (offs_a.empty()) continue;
           for (int64_t cb = 0; cb < cb_per_range; ++cb)
             for (int64_t kb = 0; kb < kb_per_range; ++kb) {
               char& seen = written[block_index(r, t, cb, kb)];
-              const int64_t k_first = (kr * kb_per_range + kb) * bk;
+              const int64_t kb_abs = kr * kb_per_range + kb, k_first = kb_abs * bk;
               Desc d;
               d.m = std::min(bc, c_count - cb * bc), d.n = std::min(bk, kg - k_first);
               d.k = ct.hi - ct.lo;
-              d.lda = phase_w, d.ldb = s.out_c, d.ldc = s.out_c, d.isa = isa;
+              d.lda = phase_w, d.ldb = ldb, d.ldc = s.out_c, d.isa = isa;
               d.beta = seen ? 1.0f : 0.0f;
               std::string kernel_error;
               const Kernel* kernel = kernel_for(d, &kernel_error);
@@ -470,7 +570,7 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
                 error = kernel_error;
                 return;
               }
-              (*kernel)(Batch::offsets(xt.data() + cb * bc * phase_w, offs_a.data(), dy + k_first,
+              (*kernel)(Batch::offsets(a_base + cb * bc * phase_w, offs_a.data(), b_base(g, kb_abs),
                                        offs_b.data(), offs_a.size()),
                         block_of(r, t, cb, kb));
               seen = 1;

@@ -8,6 +8,8 @@ channels_last, i.e. oneDNN, when torch imports), float32, measured side by side.
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
 import sys
 
 import jax
@@ -49,26 +51,29 @@ def _xla(x, w, stride, pad):
     return fwd, bwd, wu
 
 
-def _torch_times(torch, x, w, dy, stride, pad, repeats):
+def _torch_fns(torch, x, w, dy, stride, pad):
     cl = torch.channels_last
-    tx = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
-    tw = torch.from_numpy(np.asarray(w)).permute(3, 2, 0, 1).contiguous(memory_format=cl)
-    tdy = torch.from_numpy(np.asarray(dy)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
-    F = torch.nn.functional
+    tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    tw = torch.from_numpy(np.array(w)).permute(3, 2, 0, 1).contiguous(memory_format=cl)
+    tdy = torch.from_numpy(np.array(dy)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
     args = ([stride] * 2, [pad] * 2, [1] * 2, False, [0, 0], 1)
 
     def fwd():
-        return F.conv2d(tx, tw, None, stride, pad)
+        with torch.no_grad():
+            return torch.nn.functional.conv2d(tx, tw, None, stride, pad)
 
     def bwd(mask):
-        return lambda: torch.ops.aten.convolution_backward(tdy, tx, tw, None, *args, mask)
+        def run():
+            with torch.no_grad():
+                return torch.ops.aten.convolution_backward(tdy, tx, tw, None, *args, mask)
+        return run
 
-    with torch.no_grad():
-        return [common.median_seconds(f, repeats=repeats)
-                for f in (fwd, bwd([True, False, False]), bwd([False, True, False]))]
+    return fwd, bwd([True, False, False]), bwd([False, True, False])
 
 
-def run(batch, layer_ids, repeats=5):
+def run(batch, layer_ids, rounds=3):
+    """Every (layer, pass) timed for each implementation in turn, `rounds` times over; the
+    median per implementation, so that load from other processes hits all of them alike."""
     torch = common.torch_module()
     peak = common.machine_peak_gflops()
     rng = np.random.default_rng(0)
@@ -80,14 +85,20 @@ def run(batch, layer_ids, repeats=5):
         p = (hw + 2 * pad - r) // stride + 1
         dy = jnp.asarray(rng.standard_normal((batch, p, p, k), np.float32))
         flops = 2.0 * batch * p * p * k * c * r * r
-        ours, xla = _ours(x, w, stride, pad), _xla(x, w, stride, pad)
         inputs = ((x, w), (dy, w), (x, dy))
-        t_ours = [common.time_jax(f, *a, repeats=repeats) for f, a in zip(ours, inputs)]
-        t_xla = [common.time_jax(f, *a, repeats=repeats) for f, a in zip(xla, inputs)]
-        t_torch = _torch_times(torch, x, w, dy, stride, pad, repeats) if torch else [None] * 3
-        for name, to, tx, tt in zip(PASSES, t_ours, t_xla, t_torch):
-            rec = {"layer": f"{i}:{hw}x{hw} {c}->{k} {r}x{r}/{stride}", "pass": name, "flops": flops,
-                   "ours_s": to, "xla_s": tx, "torch_s": tt}
+        impls = {"ours_s": [functools.partial(f, *a) for f, a in zip(_ours(x, w, stride, pad), inputs)],
+                 "xla_s": [functools.partial(f, *a) for f, a in zip(_xla(x, w, stride, pad), inputs)]}
+        if torch:
+            impls["torch_s"] = list(_torch_fns(torch, x, w, dy, stride, pad))
+        for j, name in enumerate(PASSES):
+            times = {key: [] for key in impls}
+            for _ in range(rounds):
+                for key, fns in impls.items():
+                    fn = fns[j]
+                    times[key].append(common.median_seconds(lambda: jax.block_until_ready(fn()), repeats=3,
+                                                            min_seconds=0.03))
+            rec = {"layer": f"{i}:{hw}x{hw} {c}->{k} {r}x{r}/{stride}", "pass": name, "flops": flops}
+            rec.update({key: statistics.median(t) for key, t in times.items()})
             records.append(_derive(rec, peak))
     return records, peak
 
@@ -126,7 +137,7 @@ def main(argv=None):
     batch = args.batch or (1 if args.quick else 8)
     ids = ([int(v) for v in args.layers.split(",")] if args.layers
            else QUICK_LAYERS if args.quick else list(range(len(LAYERS))))
-    records, peak = run(batch, ids, repeats=3 if args.quick else 5)
+    records, peak = run(batch, ids, rounds=2 if args.quick else 3)
     records += totals(records, peak)
     columns = ["layer", "pass", "GF/s", "%peak", "XLA GF/s", "vs XLA", "torch GF/s", "vs torch"]
     title = (f"conv2d float32, batch {batch}, {common.num_cores()} cores, "
