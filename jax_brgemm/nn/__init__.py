@@ -1,3 +1,5 @@
 """Deep-learning primitives as loops around the brgemm kernel."""
 
-__all__: list[str] = []
+from .lstm import lstm
+
+__all__: list[str] = ["lstm"]
