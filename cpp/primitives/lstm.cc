@@ -2,13 +2,23 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+static double now_ms(){return std::chrono::duration<double,std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();}
+static bool prof(){static bool p=std::getenv("JBR_PROF")!=nullptr;return p;}
 
 namespace jbr::prim {
 namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr int64_t kPanel = 64;     // column panel width of packed B operands
+constexpr int64_t kMaxUnits = 64;  // hidden units per work item of a step
+constexpr int64_t kChunk = 512;    // longest reduction per kernel call
 
 // Row index of (step t, batch n) in a sequence tensor, and the row distance between
 // consecutive batch rows of one step (the factor a step's leading dimension carries).
@@ -19,8 +29,10 @@ struct Rows {
   int64_t batch_stride() const { return time_major ? 1 : steps; }
 };
 
-// Single-product kernel calls, C = act(beta * C + A @ B + bias), with the first
-// validation failure remembered (kernel calls happen inside parallel loops).
+// Kernel calls C = act(beta * C + A @ B + bias) on one block, with the first validation
+// failure remembered (calls happen inside parallel loops). A long reduction is cut into
+// chunks of kChunk (beta = 1 after the first, bias and activation on the last) so that the
+// A rows and the B block of a chunk stay in L2 while the kernel sweeps the block's tiles.
 class Gemm {
  public:
   explicit Gemm(Isa isa) : isa_(isa) {}
@@ -28,15 +40,20 @@ class Gemm {
   void operator()(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                   int64_t ldb, float* c, int64_t ldc, float beta,
                   Activation act = Activation::none, const float* bias = nullptr) {
-    Desc d;
-    d.m = m, d.n = n, d.k = k, d.lda = lda, d.ldb = ldb, d.ldc = ldc;
-    d.beta = beta, d.activation = act, d.has_bias = bias != nullptr, d.isa = isa_;
-    if (std::string error = validate(d); !error.empty()) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (error_.empty()) error_ = "lstm: " + error;
-      return;
+    const int64_t chunks = ceil_div(k, kChunk), kc = ceil_div(k, chunks);
+    for (int64_t p0 = 0; p0 < k; p0 += kc) {
+      const bool last = p0 + kc >= k;
+      Desc d;
+      d.m = m, d.n = n, d.k = std::min(kc, k - p0), d.lda = lda, d.ldb = ldb, d.ldc = ldc;
+      d.beta = p0 == 0 ? beta : 1.0f, d.isa = isa_;
+      d.activation = last ? act : Activation::none, d.has_bias = last && bias != nullptr;
+      if (std::string error = validate(d); !error.empty()) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (error_.empty()) error_ = "lstm: " + error;
+        return;
+      }
+      get_kernel(d)(Batch::strided(a + p0, 0, b + p0 * ldb, 0, 1), c, 1.0f, d.has_bias ? bias : nullptr);
     }
-    get_kernel(d)(Batch::strided(a, 0, b, 0, 1), c, 1.0f, bias);
   }
 
   std::string error() {
@@ -51,19 +68,44 @@ class Gemm {
   std::string error_;
 };
 
-// A large GEMM split into output tiles, enough of them to keep every thread busy.
-void parallel_gemm(Gemm& gemm, const Executor* ex, int64_t m, int64_t n, int64_t k,
-                   const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                   int64_t ldc, const float* bias = nullptr) {
+// Uninitialised float scratch (std::vector would zero it first).
+using Scratch = std::unique_ptr<float[]>;
+Scratch scratch(int64_t size) { return Scratch(new float[std::max<int64_t>(size, 1)]); }
+
+// B (k x n) as contiguous column panels of `width` columns (leading dimension width), so a
+// kernel call streams its B block linearly instead of one row per page. With transposed,
+// B is src^T (src is n x k, leading dimension ld).
+struct Panels {
+  Scratch data;
+  int64_t k = 0, width = 0, count = 0;
+  const float* panel(int64_t j) const { return data.get() + j * k * width; }
+};
+
+Panels pack_panels(const Executor* ex, const float* src, int64_t ld, bool transposed, int64_t k,
+                   int64_t n, int64_t width) {
+  Panels p{scratch(k * n + width * k), k, width, ceil_div(n, width)};
+  parallel_for(ex, p.count, [&](int64_t j) {
+    const int64_t j0 = j * width, w = std::min(width, n - j0);
+    float* dst = p.data.get() + j * k * width;
+    for (int64_t r = 0; r < k; ++r)
+      for (int64_t c = 0; c < w; ++c)
+        dst[r * width + c] = transposed ? src[(j0 + c) * ld + r] : src[r * ld + j0 + c];
+  });
+  return p;
+}
+
+// C (m x n) = A (m x k) @ B + bias, B given as panels, split into (row block x panel)
+// items, enough of them to keep every thread busy.
+void parallel_gemm(Gemm& gemm, const Executor* ex, int64_t m, int64_t n, const float* a,
+                   int64_t lda, const Panels& b, float* c, int64_t ldc,
+                   const float* bias = nullptr) {
   const int64_t target = 4 * (ex ? ex->num_workers() + 1 : 1);
-  int64_t bm = 64, bn = 256;
-  while (ceil_div(m, bm) * ceil_div(n, bn) < target && bn > 64) bn /= 2;
-  while (ceil_div(m, bm) * ceil_div(n, bn) < target && bm > 16) bm /= 2;
-  const int64_t tiles_n = ceil_div(n, bn);
-  parallel_for(ex, ceil_div(m, bm) * tiles_n, [&](int64_t item) {
-    const int64_t i0 = item / tiles_n * bm, j0 = item % tiles_n * bn;
-    gemm(std::min(bm, m - i0), std::min(bn, n - j0), k, a + i0 * lda, lda, b + j0, ldb,
-         c + i0 * ldc + j0, ldc, 0.0f, Activation::none, bias ? bias + j0 : nullptr);
+  int64_t bm = 64;
+  while (ceil_div(m, bm) * b.count < target && bm > 16) bm /= 2;
+  parallel_for(ex, ceil_div(m, bm) * b.count, [&](int64_t item) {
+    const int64_t i0 = item / b.count * bm, j = item % b.count, j0 = j * b.width;
+    gemm(std::min(bm, m - i0), std::min(b.width, n - j0), b.k, a + i0 * lda, lda, b.panel(j),
+         b.width, c + i0 * ldc + j0, ldc, 0.0f, Activation::none, bias ? bias + j0 : nullptr);
   });
 }
 
@@ -88,7 +130,7 @@ struct StepBlocking {
   int64_t rows, units, row_blocks, unit_blocks;
   StepBlocking(int64_t batch, int64_t hidden, const Executor* ex) {
     const int64_t target = 2 * (ex ? ex->num_workers() + 1 : 1);
-    rows = batch, units = 64;
+    rows = batch, units = kMaxUnits;
     auto items = [&] { return ceil_div(batch, rows) * ceil_div(hidden, units); };
     while (items() < target && units > 16) units /= 2;
     while (items() < target && rows > 8) rows = ceil_div(rows, 2);
@@ -106,24 +148,33 @@ std::string lstm_forward(const LstmForward& p, const Executor* ex) {
   const int64_t ldn = rows.batch_stride();
   Gemm gemm(p.isa);
 
+  double t0 = now_ms();
   // The input products of every step in one well-parallelised GEMM: gates = x W_ih + bias.
-  parallel_gemm(gemm, ex, T * N, G, C, p.x, C, p.w_ih, G, p.gates, G, p.bias);
+  parallel_gemm(gemm, ex, T * N, G, p.x, C, pack_panels(ex, p.w_ih, G, false, C, G, kPanel),
+                p.gates, G, p.bias);
 
+  // W_hh per gate in panels of one unit block, so that an item's four B blocks are linear.
+  double t1 = now_ms();
   const StepBlocking blk(N, K, ex);
+  Panels w_hh[4];
+  for (int gate = 0; gate < 4; ++gate)
+    w_hh[gate] = pack_panels(ex, p.w_hh + gate * K, G, false, K, K, blk.units);
+
   for (int64_t t = 0; t < T; ++t) {
     const float* h_prev = t ? p.hs + rows.row(t - 1, 0) * K : p.h0;
     const float* c_prev = t ? p.cs + rows.row(t - 1, 0) * K : p.c0;
     const int64_t ld_prev = t ? ldn * K : K;
     parallel_for(ex, blk.items(), [&](int64_t item) {
-      const int64_t n0 = item / blk.unit_blocks * blk.rows, j0 = item % blk.unit_blocks * blk.units;
+      const int64_t jb = item % blk.unit_blocks, n0 = item / blk.unit_blocks * blk.rows;
+      const int64_t j0 = jb * blk.units;
       const int64_t m = std::min(blk.rows, N - n0), u = std::min(blk.units, K - j0);
       // z += h_{t-1} W_hh on each gate's block, activated in the kernel's epilogue.
       float* g = p.gates + rows.row(t, n0) * G + j0;
       const int64_t ldg = ldn * G;
       for (int gate = 0; gate < 4; ++gate)
-        gemm(m, u, K, h_prev + n0 * ld_prev, ld_prev, p.w_hh + gate * K + j0, G, g + gate * K,
-             ldg, 1.0f, gate == 2 ? Activation::tanh : Activation::sigmoid);
-      float tanh_c[64];
+        gemm(m, u, K, h_prev + n0 * ld_prev, ld_prev, w_hh[gate].panel(jb), blk.units,
+             g + gate * K, ldg, 1.0f, gate == 2 ? Activation::tanh : Activation::sigmoid);
+      float tanh_c[kMaxUnits];
       for (int64_t r = 0; r < m; ++r) {
         const float *gi = g + r * ldg, *gf = gi + K, *gg = gi + 2 * K, *go = gi + 3 * K;
         const float* cp = c_prev + (n0 + r) * ld_prev + j0;
@@ -135,6 +186,7 @@ std::string lstm_forward(const LstmForward& p, const Executor* ex) {
       }
     });
   }
+  if (prof()) fprintf(stderr, "fwd: input %.2f ms, steps %.2f ms, items %ld\n", t1 - t0, now_ms() - t1, (long)blk.items());
   return gemm.error();
 }
 
@@ -145,24 +197,26 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
   const int64_t ldn = rows.batch_stride();
   Gemm gemm(p.isa);
 
+  double t0 = now_ms();
   // Gate pre-activation gradients of every step, kept for the GEMMs after the loop.
-  std::vector<float> dgates(R * G), w_hh_t(G * K), dh(N * K);
-  transpose(ex, K, G, [&](int64_t r) { return p.w_hh + r * G; }, w_hh_t.data());
+  Scratch dgates = scratch(R * G), dh = scratch(N * K);
+  const StepBlocking blk(N, K, ex);
+  const Panels w_hh_t = pack_panels(ex, p.w_hh, G, true, G, K, blk.units);  // W_hh^T
   std::memcpy(p.dc0, p.d_cT, sizeof(float) * N * K);  // dc, carried back through time
 
-  const StepBlocking blk(N, K, ex);
   for (int64_t t = T - 1; t >= 0; --t) {
     parallel_for(ex, blk.items(), [&](int64_t item) {
-      const int64_t n0 = item / blk.unit_blocks * blk.rows, j0 = item % blk.unit_blocks * blk.units;
+      const int64_t jb = item % blk.unit_blocks, n0 = item / blk.unit_blocks * blk.rows;
+      const int64_t j0 = jb * blk.units;
       const int64_t m = std::min(blk.rows, N - n0), u = std::min(blk.units, K - j0);
       // dh_t = d_hs[t] + dgates_{t+1} W_hh^T on this block.
-      float* dhb = dh.data() + n0 * K + j0;
+      float* dhb = dh.get() + n0 * K + j0;
       for (int64_t r = 0; r < m; ++r)
         std::memcpy(dhb + r * K, p.d_hs + rows.row(t, n0 + r) * K + j0, sizeof(float) * u);
       if (t + 1 < T)
-        gemm(m, u, G, dgates.data() + rows.row(t + 1, n0) * G, ldn * G, w_hh_t.data() + j0, K,
-             dhb, K, 1.0f);
-      float tanh_c[64];
+        gemm(m, u, G, dgates.get() + rows.row(t + 1, n0) * G, ldn * G, w_hh_t.panel(jb),
+             blk.units, dhb, K, 1.0f);
+      float tanh_c[kMaxUnits];
       for (int64_t r = 0; r < m; ++r) {
         const int64_t row = rows.row(t, n0 + r);
         const float *gi = p.gates + row * G + j0, *gf = gi + K, *gg = gi + 2 * K, *go = gi + 3 * K;
@@ -170,7 +224,7 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
         const float* cp = t ? p.cs + rows.row(t - 1, n0 + r) * K + j0 : p.c0 + (n0 + r) * K + j0;
         const float* dhr = dhb + r * K;
         float* dc = p.dc0 + (n0 + r) * K + j0;
-        float* di = dgates.data() + row * G + j0;
+        float* di = dgates.get() + row * G + j0;
         float *df = di + K, *dg = di + 2 * K, *d_o = di + 3 * K;
         std::memcpy(tanh_c, c, sizeof(float) * u);
         apply_activation(Activation::tanh, tanh_c, u, gemm.isa());
@@ -187,37 +241,38 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
     });
   }
 
+  double t1 = now_ms();
   // dh0 = dgates_0 W_hh^T; dx = dgates W_ih^T for every step at once.
-  parallel_gemm(gemm, ex, N, K, G, dgates.data() + rows.row(0, 0) * G, ldn * G, w_hh_t.data(), K,
-                p.dh0, K);
-  {
-    std::vector<float> w_ih_t(G * C);
-    transpose(ex, C, G, [&](int64_t r) { return p.w_ih + r * G; }, w_ih_t.data());
-    parallel_gemm(gemm, ex, R, C, G, dgates.data(), G, w_ih_t.data(), C, p.dx, C);
-  }
+  parallel_gemm(gemm, ex, N, K, dgates.get() + rows.row(0, 0) * G, ldn * G, w_hh_t, p.dh0, K);
+  parallel_gemm(gemm, ex, R, C, dgates.get(), G, pack_panels(ex, p.w_ih, G, true, G, C, kPanel),
+                p.dx, C);
+  double t2 = now_ms();
   // Weight gradients reduce over every (step, batch) row: dW = A^T dgates with A = x for
   // W_ih and A = h_{t-1} (h0 at t = 0) for W_hh, the transposes packed once.
   {
-    std::vector<float> a_t(std::max(C, K) * R);
-    transpose(ex, R, C, [&](int64_t r) { return p.x + r * C; }, a_t.data());
-    parallel_gemm(gemm, ex, C, G, R, a_t.data(), R, dgates.data(), G, p.dw_ih, G);
+    const Panels d_panels = pack_panels(ex, dgates.get(), G, false, R, G, kPanel);
+    Scratch a_t = scratch(std::max(C, K) * R);
+    transpose(ex, R, C, [&](int64_t r) { return p.x + r * C; }, a_t.get());
+    parallel_gemm(gemm, ex, C, G, a_t.get(), R, d_panels, p.dw_ih, G);
     const int64_t back = s.time_major ? N : 1;  // row distance to the previous step
     transpose(ex, R, K, [&](int64_t r) {
       const bool first = s.time_major ? r < N : r % T == 0;
       return first ? p.h0 + (s.time_major ? r : r / T) * K : p.hs + (r - back) * K;
-    }, a_t.data());
-    parallel_gemm(gemm, ex, K, G, R, a_t.data(), R, dgates.data(), G, p.dw_hh, G);
+    }, a_t.get());
+    parallel_gemm(gemm, ex, K, G, a_t.get(), R, d_panels, p.dw_hh, G);
   }
+  double t3 = now_ms();
   // dbias = column sums of dgates.
   const int64_t bias_tiles = ceil_div(G, 256);
   parallel_for(ex, bias_tiles, [&](int64_t item) {
     const int64_t j0 = item * 256, j1 = std::min(G, j0 + 256);
     std::fill(p.dbias + j0, p.dbias + j1, 0.0f);
     for (int64_t r = 0; r < R; ++r) {
-      const float* d = dgates.data() + r * G;
+      const float* d = dgates.get() + r * G;
       for (int64_t j = j0; j < j1; ++j) p.dbias[j] += d[j];
     }
   });
+  if (prof()) fprintf(stderr, "bwd: steps %.2f dx %.2f dw %.2f bias %.2f\n", t1-t0, t2-t1, t3-t2, now_ms()-t3);
   return gemm.error();
 }
 

@@ -84,8 +84,8 @@ def _seq_shape(x, width, time_major):
 def _forward_raw(x, w_ih, w_hh, bias, h0, c0, time_major):
     hidden = w_hh.shape[0]
     out = [jax.ShapeDtypeStruct(_seq_shape(x, w, time_major), jnp.float32) for w in (hidden, hidden, 4 * hidden)]
-    return jax.ffi.ffi_call("jax_brgemm_lstm_forward", out)(
-        x, w_ih, w_hh, bias, h0, c0, time_major=np.int32(time_major))
+    return tuple(jax.ffi.ffi_call("jax_brgemm_lstm_forward", out)(
+        x, w_ih, w_hh, bias, h0, c0, time_major=np.int32(time_major)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +107,7 @@ def _forward_call(time_major):
             lift = lambda a, b: a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
             w_ih, w_hh, bias = (lift(a, b) for a, b in zip((w_ih, w_hh, bias), in_batched[1:4]))
             out = jax.lax.map(lambda a: call(*a), (x, w_ih, w_hh, bias, h0, c0))
-            return out, (True, True, True)
+            return tuple(out), (True, True, True)
         batch = x.shape[2] if time_major else x.shape[1]
         if time_major:  # (B, T, N, C) -> (T, B*N, C)
             x = jnp.moveaxis(x, 0, 1).reshape(x.shape[1], axis_size * batch, x.shape[3])
