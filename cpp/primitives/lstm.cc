@@ -18,7 +18,10 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int64_t kPanel = 64;     // column panel width of packed B operands
 constexpr int64_t kMaxUnits = 64;  // hidden units per work item of a step
-constexpr int64_t kChunk = 512;    // longest reduction per kernel call
+static int64_t tune(const char* n, int64_t d){const char* v=std::getenv(n);return v?std::atoll(v):d;}
+#define kChunk tune("JBR_KC", 512)
+#define kRowsTune tune("JBR_BM", 64)
+#define kUnitsTune tune("JBR_UNITS", 64)
 
 // Row index of (step t, batch n) in a sequence tensor, and the row distance between
 // consecutive batch rows of one step (the factor a step's leading dimension carries).
@@ -78,12 +81,20 @@ Scratch scratch(int64_t size) { return Scratch(new float[std::max<int64_t>(size,
 struct Panels {
   Scratch data;
   int64_t k = 0, width = 0, count = 0;
-  const float* panel(int64_t j) const { return data.get() + j * k * width; }
+  const float* base = nullptr;
+  int64_t ld = 0, stride = 0;  // leading dimension, distance between panels
+  const float* panel(int64_t j) const { return base + j * stride; }
 };
+
+Panels view_panels(const float* b, int64_t ldb, int64_t k, int64_t n, int64_t width) {
+  Panels p{nullptr, k, width, ceil_div(n, width), b, ldb, width};
+  return p;
+}
 
 Panels pack_panels(const Executor* ex, const float* src, int64_t ld, bool transposed, int64_t k,
                    int64_t n, int64_t width) {
   Panels p{scratch(k * n + width * k), k, width, ceil_div(n, width)};
+  p.base = p.data.get(), p.ld = width, p.stride = k * width;
   parallel_for(ex, p.count, [&](int64_t j) {
     const int64_t j0 = j * width, w = std::min(width, n - j0);
     float* dst = p.data.get() + j * k * width;
@@ -100,12 +111,12 @@ void parallel_gemm(Gemm& gemm, const Executor* ex, int64_t m, int64_t n, const f
                    int64_t lda, const Panels& b, float* c, int64_t ldc,
                    const float* bias = nullptr) {
   const int64_t target = 4 * (ex ? ex->num_workers() + 1 : 1);
-  int64_t bm = 64;
+  int64_t bm = kRowsTune;
   while (ceil_div(m, bm) * b.count < target && bm > 16) bm /= 2;
   parallel_for(ex, ceil_div(m, bm) * b.count, [&](int64_t item) {
     const int64_t i0 = item / b.count * bm, j = item % b.count, j0 = j * b.width;
     gemm(std::min(bm, m - i0), std::min(b.width, n - j0), b.k, a + i0 * lda, lda, b.panel(j),
-         b.width, c + i0 * ldc + j0, ldc, 0.0f, Activation::none, bias ? bias + j0 : nullptr);
+         b.ld, c + i0 * ldc + j0, ldc, 0.0f, Activation::none, bias ? bias + j0 : nullptr);
   });
 }
 
@@ -130,9 +141,9 @@ struct StepBlocking {
   int64_t rows, units, row_blocks, unit_blocks;
   StepBlocking(int64_t batch, int64_t hidden, const Executor* ex) {
     const int64_t target = 2 * (ex ? ex->num_workers() + 1 : 1);
-    rows = batch, units = kMaxUnits;
+    rows = batch, units = kUnitsTune;
     auto items = [&] { return ceil_div(batch, rows) * ceil_div(hidden, units); };
-    while (items() < target && units > 16) units /= 2;
+    while (items() < target * tune("JBR_ITEMS", 1) && units > 16) units /= 2;
     while (items() < target && rows > 8) rows = ceil_div(rows, 2);
     row_blocks = ceil_div(batch, rows), unit_blocks = ceil_div(hidden, units);
   }
@@ -172,7 +183,7 @@ std::string lstm_forward(const LstmForward& p, const Executor* ex) {
       float* g = p.gates + rows.row(t, n0) * G + j0;
       const int64_t ldg = ldn * G;
       for (int gate = 0; gate < 4; ++gate)
-        gemm(m, u, K, h_prev + n0 * ld_prev, ld_prev, w_hh[gate].panel(jb), blk.units,
+        gemm(m, u, K, h_prev + n0 * ld_prev, ld_prev, w_hh[gate].panel(jb), w_hh[gate].ld,
              g + gate * K, ldg, 1.0f, gate == 2 ? Activation::tanh : Activation::sigmoid);
       float tanh_c[kMaxUnits];
       for (int64_t r = 0; r < m; ++r) {
@@ -186,7 +197,7 @@ std::string lstm_forward(const LstmForward& p, const Executor* ex) {
       }
     });
   }
-  if (prof()) fprintf(stderr, "fwd: input %.2f ms, steps %.2f ms, items %ld\n", t1 - t0, now_ms() - t1, (long)blk.items());
+  if (prof()) fprintf(stderr, "fwd: input %.2f ms, steps %.2f ms, items %ld workers %ld\n", t1 - t0, now_ms() - t1, (long)blk.items(), (long)(ex ? ex->num_workers() : -1));
   return gemm.error();
 }
 
@@ -201,6 +212,9 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
   // Gate pre-activation gradients of every step, kept for the GEMMs after the loop.
   Scratch dgates = scratch(R * G), dh = scratch(N * K);
   const StepBlocking blk(N, K, ex);
+  // dbias = column sums of dgates, summed per row block on the hot block, then over blocks.
+  Scratch dbias_part = scratch(blk.row_blocks * G);
+  std::fill(dbias_part.get(), dbias_part.get() + blk.row_blocks * G, 0.0f);
   const Panels w_hh_t = pack_panels(ex, p.w_hh, G, true, G, K, blk.units);  // W_hh^T
   std::memcpy(p.dc0, p.d_cT, sizeof(float) * N * K);  // dc, carried back through time
 
@@ -215,7 +229,7 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
         std::memcpy(dhb + r * K, p.d_hs + rows.row(t, n0 + r) * K + j0, sizeof(float) * u);
       if (t + 1 < T)
         gemm(m, u, G, dgates.get() + rows.row(t + 1, n0) * G, ldn * G, w_hh_t.panel(jb),
-             blk.units, dhb, K, 1.0f);
+             w_hh_t.ld, dhb, K, 1.0f);
       float tanh_c[kMaxUnits];
       for (int64_t r = 0; r < m; ++r) {
         const int64_t row = rows.row(t, n0 + r);
@@ -226,6 +240,7 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
         float* dc = p.dc0 + (n0 + r) * K + j0;
         float* di = dgates.get() + row * G + j0;
         float *df = di + K, *dg = di + 2 * K, *d_o = di + 3 * K;
+        float* db = dbias_part.get() + n0 / blk.rows * G + j0;
         std::memcpy(tanh_c, c, sizeof(float) * u);
         apply_activation(Activation::tanh, tanh_c, u, gemm.isa());
         for (int64_t j = 0; j < u; ++j) {
@@ -236,6 +251,7 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
           df[j] = dcv * cp[j] * f * (1.0f - f);
           dg[j] = dcv * i * (1.0f - g * g);
           d_o[j] = dhr[j] * tc * o * (1.0f - o);
+          db[j] += di[j], db[K + j] += df[j], db[2 * K + j] += dg[j], db[3 * K + j] += d_o[j];
         }
       }
     });
@@ -250,7 +266,7 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
   // Weight gradients reduce over every (step, batch) row: dW = A^T dgates with A = x for
   // W_ih and A = h_{t-1} (h0 at t = 0) for W_hh, the transposes packed once.
   {
-    const Panels d_panels = pack_panels(ex, dgates.get(), G, false, R, G, kPanel);
+    const Panels d_panels = tune("JBR_NOPACK", 0) ? view_panels(dgates.get(), G, R, G, kPanel) : pack_panels(ex, dgates.get(), G, false, R, G, kPanel);
     Scratch a_t = scratch(std::max(C, K) * R);
     transpose(ex, R, C, [&](int64_t r) { return p.x + r * C; }, a_t.get());
     parallel_gemm(gemm, ex, C, G, a_t.get(), R, d_panels, p.dw_ih, G);
@@ -262,16 +278,11 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
     parallel_gemm(gemm, ex, K, G, a_t.get(), R, d_panels, p.dw_hh, G);
   }
   double t3 = now_ms();
-  // dbias = column sums of dgates.
-  const int64_t bias_tiles = ceil_div(G, 256);
-  parallel_for(ex, bias_tiles, [&](int64_t item) {
-    const int64_t j0 = item * 256, j1 = std::min(G, j0 + 256);
-    std::fill(p.dbias + j0, p.dbias + j1, 0.0f);
-    for (int64_t r = 0; r < R; ++r) {
-      const float* d = dgates.get() + r * G;
-      for (int64_t j = j0; j < j1; ++j) p.dbias[j] += d[j];
-    }
-  });
+  for (int64_t j = 0; j < G; ++j) {
+    float sum = 0.0f;
+    for (int64_t b = 0; b < blk.row_blocks; ++b) sum += dbias_part[b * G + j];
+    p.dbias[j] = sum;
+  }
   if (prof()) fprintf(stderr, "bwd: steps %.2f dx %.2f dw %.2f bias %.2f\n", t1-t0, t2-t1, t3-t2, now_ms()-t3);
   return gemm.error();
 }
