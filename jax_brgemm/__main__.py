@@ -27,28 +27,33 @@ def overview() -> None:
     print(f"jax_brgemm {jb.__version__}, jax {jax.__version__}, devices {jax.devices()}")
     print(f"ISA in use: {jb.active_isa()}  (supported here: {', '.join(jb.supported_isas())}; "
           f"force one with JAX_BRGEMM_ISA)")
-    print(f"cores: {common.num_cores()}, measured FMA peak: {kernel.machine_core_peak():.1f} GFLOP/s "
-          f"per core, {kernel.machine_core_peak() * common.num_cores():.1f} in all")
+    print(f"cores: {common.num_cores()}, measured peak per core: float32 FMA "
+          f"{kernel.machine_core_peak():.1f} GFLOP/s, bfloat16 {kernel.machine_core_peak('bfloat16'):.1f}")
 
     print("\ncorrectness check against a float64 NumPy reference:")
     rng = np.random.default_rng(int(time.time()))
     ok = True
+    op = jax.jit(lambda a, b: jb.brgemm(a, b, epilogue="tanh", out_dtype=jnp.float32))
     for isa in jb.supported_isas():
         jb.set_isa(isa)
-        worst = 0.0
-        for m, n, k, count in [(1, 1, 1, 1), (17, 33, 7, 5), (64, 64, 64, 16), (100, 31, 129, 3)]:
-            a = rng.standard_normal((2, count, m, k)).astype(np.float32)
-            b = rng.standard_normal((2, count, k, n)).astype(np.float32)
-            out = np.asarray(jax.jit(lambda a, b: jb.brgemm(a, b, epilogue="tanh"))(a, b))
-            ref = np.tanh(np.einsum("pimk,pikn->pmn", a.astype(np.float64), b))
-            worst = max(worst, np.linalg.norm(out - ref) / np.linalg.norm(ref))
-        ok &= worst < 1e-5
-        print(f"  {isa:7s} worst relative error {worst:.1e}  {'ok' if worst < 1e-5 else 'FAILED'}")
+        for dtype in (jnp.float32, jnp.bfloat16):
+            worst = 0.0
+            for m, n, k, count in [(1, 1, 1, 1), (17, 33, 7, 5), (64, 64, 64, 16), (100, 31, 129, 3)]:
+                a = rng.standard_normal((2, count, m, k)).astype(dtype)
+                b = rng.standard_normal((2, count, k, n)).astype(dtype)
+                out = np.asarray(op(a, b))
+                # float64 products of the same (rounded) inputs: only accumulation error remains
+                ref = np.tanh(np.einsum("pimk,pikn->pmn", a.astype(np.float64), b.astype(np.float64)))
+                worst = max(worst, np.linalg.norm(out - ref) / np.linalg.norm(ref))
+            ok &= worst < 1e-5
+            print(f"  {isa:10s} {np.dtype(dtype).name:8s} worst relative error {worst:.1e}  "
+                  f"{'ok' if worst < 1e-5 else 'FAILED'}")
     jb.set_isa(None)
 
     print()
-    records = kernel.kernel_records(kernel.PAPER_SHAPES, ["stride"], [jb.active_isa()], samples=3)
-    common.print_records(records, ["m", "n", "k", "count", "isa", "gflops", "pct_of_peak"], False,
+    records = kernel.kernel_records(kernel.PAPER_SHAPES, ["stride"], [jb.active_isa()],
+                                    ("float32", "bfloat16"), samples=3)
+    common.print_records(records, ["m", "n", "k", "count", "dtype", "isa", "gflops", "pct_of_peak"], False,
                          "kernel, single thread, in-cache blocks (python -m jax_brgemm bench kernel):")
 
     print("\nbatched brgemm op under jit, all cores, against XLA's einsum on the same data:")

@@ -21,6 +21,24 @@ def check_float32(name: str, x) -> None:
         raise TypeError(f"{name} must be float32, got {kind} ({dtype})")
 
 
+KERNEL_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16))
+
+
+def check_kernel_dtype(name: str, x) -> np.dtype:
+    """float32 or bfloat16 (the kernel's input types); returns the dtype."""
+    dtype = dtype_of(x)
+    if dtype not in KERNEL_DTYPES:
+        kind = "integer" if jnp.issubdtype(dtype, jnp.integer) else str(dtype)
+        raise TypeError(f"{name} must be float32 or bfloat16, got {kind} ({dtype})")
+    return dtype
+
+
+def check_same_dtype(names: str, *arrays) -> None:
+    dtypes = {str(dtype_of(x)) for x in arrays}
+    if len(dtypes) > 1:
+        raise TypeError(f"{names} must have the same dtype, got {', '.join(sorted(dtypes))}")
+
+
 def check_integer(name: str, x) -> None:
     if not jnp.issubdtype(dtype_of(x), jnp.integer):
         raise TypeError(f"{name} must hold integers, got {dtype_of(x)}")

@@ -14,15 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
+from ._sharding import batch_partitioned
 from ._checks import (
     broadcast_lead,
     check_activation,
-    check_float32,
     check_integer,
+    check_kernel_dtype,
     check_rank,
+    check_same_dtype,
 )
 
-_NONE = jnp.zeros((0,), jnp.float32)  # stands for an absent c or bias in the FFI call
+def _none():
+    """Stands for an absent c or bias in the FFI call (built in the trace, not a constant)."""
+    return jnp.zeros((0,), jnp.float32)
 
 
 def _scalar(name: str, value) -> float:
@@ -54,22 +58,25 @@ def _attrs(alpha, beta, act):
 # ------------------------------------------------------------------ stride form
 
 
-def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None):
+def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None, out_dtype=None):
     """Batch-reduce GEMM: ``epilogue(beta * c + alpha * sum_i a[..., i, :, :] @ b[..., i, :, :] + bias)``.
 
     Args:
-      a: ``(..., count, m, k)`` float32.
-      b: ``(..., count, k, n)`` float32.
-      c: optional ``(..., m, n)`` float32 addend, scaled by ``beta`` (ignored when None).
+      a: ``(..., count, m, k)`` float32 or bfloat16.
+      b: ``(..., count, k, n)``, a's dtype.
+      c: optional ``(..., m, n)`` addend of the result's dtype, scaled by ``beta``.
       alpha, beta: Python numbers.
       epilogue: None, "relu", "gelu" (tanh form), "sigmoid" or "tanh", applied after bias.
-      bias: optional ``(n,)`` float32 row added to every output row.
+      bias: optional ``(n,)`` row added to every output row (applied in float32).
+      out_dtype: float32 or bfloat16; default a's dtype. Accumulation is always float32.
 
     Leading dims of a, b and c are independent problems and broadcast like NumPy's.
-    Returns ``(..., m, n)`` float32. Works under jit, vmap and grad (a, b, c and bias).
+    Returns ``(..., m, n)``. Works under jit, vmap and grad (a, b, c and bias); gradients
+    come in each input's dtype.
     """
-    check_float32("a", a)
-    check_float32("b", b)
+    check_kernel_dtype("a", a)
+    check_kernel_dtype("b", b)
+    check_same_dtype("a and b", a, b)
     check_rank("a", a, 3, "(..., count, m, k)")
     check_rank("b", b, 3, "(..., count, k, n)")
     a, b = jnp.asarray(a), jnp.asarray(b)
@@ -80,8 +87,9 @@ def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None):
         raise ValueError(f"b's k ({b.shape[-2]}) must equal a's k ({k}); a {a.shape}, b {b.shape}")
     n = b.shape[-1]
     leads = {"a": a.shape[:-3], "b": b.shape[:-3]}
+    out_dtype = _out_dtype(out_dtype, a.dtype)
     if c is not None:
-        check_float32("c", c)
+        _check_c(c, out_dtype)
         check_rank("c", c, 2, "(..., m, n)")
         c = jnp.asarray(c)
         if c.shape[-2:] != (m, n):
@@ -89,73 +97,131 @@ def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None):
         leads["c"] = c.shape[:-2]
     act = check_activation("epilogue", epilogue)
     alpha, beta = _scalar("alpha", alpha), _scalar("beta", beta)
-    if bias is not None:
-        check_float32("bias", bias)
-        bias = jnp.asarray(bias)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must have shape (n,) = ({n},), got {bias.shape}")
+    bias = _check_bias(bias, n)
     lead = broadcast_lead(leads)
     if 0 in lead or m == 0 or n == 0:
-        return jnp.zeros(lead + (m, n), jnp.float32)
+        return jnp.zeros(lead + (m, n), out_dtype)
     if count == 0 or k == 0:  # an empty sum: only c and bias remain
-        return _epilogue_only(lead + (m, n), c, beta, bias, act)
-    return _brgemm(a, b, c, bias, alpha, beta, act)
+        return _epilogue_only(lead + (m, n), c, beta, bias, act).astype(out_dtype)
+    return _brgemm(a, b, c, bias, alpha, beta, act, out_dtype)
+
+
+def _out_dtype(out_dtype, default):
+    dtype = np.dtype(default if out_dtype is None else out_dtype)
+    if dtype not in (np.dtype(jnp.float32), np.dtype(jnp.bfloat16)):
+        raise TypeError(f"out_dtype must be float32 or bfloat16, got {dtype}")
+    return dtype
+
+
+def _check_c(c, out_dtype):
+    check_kernel_dtype("c", c)
+    if np.dtype(c.dtype) != out_dtype:
+        raise TypeError(f"c must have the result's dtype {out_dtype}, got {c.dtype}")
+
+
+def _check_bias(bias, n):
+    """The bias as float32 (the epilogue's precision), shape-checked."""
+    if bias is None:
+        return None
+    check_kernel_dtype("bias", bias)
+    bias = jnp.asarray(bias)
+    if bias.shape != (n,):
+        raise ValueError(f"bias must have shape (n,) = ({n},), got {bias.shape}")
+    return bias.astype(jnp.float32)
 
 
 def _epilogue_only(shape, c, beta, bias, act):
     z = jnp.zeros(shape, jnp.float32)
     if c is not None and beta != 0.0:
-        z = z + beta * c
+        z = z + beta * c.astype(jnp.float32)
     if bias is not None:
         z = z + bias
     return _activations.apply(act, z)
 
 
-def _brgemm_call(a, b, c, bias, alpha, beta, act):
+def _brgemm_call(a, b, c, bias, alpha, beta, act, out_dtype):
+    c = None if c is None else c.astype(out_dtype)  # gelu's residual path asks for float32
     lead = jnp.broadcast_shapes(a.shape[:-3], b.shape[:-3], *(() if c is None else (c.shape[:-2],)))
     rank = len(lead)
-    out = jax.ShapeDtypeStruct(lead + (a.shape[-2], b.shape[-1]), jnp.float32)
-    call = jax.ffi.ffi_call("jax_brgemm_brgemm", out, vmap_method="expand_dims")
-    return call(
-        _with_lead_rank(a, rank, 3),
-        _with_lead_rank(b, rank, 3),
-        _NONE if c is None else _with_lead_rank(c, rank, 2),
-        _NONE if bias is None else _with_lead_rank(bias, rank, 1),
-        **_attrs(alpha, 0.0 if c is None else beta, act),
-    )
+    args = [_with_lead_rank(a, rank, 3), _with_lead_rank(b, rank, 3)]
+    args += [] if c is None else [_with_lead_rank(c, rank, 2)]
+    args += [] if bias is None else [_with_lead_rank(bias, rank, 1)]
+    return _stride_call_for(alpha, beta, act, c is not None, bias is not None, rank, out_dtype)(*args)
 
 
-def _forward_with_residuals(call, act, *args):
-    """Runs `call(..., act)`; for gelu keeps the pre-activation the derivative needs."""
+@functools.lru_cache(maxsize=None)
+def _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
+    """The raw FFI call for one set of static attributes. Every operand has `lead_rank`
+    leading dims (size 1 where broadcast), which the kernel broadcasts; the first is the
+    batch that data-parallel sharding splits."""
+
+    def ffi(a, b, *rest):
+        c = rest[0] if has_c else None
+        bias = rest[-1] if has_bias else None
+        lead = jnp.broadcast_shapes(a.shape[:-3], b.shape[:-3], *(() if c is None else (c.shape[:-2],)))
+        out = jax.ShapeDtypeStruct(lead + (a.shape[-2], b.shape[-1]), out_dtype)
+        return jax.ffi.ffi_call("jax_brgemm_brgemm", out)(
+            a, b, _none() if c is None else c, _none() if bias is None else bias,
+            **_attrs(alpha, beta if has_c else 0.0, act))
+
+    n_args = 2 + has_c + has_bias
+    sharded = batch_partitioned(ffi, batched=(lead_rank > 0,) * n_args, outputs=("batch",))
+
+    @jax.custom_batching.custom_vmap
+    def call(*args):
+        return sharded(*args)
+
+    @call.def_vmap
+    def call_vmap(axis_size, in_batched, *args):
+        # A new leading problem dim: size 1 (broadcast) on the unbatched operands.
+        args = [x if batched else x[None] for x, batched in zip(args, in_batched)]
+        call = _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype)
+        return call(*args), True
+
+    return call
+
+
+def _forward_with_residuals(call, act, out_dtype, *args):
+    """Runs `call(..., act, out_dtype)`; for gelu keeps the float32 pre-activation its
+    derivative needs."""
     if _activations.needs_preactivation(act):
-        z = call(*args, "none")
-        out = _activations.apply(act, z)
+        z = call(*args, "none", np.dtype(jnp.float32))
+        out = _activations.apply(act, z).astype(out_dtype)
         return out, z
-    return call(*args, act), None
+    return call(*args, act, out_dtype), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _brgemm(a, b, c, bias, alpha, beta, act):
-    return _brgemm_call(a, b, c, bias, alpha, beta, act)
+def _activation_grad(act, g, out, z, dtype):
+    """d loss / d pre-activation in float32, then in the kernel's input dtype."""
+    gz = _activations.grad_from(act, g.astype(jnp.float32), out.astype(jnp.float32), z)
+    return gz, gz.astype(dtype)
 
 
-def _brgemm_fwd(a, b, c, bias, alpha, beta, act):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _brgemm(a, b, c, bias, alpha, beta, act, out_dtype):
+    return _brgemm_call(a, b, c, bias, alpha, beta, act, out_dtype)
+
+
+def _brgemm_fwd(a, b, c, bias, alpha, beta, act, out_dtype):
     # Through the custom_vjp function itself, so the residuals stay differentiable
     # (second-order gradients).
-    out, z = _forward_with_residuals(_brgemm, act, a, b, c, bias, alpha, beta)
+    out, z = _forward_with_residuals(_brgemm, act, out_dtype, a, b, c, bias, alpha, beta)
     return out, (a, b, c, bias, out, z)
 
 
-def _brgemm_bwd(alpha, beta, act, res, g):
+def _brgemm_bwd(alpha, beta, act, out_dtype, res, g):
     a, b, c, bias, out, z = res
-    gz = _activations.grad_from(act, g, out, z)
-    g_block = gz[..., None, None, :, :]  # (lead, 1, 1, m, n): one product per batch element
-    # dA_i = alpha * gz @ B_i^T and dB_i = alpha * A_i^T @ gz, each a count-1 brgemm.
-    da = brgemm(g_block, jnp.swapaxes(b, -1, -2)[..., :, None, :, :], alpha=alpha)
-    db = brgemm(jnp.swapaxes(a, -1, -2)[..., :, None, :, :], g_block, alpha=alpha)
-    dc = None if c is None else _unbroadcast(beta * gz, c.shape)
+    gz, gz_in = _activation_grad(act, g, out, z, a.dtype)
+    g_block = gz_in[..., None, None, :, :]  # (lead, 1, 1, m, n): one product per batch element
+    # dA_i = alpha * gz @ B_i^T and dB_i = alpha * A_i^T @ gz, each a count-1 brgemm with
+    # float32 results, summed over broadcast dims in float32, then cast to the input dtype.
+    f32 = jnp.float32
+    da = brgemm(g_block, jnp.swapaxes(b, -1, -2)[..., :, None, :, :], alpha=alpha, out_dtype=f32)
+    db = brgemm(jnp.swapaxes(a, -1, -2)[..., :, None, :, :], g_block, alpha=alpha, out_dtype=f32)
+    dc = None if c is None else _unbroadcast(beta * gz, c.shape).astype(c.dtype)
     dbias = None if bias is None else gz.reshape(-1, gz.shape[-1]).sum(0)
-    return _unbroadcast(da, a.shape), _unbroadcast(db, b.shape), dc, dbias
+    return (_unbroadcast(da, a.shape).astype(a.dtype), _unbroadcast(db, b.shape).astype(b.dtype),
+            dc, dbias)
 
 
 _brgemm.defvjp(_brgemm_fwd, _brgemm_bwd)
@@ -165,22 +231,23 @@ _brgemm.defvjp(_brgemm_fwd, _brgemm_bwd)
 
 
 def brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, *, alpha=1.0, beta=0.0,
-                   epilogue=None, bias=None):
+                   epilogue=None, bias=None, out_dtype=None):
     """Offset-form batch-reduce GEMM over pools of blocks.
 
     ``out[...] = epilogue(beta * c[...] + alpha * sum_i a_blocks[a_index[..., i]] @ b_blocks[b_index[..., i]] + bias)``
 
     Args:
-      a_blocks: ``(Pa, m, k)`` float32; b_blocks: ``(Pb, k, n)`` float32.
+      a_blocks: ``(Pa, m, k)`` float32 or bfloat16; b_blocks: ``(Pb, k, n)``, the same dtype.
       a_index, b_index: integer ``(..., count)``; leading dims broadcast with each other and c.
         Values outside ``[0, Pa)`` / ``[0, Pb)`` are an error (ValueError when the indices
         are concrete, a runtime error from the kernel under jit), never an out-of-bounds read.
-      c, alpha, beta, epilogue, bias: as in :func:`brgemm`.
+      c, alpha, beta, epilogue, bias, out_dtype: as in :func:`brgemm`.
 
-    Returns ``(..., m, n)`` float32. Works under jit, vmap and grad (to the blocks, c, bias).
+    Returns ``(..., m, n)``. Works under jit, vmap and grad (to the blocks, c, bias).
     """
-    check_float32("a_blocks", a_blocks)
-    check_float32("b_blocks", b_blocks)
+    check_kernel_dtype("a_blocks", a_blocks)
+    check_kernel_dtype("b_blocks", b_blocks)
+    check_same_dtype("a_blocks and b_blocks", a_blocks, b_blocks)
     if np.ndim(a_blocks) != 3:
         raise ValueError(f"a_blocks must have shape (Pa, m, k), got {np.shape(a_blocks)}")
     if np.ndim(b_blocks) != 3:
@@ -201,8 +268,9 @@ def brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, *, alpha=1.0, b
     _check_index_range("a_index", a_index_host, a_blocks.shape[0])
     _check_index_range("b_index", b_index_host, b_blocks.shape[0])
     leads = {"a_index": a_index.shape[:-1], "b_index": b_index.shape[:-1]}
+    out_dtype = _out_dtype(out_dtype, a_blocks.dtype)
     if c is not None:
-        check_float32("c", c)
+        _check_c(c, out_dtype)
         check_rank("c", c, 2, "(..., m, n)")
         c = jnp.asarray(c)
         if c.shape[-2:] != (m, n):
@@ -210,21 +278,17 @@ def brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, *, alpha=1.0, b
         leads["c"] = c.shape[:-2]
     act = check_activation("epilogue", epilogue)
     alpha, beta = _scalar("alpha", alpha), _scalar("beta", beta)
-    if bias is not None:
-        check_float32("bias", bias)
-        bias = jnp.asarray(bias)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must have shape (n,) = ({n},), got {bias.shape}")
+    bias = _check_bias(bias, n)
     lead = broadcast_lead(leads)
     if 0 in lead or m == 0 or n == 0:
-        return jnp.zeros(lead + (m, n), jnp.float32)
+        return jnp.zeros(lead + (m, n), out_dtype)
     if count == 0 or k == 0:
-        return _epilogue_only(lead + (m, n), c, beta, bias, act)
+        return _epilogue_only(lead + (m, n), c, beta, bias, act).astype(out_dtype)
     a_index = jnp.broadcast_to(a_index.astype(jnp.int32), lead + (count,))
     b_index = jnp.broadcast_to(b_index.astype(jnp.int32), lead + (count,))
     if c is not None:
         c = jnp.broadcast_to(c, lead + (m, n))
-    return _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act)
+    return _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype)
 
 
 def _check_index_range(name, index, blocks):
@@ -238,24 +302,36 @@ def _check_index_range(name, index, blocks):
 
 
 @functools.lru_cache(maxsize=None)
-def _indexed_call_for(alpha, beta, act, has_c, has_bias):
-    """The raw FFI call for one set of static attributes, with a batching rule that folds
-    a vmapped axis into the problems and the block pools."""
+def _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
+    """The raw FFI call for one set of static attributes, taking (a_blocks, b_blocks,
+    a_index, b_index[, c][, bias]). The pools are replicated under sharding; the problems
+    (indices, c, out) split along their first leading dim. A vmapped axis folds into the
+    problems and the block pools."""
 
-    @jax.custom_batching.custom_vmap
-    def call(a_blocks, b_blocks, a_index, b_index, c, bias):
+    def ffi(a_blocks, b_blocks, a_index, b_index, *rest):
+        c = rest[0] if has_c else None
+        bias = rest[-1] if has_bias else None
         lead = a_index.shape[:-1]
-        out = jax.ShapeDtypeStruct(lead + (a_blocks.shape[1], b_blocks.shape[2]), jnp.float32)
+        out = jax.ShapeDtypeStruct(lead + (a_blocks.shape[1], b_blocks.shape[2]), out_dtype)
         return jax.ffi.ffi_call("jax_brgemm_brgemm_indexed", out)(
             a_blocks, b_blocks, a_index, b_index,
-            c if has_c else _NONE,
-            _with_lead_rank(bias, len(lead), 1) if has_bias else _NONE,
+            _none() if c is None else c,
+            _none() if bias is None else _with_lead_rank(bias, len(lead), 1),
             **_attrs(alpha, beta if has_c else 0.0, act),
         )
 
+    split = lead_rank > 0
+    batched = (False, False, split, split) + ((split,) if has_c else ()) + ((False,) if has_bias else ())
+    sharded = batch_partitioned(ffi, batched=batched, outputs=("batch",))
+
+    @jax.custom_batching.custom_vmap
+    def call(*args):
+        return sharded(*args)
+
     @call.def_vmap
-    def call_vmap(axis_size, in_batched, a_blocks, b_blocks, a_index, b_index, c, bias):
-        a_b, b_b, ai_b, bi_b, c_b, bias_b = in_batched
+    def call_vmap(axis_size, in_batched, a_blocks, b_blocks, a_index, b_index, *rest):
+        a_b, b_b, ai_b, bi_b = in_batched[:4]
+        rest_b = in_batched[4:]
 
         def lift(x, batched):
             return x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
@@ -272,46 +348,56 @@ def _indexed_call_for(alpha, beta, act, has_c, has_bias):
             a_blocks, a_index = fold_pool(a_blocks, a_index)
         if b_b:
             b_blocks, b_index = fold_pool(b_blocks, b_index)
+        rest = list(rest)
         if has_c:
-            c = lift(c, c_b)
-        if has_bias and bias_b:
-            bias = bias.reshape((axis_size,) + (1,) * (a_index.ndim - 2) + bias.shape[-1:])
-        return call(a_blocks, b_blocks, a_index, b_index, c, bias), True
+            rest[0] = lift(rest[0], rest_b[0])
+        if has_bias:
+            bias, bias_b = rest[-1], rest_b[-1]
+            rest[-1] = bias.reshape((axis_size if bias_b else 1,) + (1,) * lead_rank + bias.shape[-1:])
+        call = _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype)
+        return call(a_blocks, b_blocks, a_index, b_index, *rest), True
 
     return call
 
 
-def _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act):
-    call = _indexed_call_for(alpha, beta, act, c is not None, bias is not None)
-    return call(a_blocks, b_blocks, a_index, b_index, c, bias)
+def _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype):
+    c = None if c is None else c.astype(out_dtype)
+    call = _indexed_call_for(alpha, beta, act, c is not None, bias is not None, a_index.ndim - 1,
+                             out_dtype)
+    return call(a_blocks, b_blocks, a_index, b_index, *(x for x in (c, bias) if x is not None))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act):
-    return _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype):
+    return _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype)
 
 
-def _indexed_fwd(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act):
-    out, z = _forward_with_residuals(_indexed, act, a_blocks, b_blocks, a_index, b_index,
-                                     c, bias, alpha, beta)
+def _indexed_fwd(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype):
+    out, z = _forward_with_residuals(_indexed, act, out_dtype, a_blocks, b_blocks, a_index,
+                                     b_index, c, bias, alpha, beta)
     return out, (a_blocks, b_blocks, a_index, b_index, c, bias, out, z)
 
 
-def _indexed_bwd(alpha, beta, act, res, g):
+def _indexed_bwd(alpha, beta, act, out_dtype, res, g):
     a_blocks, b_blocks, a_index, b_index, c, bias, out, z = res
-    gz = _activations.grad_from(act, g, out, z)
+    gz, gz_in = _activation_grad(act, g, out, z, a_blocks.dtype)
     m, n = gz.shape[-2:]
-    problems = gz.reshape(-1, m, n)  # the output gradients as a block pool
+    problems = gz_in.reshape(-1, m, n)  # the output gradients as a block pool
     # Problem p's index, once per batch element, for count-1 products per element.
     own = jnp.broadcast_to(
         jnp.arange(problems.shape[0], dtype=jnp.int32).reshape(a_index.shape[:-1] + (1,)),
         a_index.shape)[..., None]
     # Per element i: alpha * gz_p @ B_{b_index}^T, scattered (added) into dA[a_index].
-    da_parts = brgemm_indexed(problems, jnp.swapaxes(b_blocks, 1, 2), own, b_index[..., None], alpha=alpha)
-    db_parts = brgemm_indexed(jnp.swapaxes(a_blocks, 1, 2), problems, a_index[..., None], own, alpha=alpha)
-    da = jnp.zeros_like(a_blocks).at[a_index.reshape(-1)].add(da_parts.reshape((-1,) + a_blocks.shape[1:]))
-    db = jnp.zeros_like(b_blocks).at[b_index.reshape(-1)].add(db_parts.reshape((-1,) + b_blocks.shape[1:]))
-    dc = None if c is None else beta * gz
+    f32 = jnp.float32
+    da_parts = brgemm_indexed(problems, jnp.swapaxes(b_blocks, 1, 2), own, b_index[..., None],
+                              alpha=alpha, out_dtype=f32)
+    db_parts = brgemm_indexed(jnp.swapaxes(a_blocks, 1, 2), problems, a_index[..., None], own,
+                              alpha=alpha, out_dtype=f32)
+    da = jnp.zeros(a_blocks.shape, f32).at[a_index.reshape(-1)].add(
+        da_parts.reshape((-1,) + a_blocks.shape[1:])).astype(a_blocks.dtype)
+    db = jnp.zeros(b_blocks.shape, f32).at[b_index.reshape(-1)].add(
+        db_parts.reshape((-1,) + b_blocks.shape[1:])).astype(b_blocks.dtype)
+    dc = None if c is None else (beta * gz).astype(c.dtype)
     dbias = None if bias is None else gz.reshape(-1, n).sum(0)
     return da, db, None, None, dc, dbias
 

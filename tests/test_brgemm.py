@@ -36,11 +36,12 @@ def kernel_reference(a_pool, b_pool, c, m, n, k, lda, ldb, ldc, offs_a, offs_b, 
                      activation, bias):
     acc = np.zeros((m, n))
     for oa, ob in zip(offs_a, offs_b):
-        a = np.lib.stride_tricks.as_strided(a_pool[oa:], (m, k), (lda * 4, 4)).astype(np.float64)
-        b = np.lib.stride_tricks.as_strided(b_pool[ob:], (k, n), (ldb * 4, 4)).astype(np.float64)
+        sa, sb = a_pool.itemsize, b_pool.itemsize
+        a = np.lib.stride_tricks.as_strided(a_pool[oa:], (m, k), (lda * sa, sa)).astype(np.float64)
+        b = np.lib.stride_tricks.as_strided(b_pool[ob:], (k, n), (ldb * sb, sb)).astype(np.float64)
         acc += a @ b
     out = alpha * acc
-    if beta != 0.0:
+    if beta != 0.0 and c is not None:
         out += beta * c[:, :n].astype(np.float64)
     if bias is not None:
         out += bias
@@ -249,6 +250,72 @@ def test_concurrent_python_threads(rng):
     assert not errors
 
 
+# ------------------------------------------------------------------ bfloat16
+
+BF16 = jnp.bfloat16
+BF16_ROUNDING = 2.0**-8  # relative rounding of one bfloat16 value
+
+
+@pytest.mark.parametrize("form", ["stride", "offset", "address"])
+@pytest.mark.parametrize("m,n,k,count", [(1, 1, 1, 1), (7, 17, 5, 3), (16, 64, 64, 4), (13, 33, 1, 2),
+                                         (28, 64, 63, 9), (33, 100, 17, 5)])
+def test_kernel_bf16_all_forms_all_isas(form, m, n, k, count, isa_bf16, rng):
+    # Odd k exercises the unpaired last row of the bfloat16 pair layout.
+    lda, ldb, ldc = k + 1, n + 3, n + 2
+    a_pool = rng.standard_normal(count * m * lda).astype(BF16)
+    b_pool = rng.standard_normal(count * k * ldb).astype(BF16)
+    order = rng.permutation(count) if form != "stride" else np.arange(count)
+    offs_a = [int(i) * m * lda for i in order]
+    offs_b = [int(i) * k * ldb for i in order]
+    bias = rng.standard_normal(n).astype(F32)
+    # The reference multiplies the same bfloat16-rounded values in float64.
+    ref = kernel_reference(a_pool.astype(np.float64), b_pool.astype(np.float64), None, m, n, k,
+                           lda, ldb, ldc, offs_a, offs_b, 1.0, 0.0, "tanh", bias)
+    errors = {}
+    for out_dtype in (F32, BF16):
+        c = np.full((m, ldc), np.nan, out_dtype)
+        call_kernel(form, a_pool.view(np.uint16), b_pool.view(np.uint16),
+                    c.view(np.uint16) if out_dtype == BF16 else c, m, n, k, lda, ldb, ldc,
+                    offs_a, offs_b, activation="tanh", bias=bias)
+        errors[out_dtype] = rel_err(c[:, :n].astype(np.float64), ref)
+    assert errors[F32] < 1e-5  # float32 accumulation of exact bfloat16 products
+    # A bfloat16 result adds one rounding and nothing else.
+    assert errors[BF16] < errors[F32] + BF16_ROUNDING
+
+
+def test_brgemm_op_bf16_forward_and_gradients(rng):
+    a = rng.standard_normal((2, 3, 17, 33)).astype(BF16)
+    b = (0.3 * rng.standard_normal((3, 33, 20))).astype(BF16)
+    bias = rng.standard_normal(20).astype(F32)
+    out = jax.jit(lambda a, b: jb.brgemm(a, b, epilogue="gelu", bias=bias))(a, b)
+    assert out.dtype == BF16
+    ref = brgemm_reference(a.astype(np.float64), b.astype(np.float64), epilogue="gelu", bias=bias)
+    assert rel_err(out, ref) < 1e-5 + BF16_ROUNDING
+    out32 = jb.brgemm(a, b, epilogue="gelu", bias=bias, out_dtype=jnp.float32)
+    assert out32.dtype == jnp.float32 and rel_err(out32, ref) < 1e-5
+
+    w = rng.standard_normal((2, 17, 20)).astype(F32)
+    loss = lambda a, b: jnp.sum(w * jb.brgemm(a, b, epilogue="tanh", out_dtype=jnp.float32) ** 2)
+    ref_loss = lambda a, b: jnp.sum(w * jnp.tanh(jnp.einsum("...imk,...ikn->...mn", a, b)) ** 2)
+    grads = jax.grad(loss, argnums=(0, 1))(a, b)
+    want = jax.grad(ref_loss, argnums=(0, 1))(a.astype(F32), b.astype(F32))
+    for g, r in zip(grads, want):
+        assert g.dtype == BF16  # gradients in the input's dtype
+        # The output gradient enters the products rounded to bfloat16, and the result is
+        # rounded once more.
+        assert rel_err(g, r) < 1e-5 + 2 * BF16_ROUNDING
+
+
+def test_brgemm_indexed_bf16(rng):
+    a_blocks = rng.standard_normal((5, 13, 24)).astype(BF16)
+    b_blocks = rng.standard_normal((4, 24, 19)).astype(BF16)
+    a_index = rng.integers(0, 5, (3, 7))
+    b_index = rng.integers(0, 4, (3, 7))
+    out = jb.brgemm_indexed(a_blocks, b_blocks, a_index, b_index, out_dtype=jnp.float32)
+    ref = brgemm_reference(a_blocks.astype(np.float64)[a_index], b_blocks.astype(np.float64)[b_index])
+    assert rel_err(out, ref) < 1e-5
+
+
 # ------------------------------------------------------------------ offset form op
 
 
@@ -312,8 +379,11 @@ def test_brgemm_indexed_out_of_range_is_an_error_not_a_read():
         (lambda: jb.brgemm(np.ones((2, 2, 3), F32), np.ones((1, 3, 2), F32)), ValueError, "b's count"),
         (lambda: jb.brgemm(np.ones((1, 2, 3), F32), np.ones((1, 4, 2), F32)), ValueError, "b's k"),
         (lambda: jb.brgemm(np.ones((1, 2, 3), F32), np.ones((1, 3, 2), F32), np.ones((3, 2), F32)), ValueError, "c must end in"),
-        (lambda: jb.brgemm(np.ones((1, 2, 3), np.int32), np.ones((1, 3, 2), F32)), TypeError, "a must be float32, got integer"),
-        (lambda: jb.brgemm(np.ones((1, 2, 3), F32), np.ones((1, 3, 2), np.float64)), TypeError, "b must be float32"),
+        (lambda: jb.brgemm(np.ones((1, 2, 3), np.int32), np.ones((1, 3, 2), F32)), TypeError, "a must be float32 or bfloat16, got integer"),
+        (lambda: jb.brgemm(np.ones((1, 2, 3), F32), np.ones((1, 3, 2), np.float64)), TypeError, "b must be float32 or bfloat16"),
+        (lambda: jb.brgemm(np.ones((1, 2, 3), F32), np.ones((1, 3, 2), jnp.bfloat16)), TypeError, "a and b must have the same dtype"),
+        (lambda: jb.brgemm(np.ones((1, 2, 3), F32), np.ones((1, 3, 2), F32), np.ones((2, 2), jnp.bfloat16), beta=1.0), TypeError, "c must have the result's dtype"),
+        (lambda: jb.brgemm(np.ones((1, 2, 3), F32), np.ones((1, 3, 2), F32), out_dtype=np.float16), TypeError, "out_dtype must be"),
         (lambda: jb.brgemm(np.ones((1, 2, 3), F32), np.ones((1, 3, 2), F32), epilogue="swish"), ValueError, "epilogue must be one of"),
         (lambda: jb.brgemm(np.ones((1, 2, 3), F32), np.ones((1, 3, 2), F32), bias=np.ones(3, F32)), ValueError, "bias must have shape"),
         (lambda: jb.brgemm(np.ones((2, 1, 2, 3), F32), np.ones((3, 1, 3, 2), F32)), ValueError, "leading dims do not broadcast"),

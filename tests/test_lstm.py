@@ -152,6 +152,7 @@ def test_vmap_over_weights(rng):
 def test_bad_input(rng):
     x, w_ih, w_hh, bias, h0, c0 = make_inputs(rng, 2, 3, 4, 5, False)
     cases = [
+        (TypeError, "x", (x.astype(np.float64), w_ih, w_hh, bias)),
         (TypeError, "x", (x.astype(jnp.bfloat16), w_ih, w_hh, bias)),
         (TypeError, "x", (x.astype(np.int32), w_ih, w_hh, bias)),
         (TypeError, "w_hh", (x, w_ih, w_hh.astype(np.float16), bias)),

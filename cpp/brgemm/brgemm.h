@@ -26,7 +26,7 @@ bool parse_isa(const std::string& name, Isa* isa);
 bool isa_supported(Isa isa);
 // The ISA used when a Desc asks for Isa::ref..amx by default: JAX_BRGEMM_ISA if set
 // (an unsupported or unknown value is reported by active_isa_error()), else the best
-// float32 path CPUID offers.
+// path CPUID offers (avx512bf16 where present: its float32 kernels are the AVX-512 ones).
 Isa active_isa();
 // Empty when JAX_BRGEMM_ISA is unset or valid, else why it was rejected.
 std::string active_isa_error();
@@ -77,7 +77,10 @@ class Kernel;
 using KernelFn = void (*)(const Kernel& kernel, const Batch& batch, void* c, float alpha,
                           const float* bias);
 
-// A kernel specialised for one Desc: register blocking chosen for (m, n) and the ISA.
+// A kernel specialised for one Desc: register blocking chosen for (m, n), the input dtype
+// and the ISA. bfloat16 inputs (a and b alike, stored as uint16_t) are multiplied with
+// float32 accumulation: natively on avx512bf16, by conversion elsewhere. C is float32 or
+// bfloat16 (rounded to nearest even once, at the store).
 class Kernel {
  public:
   Desc desc;
@@ -102,5 +105,7 @@ void apply_activation(Activation act, float* data, int64_t size, Isa isa);
 
 // Measured peak: single-thread float32 GFLOP/s of a register-resident FMA loop on `isa`.
 double measure_fma_peak_gflops(Isa isa, double seconds = 0.2);
+// The same for the ISA's native bfloat16 dot-product instruction (0 where it has none).
+double measure_bf16_peak_gflops(Isa isa, double seconds = 0.2);
 
 }  // namespace jbr

@@ -16,18 +16,23 @@
 namespace jbr {
 namespace {
 
-const detail::IsaImpl* impl_for(Isa isa) {
+// The implementation that runs inputs of `dtype` on `isa`: float32 on avx512bf16 is the
+// AVX-512 kernel; null where there is none.
+const detail::IsaImpl* impl_for(Isa isa, DType dtype = DType::f32) {
   switch (isa) {
 #if defined(JBR_HAVE_X86_ISAS)
+    case Isa::avx512bf16:
+      return dtype == DType::bf16 ? &detail::impl_avx512bf16 : &detail::impl_avx512;
     case Isa::avx512: return &detail::impl_avx512;
     case Isa::avx2: return &detail::impl_avx2;
 #endif
     case Isa::ref: return &detail::impl_ref;
-    default: return nullptr;  // bfloat16-only ISAs have no float32 kernel of their own
+    default: return nullptr;  // amx: no kernel in this build
   }
 }
 
 Isa best_isa() {
+  if (isa_supported(Isa::avx512bf16)) return Isa::avx512bf16;
   if (isa_supported(Isa::avx512)) return Isa::avx512;
   if (isa_supported(Isa::avx2)) return Isa::avx2;
   return Isa::ref;
@@ -72,14 +77,14 @@ double block_cost(int64_t m, int64_t n, int rows, int vectors, int width) {
   return cost;
 }
 
-void choose_blocking(const detail::IsaImpl& impl, Kernel* k) {
+void choose_blocking(const detail::Blocking& blocking, Kernel* k) {
   double best = -1.0;
-  const int64_t max_nv = std::min<int64_t>(impl.max_vectors,
-                                           (k->desc.n + impl.vector_width - 1) / impl.vector_width);
+  const int width = blocking.vector_width;
+  const int64_t max_nv = std::min<int64_t>(blocking.max_vectors, (k->desc.n + width - 1) / width);
   for (int nv = 1; nv <= max_nv; ++nv) {
-    const int max_rows = static_cast<int>(std::min<int64_t>(impl.max_rows[nv], k->desc.m));
+    const int max_rows = static_cast<int>(std::min<int64_t>(blocking.max_rows[nv], k->desc.m));
     for (int rows = 1; rows <= max_rows; ++rows) {
-      const double cost = block_cost(k->desc.m, k->desc.n, rows, nv, impl.vector_width);
+      const double cost = block_cost(k->desc.m, k->desc.n, rows, nv, width);
       if (best < 0.0 || cost < best) {
         best = cost;
         k->rows_per_block = rows;
@@ -137,8 +142,10 @@ bool isa_supported(Isa isa) {
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    case Isa::avx512bf16:
+      return isa_supported(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
 #endif
-    default: return false;  // bfloat16 paths arrive with their kernels
+    default: return false;  // amx: no tile kernel in this build
   }
 }
 
@@ -180,10 +187,10 @@ std::string validate(const Desc& d) {
   if (d.lda < d.k) return "lda must be >= k (" + std::to_string(d.k) + "), got " + std::to_string(d.lda);
   if (d.ldb < d.n) return "ldb must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldb);
   if (d.ldc < d.n) return "ldc must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldc);
-  if (d.a_dtype != DType::f32 || d.b_dtype != DType::f32 || d.c_dtype != DType::f32)
-    return "only float32 a, b and c are supported by this build";
+  if (d.a_dtype != d.b_dtype) return "a and b must have the same dtype";
   if (!isa_supported(d.isa)) return std::string("isa ") + isa_name(d.isa) + " is not supported by this CPU";
-  if (impl_for(d.isa) == nullptr) return std::string("isa ") + isa_name(d.isa) + " has no float32 kernel";
+  if (impl_for(d.isa, d.a_dtype) == nullptr)
+    return std::string("isa ") + isa_name(d.isa) + " has no kernel in this build";
   return "";
 }
 
@@ -197,9 +204,10 @@ const Kernel& get_kernel(const Desc& d) {
   }
   auto kernel = std::make_unique<Kernel>();
   kernel->desc = d;
-  const detail::IsaImpl& impl = *impl_for(d.isa);
-  choose_blocking(impl, kernel.get());
-  kernel->fn = impl.run_f32;
+  const detail::IsaImpl& impl = *impl_for(d.isa, d.a_dtype);
+  const bool bf16 = d.a_dtype == DType::bf16;
+  choose_blocking(bf16 ? impl.bf16 : impl.f32, kernel.get());
+  kernel->fn = bf16 ? impl.run_bf16 : impl.run_f32;
   std::unique_lock lock(mutex);
   auto [it, inserted] = cache.emplace(d, std::move(kernel));
   return *it->second;
@@ -213,6 +221,11 @@ void apply_activation(Activation act, float* data, int64_t size, Isa isa) {
 double measure_fma_peak_gflops(Isa isa, double seconds) {
   const detail::IsaImpl* impl = impl_for(isa);
   return impl ? impl->fma_peak_gflops(seconds) : 0.0;
+}
+
+double measure_bf16_peak_gflops(Isa isa, double seconds) {
+  const detail::IsaImpl* impl = impl_for(isa, DType::bf16);
+  return impl && impl->bf16_peak_gflops ? impl->bf16_peak_gflops(seconds) : 0.0;
 }
 
 Batch Batch::strided(const void* a, int64_t stride_a, const void* b, int64_t stride_b,

@@ -4,6 +4,7 @@
 #define JBR_ISA_NS avx2
 #define JBR_MAX_VECTORS 3
 #define JBR_MAX_ROWS {0, 12, 6, 4, 0}
+#define JBR_MAX_ROWS_BF16 {0, 10, 5, 3, 0}
 #include "kernel_impl.h"
 
 namespace jbr::detail {

@@ -4,6 +4,7 @@
 #define JBR_ISA_NS avx512
 #define JBR_MAX_VECTORS 4
 #define JBR_MAX_ROWS {0, 16, 14, 9, 7}
+#define JBR_MAX_ROWS_BF16 {0, 16, 13, 8, 6}
 #include "kernel_impl.h"
 
 namespace jbr::detail {

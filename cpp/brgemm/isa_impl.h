@@ -7,19 +7,28 @@ namespace jbr::detail {
 
 constexpr int kMaxVectorsPerBlock = 4;
 
+// Register-block limits of one kernel family: a block is up to max_rows[v] rows of C by v
+// "vectors" of vector_width columns each.
+struct Blocking {
+  int vector_width = 1;
+  int max_vectors = 1;
+  int max_rows[kMaxVectorsPerBlock + 1] = {};
+};
+
 struct IsaImpl {
-  int vector_width;                             // floats per vector
-  int max_vectors;                              // <= kMaxVectorsPerBlock
-  int max_rows[kMaxVectorsPerBlock + 1];        // register-block height limit per width
-  KernelFn run_f32;                             // any m, n, k within the kernel's blocks
-  void (*activation)(Activation act, float* data, int64_t size);
-  double (*fma_peak_gflops)(double seconds);
+  Blocking f32, bf16;    // blocking for float32 and bfloat16 inputs
+  KernelFn run_f32 = nullptr;
+  KernelFn run_bf16 = nullptr;
+  void (*activation)(Activation act, float* data, int64_t size) = nullptr;
+  double (*fma_peak_gflops)(double seconds) = nullptr;
+  double (*bf16_peak_gflops)(double seconds) = nullptr;  // null: no native bf16 math
 };
 
 extern const IsaImpl impl_ref;
 #if defined(JBR_HAVE_X86_ISAS)
 extern const IsaImpl impl_avx2;
 extern const IsaImpl impl_avx512;
+extern const IsaImpl impl_avx512bf16;
 #endif
 
 }  // namespace jbr::detail

@@ -1,6 +1,7 @@
 // The micro-kernel, epilogue and activation math, written once over the Vec interface of
 // vec.h and compiled per ISA by isa_*.cc. Each of those defines JBR_VEC_<ISA>, JBR_ISA_NS,
-// JBR_MAX_VECTORS and JBR_MAX_ROWS (register-block height limit per block width) first.
+// JBR_MAX_VECTORS, JBR_MAX_ROWS and JBR_MAX_ROWS_BF16 (register-block height limits per
+// block width, for float32 and converted bfloat16 inputs) first.
 #pragma once
 
 #include <array>
@@ -15,7 +16,6 @@ namespace JBR_ISA_NS {
 
 constexpr int W = Vec::width;
 constexpr int kMaxVectors = JBR_MAX_VECTORS;
-constexpr std::array<int, detail::kMaxVectorsPerBlock + 1> kMaxRows = JBR_MAX_ROWS;
 
 // ---------------------------------------------------------------- activation math
 inline Vec sigmoid(Vec x) { return Vec::set1(1.0f) / (Vec::set1(1.0f) + exp(Vec::zero() - x)); }
@@ -62,37 +62,73 @@ inline void apply_activation(Activation act, float* data, int64_t size) {
 }
 
 // ---------------------------------------------------------------- micro-kernel
-inline const float* block_a(const Batch& b, int64_t i) {
+template <class T>
+const T* block_a(const Batch& b, int64_t i) {
   switch (b.form) {
-    case Batch::Form::stride: return static_cast<const float*>(b.a) + i * b.stride_a;
-    case Batch::Form::offset: return static_cast<const float*>(b.a) + b.offs_a[i];
+    case Batch::Form::stride: return static_cast<const T*>(b.a) + i * b.stride_a;
+    case Batch::Form::offset: return static_cast<const T*>(b.a) + b.offs_a[i];
     case Batch::Form::address: break;
   }
-  return static_cast<const float*>(b.ptrs_a[i]);
+  return static_cast<const T*>(b.ptrs_a[i]);
 }
 
-inline const float* block_b(const Batch& b, int64_t i) {
+template <class T>
+const T* block_b(const Batch& b, int64_t i) {
   switch (b.form) {
-    case Batch::Form::stride: return static_cast<const float*>(b.b) + i * b.stride_b;
-    case Batch::Form::offset: return static_cast<const float*>(b.b) + b.offs_b[i];
+    case Batch::Form::stride: return static_cast<const T*>(b.b) + i * b.stride_b;
+    case Batch::Form::offset: return static_cast<const T*>(b.b) + b.offs_b[i];
     case Batch::Form::address: break;
   }
-  return static_cast<const float*>(b.ptrs_b[i]);
+  return static_cast<const T*>(b.ptrs_b[i]);
 }
+
+// Inputs are float32 or bfloat16 (stored as uint16_t); math is float32 either way.
+inline float scalar_in(float x) { return x; }
+inline float scalar_in(uint16_t x) { return bf16_to_f32(x); }
+inline Vec load_in(const float* p) { return Vec::load(p); }
+inline Vec load_in(const float* p, Vec::Mask m) { return Vec::load(p, m); }
+inline Vec load_in(const uint16_t* p) { return Vec::load_bf16(p); }
+inline Vec load_in(const uint16_t* p, Vec::Mask m) { return Vec::load_bf16(p, m); }
 
 struct Tile {
   const Desc* desc;
   const Batch* batch;
   int64_t row0, col0;
   int tail_lanes;  // valid lanes of the last vector
-  float* c;
+  void* c;        // float32 or bfloat16, as desc->c_dtype says
   float alpha;
   const float* bias;
 };
 
+// The epilogue on one finished vector of C (row r, columns col.. of the tile), in registers:
+// alpha, beta * C, bias, activation, then the one store (float32 or bfloat16).
+inline void finish(const Tile& t, Vec x, int r, int col, bool partial, Vec::Mask mask) {
+  const Desc& d = *t.desc;
+  const int64_t offset = (t.row0 + r) * d.ldc + t.col0 + col;
+  const bool c_bf16 = d.c_dtype == DType::bf16;
+  float* c32 = static_cast<float*>(t.c) + offset;
+  uint16_t* c16 = static_cast<uint16_t*>(t.c) + offset;
+  if (t.alpha != 1.0f) x = x * Vec::set1(t.alpha);
+  if (d.beta != 0.0f) {
+    const Vec old = c_bf16 ? (partial ? Vec::load_bf16(c16, mask) : Vec::load_bf16(c16))
+                           : (partial ? Vec::load(c32, mask) : Vec::load(c32));
+    x = d.beta == 1.0f ? x + old : fmadd(old, Vec::set1(d.beta), x);
+  }
+  if (d.has_bias) {
+    const float* bias = t.bias + t.col0 + col;
+    x = x + (partial ? Vec::load(bias, mask) : Vec::load(bias));
+  }
+  x = activate(x, d.activation);
+  if (c_bf16) {
+    if (partial) x.store_bf16(c16, mask); else x.store_bf16(c16);
+  } else {
+    if (partial) x.store(c32, mask); else x.store(c32);
+  }
+}
+
 // One ROWS x (NV vectors) block of C: accumulate the whole batch in registers, then the
 // epilogue on the registers, then one store. MASKED: the last vector is partial.
-template <int ROWS, int NV, bool MASKED>
+template <class T, int ROWS, int NV, bool MASKED>
 void tile_kernel(const Tile& t) {
   const Desc& d = *t.desc;
   const int64_t lda = d.lda, ldb = d.ldb, k = d.k;
@@ -104,82 +140,78 @@ void tile_kernel(const Tile& t) {
     for (int v = 0; v < NV; ++v) acc[r][v] = Vec::zero();
 
   for (int64_t i = 0; i < t.batch->count; ++i) {
-    const float* a = block_a(*t.batch, i) + t.row0 * lda;
-    const float* b = block_b(*t.batch, i) + t.col0;
+    const T* a = block_a<T>(*t.batch, i) + t.row0 * lda;
+    const T* b = block_b<T>(*t.batch, i) + t.col0;
 #pragma GCC unroll 4
     for (int64_t p = 0; p < k; ++p, b += ldb) {
       Vec bv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v)
-        bv[v] = (MASKED && v == NV - 1) ? Vec::load(b + v * W, mask) : Vec::load(b + v * W);
+        bv[v] = (MASKED && v == NV - 1) ? load_in(b + v * W, mask) : load_in(b + v * W);
 #pragma GCC unroll 32
       for (int r = 0; r < ROWS; ++r) {
-        const Vec av = Vec::set1(a[r * lda + p]);
+        const Vec av = Vec::set1(scalar_in(a[r * lda + p]));
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[r][v] = fmadd(av, bv[v], acc[r][v]);
       }
     }
   }
 
-  const Vec alpha = Vec::set1(t.alpha), beta = Vec::set1(d.beta);
 #pragma GCC unroll 32
-  for (int r = 0; r < ROWS; ++r) {
-    float* c = t.c + (t.row0 + r) * d.ldc + t.col0;
+  for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const bool partial = MASKED && v == NV - 1;
-      Vec x = t.alpha == 1.0f ? acc[r][v] : acc[r][v] * alpha;
-      if (d.beta != 0.0f) {
-        const Vec old = partial ? Vec::load(c + v * W, mask) : Vec::load(c + v * W);
-        x = d.beta == 1.0f ? x + old : fmadd(old, beta, x);
-      }
-      if (d.has_bias) {
-        const float* bias = t.bias + t.col0 + v * W;
-        x = x + (partial ? Vec::load(bias, mask) : Vec::load(bias));
-      }
-      x = activate(x, d.activation);
-      if (partial) x.store(c + v * W, mask); else x.store(c + v * W);
-    }
-  }
+    for (int v = 0; v < NV; ++v)
+      finish(t, acc[r][v], r, v * W, MASKED && v == NV - 1, mask);
 }
-
-// tile_table[nv][rows][masked]: every block shape the driver may need (edges included).
+// tile_table<T>()[nv][rows][masked]: every block shape the driver may need (edges
+// included), instantiated only for the input types an ISA uses.
 using TileFn = void (*)(const Tile&);
 using RowTable = std::array<std::array<TileFn, 2>, 33>;
+using TileTable = std::array<RowTable, detail::kMaxVectorsPerBlock + 1>;
 
-template <int NV, int... R>
+template <class T, int NV, int... R>
 constexpr RowTable make_rows(std::integer_sequence<int, R...>) {
   RowTable t{};
-  ((t[R + 1] = {&tile_kernel<R + 1, NV, false>, &tile_kernel<R + 1, NV, true>}), ...);
+  ((t[R + 1] = {&tile_kernel<T, R + 1, NV, false>, &tile_kernel<T, R + 1, NV, true>}), ...);
   return t;
 }
 
-template <int NV>
+template <class T, int NV, const detail::Blocking& B>
 constexpr RowTable rows_for() {
-  if constexpr (NV > kMaxVectors) return RowTable{};
-  else return make_rows<NV>(std::make_integer_sequence<int, kMaxRows[NV]>{});
+  if constexpr (NV > B.max_vectors) return RowTable{};
+  else return make_rows<T, NV>(std::make_integer_sequence<int, B.max_rows[NV]>{});
 }
 
-const std::array<RowTable, detail::kMaxVectorsPerBlock + 1> tile_table = {
-    RowTable{}, rows_for<1>(), rows_for<2>(), rows_for<3>(), rows_for<4>()};
+template <class T, const detail::Blocking& B>
+const TileTable& tile_table() {
+  static const TileTable table = {RowTable{}, rows_for<T, 1, B>(), rows_for<T, 2, B>(),
+                                  rows_for<T, 3, B>(), rows_for<T, 4, B>()};
+  return table;
+}
 
-inline void run_f32(const Kernel& kern, const Batch& batch, void* c_out, float alpha,
-                    const float* bias) {
+// Covers C with the kernel's register blocks; `table` holds the block kernels.
+inline void run_tiles(const Kernel& kern, const Batch& batch, void* c, float alpha,
+                      const float* bias, const TileTable& table, int width) {
   const Desc& d = kern.desc;
-  const int64_t block_cols = int64_t{kern.vectors_per_block} * W;
-  Tile t{&d, &batch, 0, 0, W, static_cast<float*>(c_out), alpha, bias};
+  const int64_t block_cols = int64_t{kern.vectors_per_block} * width;
+  Tile t{&d, &batch, 0, 0, width, c, alpha, bias};
   for (int64_t col0 = 0; col0 < d.n; col0 += block_cols) {
     const int64_t cols = std::min(block_cols, d.n - col0);
-    const int nv = static_cast<int>((cols + W - 1) / W);
+    const int nv = static_cast<int>((cols + width - 1) / width);
     t.col0 = col0;
-    t.tail_lanes = static_cast<int>(cols - int64_t{nv - 1} * W);
-    const int masked = t.tail_lanes != W;
+    t.tail_lanes = static_cast<int>(cols - int64_t{nv - 1} * width);
+    const int masked = t.tail_lanes != width;
     for (int64_t row0 = 0; row0 < d.m; row0 += kern.rows_per_block) {
       const int rows = static_cast<int>(std::min<int64_t>(kern.rows_per_block, d.m - row0));
       t.row0 = row0;
-      tile_table[nv][rows][masked](t);
+      table[nv][rows][masked](t);
     }
   }
+}
+
+template <class T, const detail::Blocking& B>
+void run_converting(const Kernel& kern, const Batch& batch, void* c, float alpha, const float* bias) {
+  run_tiles(kern, batch, c, alpha, bias, tile_table<T, B>(), W);
 }
 
 // ---------------------------------------------------------------- peak
@@ -210,12 +242,18 @@ inline double fma_peak_gflops(double seconds) {
   return 2.0 * W * kChains * static_cast<double>(iters) / elapsed * 1e-9;
 }
 
+// Register-block limits for float32 inputs and for bfloat16 converted on the fly (which
+// needs a register for the converted A value).
+constexpr detail::Blocking kF32Blocking = {W, kMaxVectors, JBR_MAX_ROWS};
+constexpr detail::Blocking kBf16Blocking = {W, kMaxVectors, JBR_MAX_ROWS_BF16};
+
+// The ISA's implementation with float32 math for both input types.
 inline detail::IsaImpl make_impl() {
-  detail::IsaImpl impl{};
-  impl.vector_width = W;
-  impl.max_vectors = kMaxVectors;
-  for (int v = 0; v <= detail::kMaxVectorsPerBlock; ++v) impl.max_rows[v] = kMaxRows[v];
-  impl.run_f32 = &run_f32;
+  detail::IsaImpl impl;
+  impl.f32 = kF32Blocking;
+  impl.bf16 = kBf16Blocking;
+  impl.run_f32 = &run_converting<float, kF32Blocking>;
+  impl.run_bf16 = &run_converting<uint16_t, kBf16Blocking>;
   impl.activation = &apply_activation;
   impl.fma_peak_gflops = &fma_peak_gflops;
   return impl;

@@ -15,6 +15,22 @@
 namespace jbr {
 namespace JBR_ISA_NS {  // distinct per translation unit: no ODR clash between ISAs
 
+// bfloat16 is the top half of a float32. Rounding to nearest even; NaN stays a quiet NaN.
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if (std::isnan(f)) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
 // Coefficients of exp(r) on |r| <= ln2/2 (Cephes expf), shared by the SIMD types.
 struct ExpConstants {
   static constexpr float hi = 88.3762626647949f, lo = -87.3365447504f;
@@ -38,6 +54,10 @@ struct Vec {
   static Vec load(const float* p, Mask) { return {*p}; }
   void store(float* p) const { *p = v; }
   void store(float* p, Mask) const { *p = v; }
+  static Vec load_bf16(const uint16_t* p) { return {bf16_to_f32(*p)}; }
+  static Vec load_bf16(const uint16_t* p, Mask) { return {bf16_to_f32(*p)}; }
+  void store_bf16(uint16_t* p) const { *p = f32_to_bf16(v); }
+  void store_bf16(uint16_t* p, Mask) const { *p = f32_to_bf16(v); }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
   friend Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
   friend Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }
@@ -63,6 +83,21 @@ struct Vec {
   static Vec load(const float* p, Mask m) { return {_mm512_maskz_loadu_ps(m, p)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
   void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
+  static Vec from_bf16(__m256i h) {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  static Vec load_bf16(const uint16_t* p) { return from_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static Vec load_bf16(const uint16_t* p, Mask m) { return from_bf16(_mm256_maskz_loadu_epi16(m, p)); }
+  __m256i to_bf16() const {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  }
+  void store_bf16(uint16_t* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16()); }
+  void store_bf16(uint16_t* p, Mask m) const { _mm256_mask_storeu_epi16(p, m, to_bf16()); }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
@@ -116,6 +151,33 @@ struct Vec {
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
   void store(float* p, Mask m) const { _mm256_maskstore_ps(p, _mm256_castps_si256(m), v); }
+  static int lanes(Mask m) { return __builtin_popcount(_mm256_movemask_ps(m)); }
+  static Vec from_bf16(__m128i h) {
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+  }
+  static Vec load_bf16(const uint16_t* p) { return from_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static Vec load_bf16(const uint16_t* p, Mask m) {  // no 16-bit masked load in AVX2
+    uint16_t tail[8] = {};
+    std::memcpy(tail, p, sizeof(uint16_t) * lanes(m));
+    return load_bf16(tail);
+  }
+  __m128i to_bf16() const {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    rounded = _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_castsi256_ps(rounded),
+        _mm256_castsi256_ps(_mm256_or_si256(bits, _mm256_set1_epi32(0x400000))), nan));
+    const __m256i high = _mm256_srli_epi32(rounded, 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
+  }
+  void store_bf16(uint16_t* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16()); }
+  void store_bf16(uint16_t* p, Mask m) const {
+    uint16_t tail[8];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(tail), to_bf16());
+    std::memcpy(p, tail, sizeof(uint16_t) * lanes(m));
+  }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }

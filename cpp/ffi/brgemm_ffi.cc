@@ -35,21 +35,21 @@ ffi::Error broadcast_strides(const ffi::AnyBuffer& operand, int64_t block_rank,
 ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
                         const ffi::AnyBuffer& out, float alpha, float beta,
                         std::string_view activation, prim::BatchedBrgemm* pb) {
-  if (auto e = expect_f32(out, "out"); e.failure()) return e;
+  if (auto e = kernel_dtype(out, "out", &pb->out_dtype); e.failure()) return e;
   auto od = out.dimensions();
   if (od.size() < 2) return invalid("result must have rank >= 2");
   pb->lead_shape.assign(od.begin(), od.end() - 2);
   pb->m = od[od.size() - 2], pb->n = od[od.size() - 1];
-  pb->out = static_cast<float*>(out.untyped_data());
+  pb->out = out.untyped_data();
   if (c.element_count() > 0) {
-    if (auto e = expect_f32(c, "c"); e.failure()) return e;
+    if (c.element_type() != out.element_type()) return invalid("c must have the result's dtype");
     auto cd = c.dimensions();
     if (cd.size() < 2 || cd[cd.size() - 2] != pb->m || cd[cd.size() - 1] != pb->n)
       return invalid("c must end in (m, n) = (" + std::to_string(pb->m) + ", " +
                      std::to_string(pb->n) + "), got " + shape_str(cd));
     if (auto e = broadcast_strides(c, 2, pb->lead_shape, "c", &pb->c_lead_strides); e.failure())
       return e;
-    pb->c = static_cast<const float*>(c.untyped_data());
+    pb->c = c.untyped_data();
   }
   if (bias.element_count() > 0) {
     // (n,) from users; vmap adds leading dims, which broadcast like c's.
@@ -79,8 +79,8 @@ ffi::Error brgemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                        float alpha, float beta, std::string_view activation) {
   prim::BatchedBrgemm pb;
   if (auto e = common_setup(c, bias, *out, alpha, beta, activation, &pb); e.failure()) return e;
-  if (auto e = expect_f32(a, "a"); e.failure()) return e;
-  if (auto e = expect_f32(b, "b"); e.failure()) return e;
+  if (auto e = kernel_dtype(a, "a", &pb.in_dtype); e.failure()) return e;
+  if (b.element_type() != a.element_type()) return invalid("b must have a's dtype");
   auto ad = a.dimensions(), bd = b.dimensions();
   if (ad.size() < 3 || bd.size() < 3) return invalid("a and b must have rank >= 3");
   pb.count = ad[ad.size() - 3], pb.k = ad[ad.size() - 1];
@@ -89,8 +89,8 @@ ffi::Error brgemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     return invalid("b must end in (count, k, n), got " + shape_str(bd) + " for a " + shape_str(ad));
   if (auto e = broadcast_strides(a, 3, pb.lead_shape, "a", &pb.a_lead_strides); e.failure()) return e;
   if (auto e = broadcast_strides(b, 3, pb.lead_shape, "b", &pb.b_lead_strides); e.failure()) return e;
-  pb.a = static_cast<const float*>(a.untyped_data());
-  pb.b = static_cast<const float*>(b.untyped_data());
+  pb.a = a.untyped_data();
+  pb.b = b.untyped_data();
   return run(pb, std::move(pool));
 }
 
@@ -123,8 +123,9 @@ ffi::Error brgemm_indexed_impl(ffi::ThreadPool pool, ffi::AnyBuffer a_blocks,
                                std::string_view activation) {
   prim::BatchedBrgemm pb;
   if (auto e = common_setup(c, bias, *out, alpha, beta, activation, &pb); e.failure()) return e;
-  if (auto e = expect_f32(a_blocks, "a_blocks"); e.failure()) return e;
-  if (auto e = expect_f32(b_blocks, "b_blocks"); e.failure()) return e;
+  if (auto e = kernel_dtype(a_blocks, "a_blocks", &pb.in_dtype); e.failure()) return e;
+  if (b_blocks.element_type() != a_blocks.element_type())
+    return invalid("b_blocks must have a_blocks' dtype");
   auto ad = a_blocks.dimensions(), bd = b_blocks.dimensions();
   if (ad.size() != 3 || bd.size() != 3) return invalid("a_blocks and b_blocks must have rank 3");
   pb.k = ad[2];
@@ -144,8 +145,8 @@ ffi::Error brgemm_indexed_impl(ffi::ThreadPool pool, ffi::AnyBuffer a_blocks,
   std::vector<int64_t> offs_a, offs_b;
   if (auto e = index_offsets(a_index, ad[0], pb.m * pb.k, "a_index", &offs_a); e.failure()) return e;
   if (auto e = index_offsets(b_index, bd[0], pb.k * pb.n, "b_index", &offs_b); e.failure()) return e;
-  pb.a = static_cast<const float*>(a_blocks.untyped_data());
-  pb.b = static_cast<const float*>(b_blocks.untyped_data());
+  pb.a = a_blocks.untyped_data();
+  pb.b = b_blocks.untyped_data();
   pb.offs_a = offs_a.data(), pb.offs_b = offs_b.data();
   return run(pb, std::move(pool));
 }

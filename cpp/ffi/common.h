@@ -57,6 +57,15 @@ inline ffi::Error expect_f32(const ffi::AnyBuffer& buffer, const char* name) {
   return ffi::Error::Success();
 }
 
+// The kernel's dtype for a float32 or bfloat16 buffer, or an error naming it.
+inline ffi::Error kernel_dtype(const ffi::AnyBuffer& buffer, const char* name, DType* dtype) {
+  switch (buffer.element_type()) {
+    case ffi::DataType::F32: *dtype = DType::f32; return ffi::Error::Success();
+    case ffi::DataType::BF16: *dtype = DType::bf16; return ffi::Error::Success();
+    default: return invalid(std::string(name) + " must be float32 or bfloat16");
+  }
+}
+
 // The ISA the kernels use now (JAX_BRGEMM_ISA or CPUID), or an error naming the bad value.
 inline ffi::Error current_isa(Isa* isa) {
   if (std::string error = active_isa_error(); !error.empty()) return invalid(error);

@@ -39,17 +39,28 @@ Activation activation_or_throw(const std::string& name) {
 }
 
 using F32Array = nb::ndarray<float, nb::c_contig, nb::device::cpu>;
+// float32, or bfloat16 given as its uint16 bit patterns.
+using AnyArray = nb::ndarray<nb::c_contig, nb::device::cpu>;
+
+DType array_dtype(const AnyArray& array, const char* name) {
+  if (array.dtype() == nb::dtype<float>()) return DType::f32;
+  if (array.dtype() == nb::dtype<uint16_t>()) return DType::bf16;
+  throw nb::type_error((std::string(name) + ": must be float32 or uint16 (bfloat16 bits)").c_str());
+}
 using I64Array = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // One kernel call on raw pools: C (m x ldc rows) is updated in place. Offsets name the
 // blocks for the offset form and are turned into pointers for the address form.
-void kernel_call(const std::string& form, F32Array a_pool, F32Array b_pool, F32Array c,
+void kernel_call(const std::string& form, AnyArray a_pool, AnyArray b_pool, AnyArray c,
                  int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
                  int64_t count, int64_t stride_a, int64_t stride_b, I64Array offs_a,
                  I64Array offs_b, float alpha, float beta, const std::string& activation,
                  nb::object bias, const std::string& isa) {
   Desc d;
   d.m = m, d.n = n, d.k = k, d.lda = lda, d.ldb = ldb, d.ldc = ldc, d.beta = beta;
+  d.a_dtype = array_dtype(a_pool, "a_pool");
+  d.b_dtype = array_dtype(b_pool, "b_pool");
+  d.c_dtype = array_dtype(c, "c");
   d.activation = activation_or_throw(activation);
   d.isa = isa_or_active(isa);
   const float* bias_ptr = nullptr;
@@ -82,8 +93,12 @@ void kernel_call(const std::string& form, F32Array a_pool, F32Array b_pool, F32A
   } else if (form == "offset") {
     kernel(Batch::offsets(a_pool.data(), oa.data(), b_pool.data(), ob.data(), count), c.data(), alpha, bias_ptr);
   } else if (form == "address") {
+    const int64_t size = d.a_dtype == DType::bf16 ? 2 : 4;
     std::vector<const void*> pa(count), pb(count);
-    for (int64_t i = 0; i < count; ++i) pa[i] = a_pool.data() + oa[i], pb[i] = b_pool.data() + ob[i];
+    for (int64_t i = 0; i < count; ++i) {
+      pa[i] = static_cast<const char*>(a_pool.data()) + oa[i] * size;
+      pb[i] = static_cast<const char*>(b_pool.data()) + ob[i] * size;
+    }
     kernel(Batch::addresses(pa.data(), pb.data(), count), c.data(), alpha, bias_ptr);
   } else {
     throw nb::value_error("form: must be 'stride', 'offset' or 'address'");
@@ -93,21 +108,26 @@ void kernel_call(const std::string& form, F32Array a_pool, F32Array b_pool, F32A
 // Single-thread GFLOP/s of one kernel shape on in-cache data: the median of `samples`
 // timings, each long enough (>= ~20 ms) to dwarf the clock's resolution.
 double bench_kernel(int64_t m, int64_t n, int64_t k, int64_t count, const std::string& form,
-                    const std::string& isa, int samples) {
+                    const std::string& isa, const std::string& dtype, int samples) {
   Desc d;
   d.m = m, d.n = n, d.k = k, d.lda = k, d.ldb = n, d.ldc = n, d.beta = 1.0f;
   d.isa = isa_or_active(isa);
+  if (dtype != "float32" && dtype != "bfloat16") throw nb::value_error("dtype: must be float32 or bfloat16");
+  d.a_dtype = d.b_dtype = dtype == "bfloat16" ? DType::bf16 : DType::f32;
   if (std::string error = validate(d); !error.empty()) throw nb::value_error(error.c_str());
+  // float32 storage is large enough for either dtype; bfloat16 uses the first half.
   std::vector<float> a(count * m * k), b(count * k * n), c(m * n, 0.0f);
   std::mt19937 rng(0);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   for (float& x : a) x = dist(rng);
   for (float& x : b) x = dist(rng);
+  const int64_t size = d.a_dtype == DType::bf16 ? 2 : 4;
   std::vector<int64_t> oa(count), ob(count);
   std::vector<const void*> pa(count), pb(count);
   for (int64_t i = 0; i < count; ++i) {
     oa[i] = i * m * k, ob[i] = i * k * n;
-    pa[i] = a.data() + oa[i], pb[i] = b.data() + ob[i];
+    pa[i] = reinterpret_cast<const char*>(a.data()) + oa[i] * size;
+    pb[i] = reinterpret_cast<const char*>(b.data()) + ob[i] * size;
   }
   Batch batch;
   if (form == "stride") batch = Batch::strided(a.data(), m * k, b.data(), k * n, count);
@@ -166,7 +186,13 @@ NB_MODULE(_jax_brgemm, m) {
   }, nb::arg("isa") = "", nb::arg("seconds") = 0.2);
   m.def("bench_kernel", &bench_kernel, nb::arg("m"), nb::arg("n"), nb::arg("k"),
         nb::arg("count"), nb::arg("variant") = "stride", nb::arg("isa") = "",
-        nb::arg("samples") = 7);
+        nb::arg("dtype") = "float32", nb::arg("samples") = 7);
+  m.def("bf16_peak_gflops", [](const std::string& isa, double seconds) {
+    const Isa chosen = isa_or_active(isa);
+    nb::gil_scoped_release release;
+    return measure_bf16_peak_gflops(chosen, seconds);
+  }, nb::arg("isa") = "", nb::arg("seconds") = 0.2,
+     "Single-thread GFLOP/s of the ISA's native bfloat16 dot-product loop (0: none).");
   m.def("kernel_call", &kernel_call, nb::arg("form"), nb::arg("a_pool"), nb::arg("b_pool"),
         nb::arg("c"), nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("lda"), nb::arg("ldb"),
         nb::arg("ldc"), nb::arg("count"), nb::arg("stride_a"), nb::arg("stride_b"),

@@ -24,6 +24,8 @@ std::string run_batched_brgemm(const BatchedBrgemm& pb, const Executor* executor
   if (problems == 0) return "";
 
   Desc desc;
+  desc.a_dtype = desc.b_dtype = pb.in_dtype;
+  desc.c_dtype = pb.out_dtype;
   desc.n = pb.n, desc.k = pb.k;
   desc.lda = pb.k, desc.ldb = pb.n, desc.ldc = pb.n;
   desc.beta = pb.c != nullptr ? pb.beta : 0.0f;
@@ -45,25 +47,29 @@ std::string run_batched_brgemm(const BatchedBrgemm& pb, const Executor* executor
   desc.m = pb.m - (panel_count - 1) * panel_rows;
   const Kernel& last = get_kernel(desc);
 
+  const int64_t in_size = pb.in_dtype == DType::bf16 ? 2 : 4;
+  const int64_t out_size = pb.out_dtype == DType::bf16 ? 2 : 4;
   parallel_for(executor, problems * panel_count, [&](int64_t item) {
     const int64_t p = item / panel_count, panel = item % panel_count;
     const int64_t row0 = panel * panel_rows;
     const Kernel& kernel = panel + 1 == panel_count ? last : full;
-    float* out = pb.out + p * pb.m * pb.n + row0 * pb.n;
+    char* out = static_cast<char*>(pb.out) + (p * pb.m * pb.n + row0 * pb.n) * out_size;
     if (kernel.desc.beta != 0.0f) {
-      const float* c = pb.c + lead_offset(pb.lead_shape, pb.c_lead_strides, p) + row0 * pb.n;
-      std::memcpy(out, c, sizeof(float) * kernel.desc.m * pb.n);
+      const int64_t c_offset = lead_offset(pb.lead_shape, pb.c_lead_strides, p) + row0 * pb.n;
+      std::memcpy(out, static_cast<const char*>(pb.c) + c_offset * out_size,
+                  out_size * kernel.desc.m * pb.n);
     }
     const float* bias =
         pb.bias ? pb.bias + lead_offset(pb.lead_shape, pb.bias_lead_strides, p) : nullptr;
-    const float* a_rows = pb.a + row0 * pb.k;
+    const char* a_rows = static_cast<const char*>(pb.a) + row0 * pb.k * in_size;
     if (pb.offs_a != nullptr) {
       const int64_t* offs_a = pb.offs_a + p * pb.count;
       const int64_t* offs_b = pb.offs_b + p * pb.count;
       kernel(Batch::offsets(a_rows, offs_a, pb.b, offs_b, pb.count), out, pb.alpha, bias);
     } else {
-      const float* a = a_rows + lead_offset(pb.lead_shape, pb.a_lead_strides, p);
-      const float* b = pb.b + lead_offset(pb.lead_shape, pb.b_lead_strides, p);
+      const char* a = a_rows + lead_offset(pb.lead_shape, pb.a_lead_strides, p) * in_size;
+      const char* b = static_cast<const char*>(pb.b) +
+                      lead_offset(pb.lead_shape, pb.b_lead_strides, p) * in_size;
       kernel(Batch::strided(a, pb.m * pb.k, b, pb.k * pb.n, pb.count), out, pb.alpha, bias);
     }
   });

@@ -17,10 +17,12 @@ struct BatchedBrgemm {
   // Element strides of each operand's leading dims, aligned with lead_shape (0 broadcasts).
   // Per problem, a holds (count, m, k) and b (count, k, n) contiguous blocks, c (m, n).
   std::vector<int64_t> a_lead_strides, b_lead_strides, c_lead_strides, bias_lead_strides;
-  const float* a = nullptr;
-  const float* b = nullptr;
-  const float* c = nullptr;  // optional addend (read only when beta != 0)
-  float* out = nullptr;
+  // a and b are float32 or bfloat16 (in_dtype); c and out are out_dtype.
+  DType in_dtype = DType::f32, out_dtype = DType::f32;
+  const void* a = nullptr;
+  const void* b = nullptr;
+  const void* c = nullptr;  // optional addend (read only when beta != 0)
+  void* out = nullptr;
   const float* bias = nullptr;  // optional (lead..., n), broadcast like c
   // Offset form: when set, a and b are block pools and problem p uses the element
   // offsets offs_a[p * count + i], offs_b[p * count + i] (lead strides are then unused).

@@ -4,12 +4,6 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <vector>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
-static double now_ms(){return std::chrono::duration<double,std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();}
-static bool prof(){static bool p=std::getenv("JBR_PROF")!=nullptr;return p;}
 
 namespace jbr::prim {
 namespace {
@@ -18,10 +12,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int64_t kPanel = 64;     // column panel width of packed B operands
 constexpr int64_t kMaxUnits = 64;  // hidden units per work item of a step
-static int64_t tune(const char* n, int64_t d){const char* v=std::getenv(n);return v?std::atoll(v):d;}
-#define kChunk tune("JBR_KC", 512)
-#define kRowsTune tune("JBR_BM", 64)
-#define kUnitsTune tune("JBR_UNITS", 64)
+constexpr int64_t kChunk = 512;    // longest reduction per kernel call
 
 // Row index of (step t, batch n) in a sequence tensor, and the row distance between
 // consecutive batch rows of one step (the factor a step's leading dimension carries).
@@ -81,20 +72,12 @@ Scratch scratch(int64_t size) { return Scratch(new float[std::max<int64_t>(size,
 struct Panels {
   Scratch data;
   int64_t k = 0, width = 0, count = 0;
-  const float* base = nullptr;
-  int64_t ld = 0, stride = 0;  // leading dimension, distance between panels
-  const float* panel(int64_t j) const { return base + j * stride; }
+  const float* panel(int64_t j) const { return data.get() + j * k * width; }
 };
-
-Panels view_panels(const float* b, int64_t ldb, int64_t k, int64_t n, int64_t width) {
-  Panels p{nullptr, k, width, ceil_div(n, width), b, ldb, width};
-  return p;
-}
 
 Panels pack_panels(const Executor* ex, const float* src, int64_t ld, bool transposed, int64_t k,
                    int64_t n, int64_t width) {
   Panels p{scratch(k * n + width * k), k, width, ceil_div(n, width)};
-  p.base = p.data.get(), p.ld = width, p.stride = k * width;
   parallel_for(ex, p.count, [&](int64_t j) {
     const int64_t j0 = j * width, w = std::min(width, n - j0);
     float* dst = p.data.get() + j * k * width;
@@ -111,12 +94,12 @@ void parallel_gemm(Gemm& gemm, const Executor* ex, int64_t m, int64_t n, const f
                    int64_t lda, const Panels& b, float* c, int64_t ldc,
                    const float* bias = nullptr) {
   const int64_t target = 4 * (ex ? ex->num_workers() + 1 : 1);
-  int64_t bm = kRowsTune;
+  int64_t bm = 64;
   while (ceil_div(m, bm) * b.count < target && bm > 16) bm /= 2;
   parallel_for(ex, ceil_div(m, bm) * b.count, [&](int64_t item) {
     const int64_t i0 = item / b.count * bm, j = item % b.count, j0 = j * b.width;
     gemm(std::min(bm, m - i0), std::min(b.width, n - j0), b.k, a + i0 * lda, lda, b.panel(j),
-         b.ld, c + i0 * ldc + j0, ldc, 0.0f, Activation::none, bias ? bias + j0 : nullptr);
+         b.width, c + i0 * ldc + j0, ldc, 0.0f, Activation::none, bias ? bias + j0 : nullptr);
   });
 }
 
@@ -141,9 +124,9 @@ struct StepBlocking {
   int64_t rows, units, row_blocks, unit_blocks;
   StepBlocking(int64_t batch, int64_t hidden, const Executor* ex) {
     const int64_t target = 2 * (ex ? ex->num_workers() + 1 : 1);
-    rows = batch, units = kUnitsTune;
+    rows = batch, units = kMaxUnits;
     auto items = [&] { return ceil_div(batch, rows) * ceil_div(hidden, units); };
-    while (items() < target * tune("JBR_ITEMS", 1) && units > 16) units /= 2;
+    while (items() < target && units > 16) units /= 2;
     while (items() < target && rows > 8) rows = ceil_div(rows, 2);
     row_blocks = ceil_div(batch, rows), unit_blocks = ceil_div(hidden, units);
   }
@@ -159,13 +142,11 @@ std::string lstm_forward(const LstmForward& p, const Executor* ex) {
   const int64_t ldn = rows.batch_stride();
   Gemm gemm(p.isa);
 
-  double t0 = now_ms();
   // The input products of every step in one well-parallelised GEMM: gates = x W_ih + bias.
   parallel_gemm(gemm, ex, T * N, G, p.x, C, pack_panels(ex, p.w_ih, G, false, C, G, kPanel),
                 p.gates, G, p.bias);
 
   // W_hh per gate in panels of one unit block, so that an item's four B blocks are linear.
-  double t1 = now_ms();
   const StepBlocking blk(N, K, ex);
   Panels w_hh[4];
   for (int gate = 0; gate < 4; ++gate)
@@ -183,7 +164,7 @@ std::string lstm_forward(const LstmForward& p, const Executor* ex) {
       float* g = p.gates + rows.row(t, n0) * G + j0;
       const int64_t ldg = ldn * G;
       for (int gate = 0; gate < 4; ++gate)
-        gemm(m, u, K, h_prev + n0 * ld_prev, ld_prev, w_hh[gate].panel(jb), w_hh[gate].ld,
+        gemm(m, u, K, h_prev + n0 * ld_prev, ld_prev, w_hh[gate].panel(jb), blk.units,
              g + gate * K, ldg, 1.0f, gate == 2 ? Activation::tanh : Activation::sigmoid);
       float tanh_c[kMaxUnits];
       for (int64_t r = 0; r < m; ++r) {
@@ -197,7 +178,6 @@ std::string lstm_forward(const LstmForward& p, const Executor* ex) {
       }
     });
   }
-  if (prof()) fprintf(stderr, "fwd: input %.2f ms, steps %.2f ms, items %ld workers %ld\n", t1 - t0, now_ms() - t1, (long)blk.items(), (long)(ex ? ex->num_workers() : -1));
   return gemm.error();
 }
 
@@ -208,7 +188,6 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
   const int64_t ldn = rows.batch_stride();
   Gemm gemm(p.isa);
 
-  double t0 = now_ms();
   // Gate pre-activation gradients of every step, kept for the GEMMs after the loop.
   Scratch dgates = scratch(R * G), dh = scratch(N * K);
   const StepBlocking blk(N, K, ex);
@@ -229,7 +208,7 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
         std::memcpy(dhb + r * K, p.d_hs + rows.row(t, n0 + r) * K + j0, sizeof(float) * u);
       if (t + 1 < T)
         gemm(m, u, G, dgates.get() + rows.row(t + 1, n0) * G, ldn * G, w_hh_t.panel(jb),
-             w_hh_t.ld, dhb, K, 1.0f);
+             blk.units, dhb, K, 1.0f);
       float tanh_c[kMaxUnits];
       for (int64_t r = 0; r < m; ++r) {
         const int64_t row = rows.row(t, n0 + r);
@@ -257,16 +236,14 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
     });
   }
 
-  double t1 = now_ms();
   // dh0 = dgates_0 W_hh^T; dx = dgates W_ih^T for every step at once.
   parallel_gemm(gemm, ex, N, K, dgates.get() + rows.row(0, 0) * G, ldn * G, w_hh_t, p.dh0, K);
   parallel_gemm(gemm, ex, R, C, dgates.get(), G, pack_panels(ex, p.w_ih, G, true, G, C, kPanel),
                 p.dx, C);
-  double t2 = now_ms();
   // Weight gradients reduce over every (step, batch) row: dW = A^T dgates with A = x for
   // W_ih and A = h_{t-1} (h0 at t = 0) for W_hh, the transposes packed once.
   {
-    const Panels d_panels = tune("JBR_NOPACK", 0) ? view_panels(dgates.get(), G, R, G, kPanel) : pack_panels(ex, dgates.get(), G, false, R, G, kPanel);
+    const Panels d_panels = pack_panels(ex, dgates.get(), G, false, R, G, kPanel);
     Scratch a_t = scratch(std::max(C, K) * R);
     transpose(ex, R, C, [&](int64_t r) { return p.x + r * C; }, a_t.get());
     parallel_gemm(gemm, ex, C, G, a_t.get(), R, d_panels, p.dw_ih, G);
@@ -277,13 +254,11 @@ std::string lstm_backward(const LstmBackward& p, const Executor* ex) {
     }, a_t.get());
     parallel_gemm(gemm, ex, K, G, a_t.get(), R, d_panels, p.dw_hh, G);
   }
-  double t3 = now_ms();
   for (int64_t j = 0; j < G; ++j) {
     float sum = 0.0f;
     for (int64_t b = 0; b < blk.row_blocks; ++b) sum += dbias_part[b * G + j];
     p.dbias[j] = sum;
   }
-  if (prof()) fprintf(stderr, "bwd: steps %.2f dx %.2f dw %.2f bias %.2f\n", t1-t0, t2-t1, t3-t2, now_ms()-t3);
   return gemm.error();
 }
 

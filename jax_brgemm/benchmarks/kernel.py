@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +22,31 @@ PAPER_SHAPES = [(64, 64, 64, 16), (32, 32, 32, 16), (28, 64, 64, 36), (56, 64, 6
                 (16, 16, 16, 32), (64, 64, 64, 1), (64, 128, 128, 8)]
 
 
-def machine_core_peak() -> float:
-    """This machine's measured single-core FMA peak (the best ISA's FMA loop)."""
-    return max(core_peak_gflops(isa) for isa in ext.supported_isas())
+def machine_core_peak(dtype: str = "float32") -> float:
+    """This machine's measured single-core peak for `dtype`: the best ISA's FMA loop for
+    float32; for bfloat16 its native dot-product loop where one exists (else the FMA loop,
+    since bfloat16 is then converted and multiplied in float32)."""
+    fma = max(core_peak_gflops(isa) for isa in ext.supported_isas())
+    if dtype == "float32":
+        return fma
+    return max([fma] + [bf16_core_peak_gflops(isa) for isa in ext.supported_isas()])
 
 
-def kernel_records(shapes, variants, isas, samples=7) -> list[dict]:
-    peak = machine_core_peak()
+@functools.lru_cache(maxsize=None)
+def bf16_core_peak_gflops(isa: str) -> float:
+    return max(ext.bf16_peak_gflops(isa, 0.2) for _ in range(3))
+
+
+def kernel_records(shapes, variants, isas, dtypes=("float32",), samples=7) -> list[dict]:
     records = []
-    for isa in isas:
-        for m, n, k, count in shapes:
-            for variant in variants:
-                rate = ext.bench_kernel(m, n, k, count, variant, isa, samples)
-                records.append(dict(m=m, n=n, k=k, count=count, variant=variant, dtype="float32",
-                                    isa=isa, gflops=rate, pct_of_peak=100.0 * rate / peak))
+    for dtype in dtypes:
+        peak = machine_core_peak(dtype)
+        for isa in isas:
+            for m, n, k, count in shapes:
+                for variant in variants:
+                    rate = ext.bench_kernel(m, n, k, count, variant, isa, dtype, samples)
+                    records.append(dict(m=m, n=n, k=k, count=count, variant=variant, dtype=dtype,
+                                        isa=isa, gflops=rate, pct_of_peak=100.0 * rate / peak))
     return records
 
 
@@ -75,8 +87,8 @@ def main(argv=None) -> None:
     p.add_argument("--count", type=int)
     p.add_argument("--variant", default="stride", choices=["stride", "offset", "address", "all"])
     p.add_argument("--isa", default="", help="ISA path (default: the active one), or 'all'")
-    p.add_argument("--dtype", default="float32", choices=["float32"],
-                   help="input dtype (bfloat16 arrives with the AMX/BF16 kernels)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "all"],
+                   help="input dtype (bfloat16: float32 accumulation)")
     p.add_argument("--json", action="store_true", help="print one JSON list of records")
     p.add_argument("--no-overhead", action="store_true", help="skip the per-call overhead measurement")
     args = p.parse_args(argv)
@@ -90,11 +102,12 @@ def main(argv=None) -> None:
         shapes = PAPER_SHAPES
     variants = ["stride", "offset", "address"] if args.variant == "all" else [args.variant]
     isas = ext.supported_isas() if args.isa == "all" else [args.isa or ext.active_isa()]
-    records = kernel_records(shapes, variants, isas)
-    title = (f"brgemm kernel, single thread, float32, in-cache data; "
-             f"measured FMA peak {machine_core_peak():.1f} GFLOP/s per core")
-    print_records(records, ["m", "n", "k", "count", "variant", "isa", "gflops", "pct_of_peak"],
-                  args.json, title)
+    dtypes = ["float32", "bfloat16"] if args.dtype == "all" else [args.dtype]
+    records = kernel_records(shapes, variants, isas, dtypes)
+    title = (f"brgemm kernel, single thread, in-cache data; measured peak per core: float32 FMA "
+             f"{machine_core_peak():.1f} GFLOP/s, bfloat16 {machine_core_peak('bfloat16'):.1f}")
+    print_records(records, ["m", "n", "k", "count", "variant", "dtype", "isa", "gflops",
+                            "pct_of_peak"], args.json, title)
     if not args.json and not args.no_overhead:
         per_call, dispatch = call_overhead_us("brgemm")
         xla_per_call, xla_dispatch = call_overhead_us("xla")

@@ -77,13 +77,9 @@ def _last(seq, time_major):
 # ------------------------------------------------------------------ the FFI calls
 
 
-def _seq_shape(x, width, time_major):
-    return x.shape[:2] + (width,)
-
-
 def _forward_raw(x, w_ih, w_hh, bias, h0, c0, time_major):
     hidden = w_hh.shape[0]
-    out = [jax.ShapeDtypeStruct(_seq_shape(x, w, time_major), jnp.float32) for w in (hidden, hidden, 4 * hidden)]
+    out = [jax.ShapeDtypeStruct(x.shape[:2] + (w,), jnp.float32) for w in (hidden, hidden, 4 * hidden)]
     return tuple(jax.ffi.ffi_call("jax_brgemm_lstm_forward", out)(
         x, w_ih, w_hh, bias, h0, c0, time_major=np.int32(time_major)))
 
@@ -98,16 +94,15 @@ def _forward_call(time_major):
         return _forward_raw(x, w_ih, w_hh, bias, h0, c0, time_major)
 
     @call.def_vmap
-    def rule(axis_size, in_batched, x, w_ih, w_hh, bias, h0, c0):
-        args = [x, w_ih, w_hh, bias, h0, c0]
-        args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape) if i in (0, 4, 5) else a
-                for i, (a, b) in enumerate(zip(args, in_batched))]
-        x, w_ih, w_hh, bias, h0, c0 = args
-        if any(in_batched[1:4]):
-            lift = lambda a, b: a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
-            w_ih, w_hh, bias = (lift(a, b) for a, b in zip((w_ih, w_hh, bias), in_batched[1:4]))
-            out = jax.lax.map(lambda a: call(*a), (x, w_ih, w_hh, bias, h0, c0))
+    def rule(axis_size, in_batched, *args):
+        def lift(a, batched):
+            return a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+
+        if any(in_batched[1:4]):  # per-element weights: one call per element
+            out = jax.lax.map(lambda a: call(*a), tuple(map(lift, args, in_batched)))
             return tuple(out), (True, True, True)
+        x, w_ih, w_hh, bias, h0, c0 = args
+        x, h0, c0 = lift(x, in_batched[0]), lift(h0, in_batched[4]), lift(c0, in_batched[5])
         batch = x.shape[2] if time_major else x.shape[1]
         if time_major:  # (B, T, N, C) -> (T, B*N, C)
             x = jnp.moveaxis(x, 0, 1).reshape(x.shape[1], axis_size * batch, x.shape[3])

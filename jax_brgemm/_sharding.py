@@ -1,0 +1,157 @@
+"""Data parallelism for the custom calls: each device runs the kernel on its batch shard.
+
+An FFI custom call is opaque to XLA's partitioner, which would otherwise gather every
+sharded input onto every device. `batch_partitioned` wraps a call with
+`jax.experimental.custom_partitioning` (jax.ffi.register_ffi_target_as_batch_partitionable
+does not fit: it needs every operand to carry the batch dims, and weights do not):
+
+- arguments marked batched keep their sharding along dim 0 (the batch); every other
+  dimension, and every unbatched argument (weights), is replicated;
+- "batch" outputs come back sharded like the batch; "sum" outputs (weight gradients: sums
+  over the batch) are per-shard partial sums that the lowering all-reduces with psum.
+
+Under `jax.shard_map` the ops already see local shards, so nothing is needed there.
+custom_partitioning has no batching or differentiation rules, so it wraps only the raw FFI
+call: custom_vjp and custom_vmap sit outside it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+def batch_partitioned(impl: Callable, batched: Sequence[bool], outputs: Sequence[str]) -> Callable:
+    """Returns impl(*arrays) made shardable along the batch (dim 0) of its batched arguments.
+
+    Args:
+      impl: a function of arrays only (static attributes closed over) returning one array
+        (len(outputs) == 1) or a tuple of arrays.
+      batched: per argument, whether dim 0 is the batch. An argument whose dim 0 has size 1
+        while the batch is larger is a broadcast, and is replicated.
+      outputs: per output, "batch" (dim 0 is the batch), "sum" (a sum over the batch) or
+        "replicated" (e.g. an empty placeholder result).
+    """
+    batched, outputs = tuple(batched), tuple(outputs)
+    assert all(kind in ("batch", "sum", "replicated") for kind in outputs), outputs
+
+    def wrapped(*args):
+        batch = max((a.shape[0] for a, b in zip(args, batched) if b and a.ndim), default=1)
+        really = tuple(bool(b and a.ndim and a.shape[0] == batch and batch > 1)
+                       for a, b in zip(args, batched))
+        if not any(really):
+            return impl(*args)
+        results = jax.eval_shape(impl, *args)
+        out_ranks = tuple(len(r.shape) for r in ((results,) if len(outputs) == 1 else results))
+        op = _partitioned(impl, really, outputs, tuple(a.ndim for a in args), out_ranks)
+        return op(*args)
+
+    return wrapped
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned(impl, batched, outputs, ndims, out_ranks):
+    single = len(outputs) == 1
+
+    def batch_axes(arg_shapes):
+        for shape, is_batched in zip(arg_shapes, batched):
+            if is_batched:
+                spec = shape.sharding.spec
+                return spec[0] if len(spec) else None
+        return None
+
+    def shardings(mesh, arg_shapes):
+        axes = batch_axes(arg_shapes)
+        args = tuple(NamedSharding(mesh, P(axes) if b else P()) for b in batched)
+        outs = tuple(NamedSharding(mesh, P(axes) if kind == "batch" else P()) for kind in outputs)
+        return axes, args, outs[0] if single else outs
+
+    def partition(mesh, arg_shapes, result_shape):
+        axes, arg_shardings, out_shardings = shardings(mesh, arg_shapes)
+
+        def lower(*args):
+            result = impl(*args)
+            if axes is None or "sum" not in outputs:
+                return result
+            parts = (result,) if single else tuple(result)
+            parts = tuple(jax.lax.psum(x, axes) if kind == "sum" else x
+                          for x, kind in zip(parts, outputs))
+            return parts[0] if single else parts
+
+        return mesh, lower, out_shardings, arg_shardings
+
+    def infer(mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes)[2]
+
+    @custom_partitioning
+    def op(*args):
+        return impl(*args)
+
+    # Shardy's rule: the batch factor "b" on dim 0 of batched args and "batch" outputs;
+    # every other dimension its own factor.
+    counter = iter(range(10**6))
+
+    def dims(rank, with_batch):
+        names = [f"f{next(counter)}" for _ in range(rank - with_batch)]
+        return " ".join((["b"] if with_batch else []) + names)
+
+    operands = ", ".join(dims(r, b) for r, b in zip(ndims, batched))
+    results = ", ".join(dims(r, kind == "batch") for r, kind in zip(out_ranks, outputs))
+    sum_only = "batch" not in outputs
+    op.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                     sharding_rule=f"{operands} -> {results}",
+                     reduction_factors=("b",) if sum_only else ())
+    return op
+
+
+def partitionable_ffi_call(target: str, results, *, batched: Sequence[bool],
+                           outputs: Sequence[str]) -> Callable:
+    """``jax.ffi.ffi_call(target, results, vmap_method="expand_dims")`` that also splits
+    along the batch under sharding (see batch_partitioned for `batched` and `outputs`).
+
+    vmap keeps expand_dims semantics: every argument gets the new leading dim (size 1 where
+    unbatched) and so does every result; the handler must accept that. Attributes are
+    passed to the returned function as keyword arguments, as with ffi_call.
+    """
+    single = not isinstance(results, (tuple, list))
+    specs = tuple((tuple(r.shape), str(r.dtype)) for r in ((results,) if single else results))
+
+    def call(*args, **attrs):
+        factory = _expand_dims_call(target, specs, single, tuple(batched), tuple(outputs),
+                                    tuple(sorted(attrs.items())))
+        return factory(*args)
+
+    return call
+
+
+@functools.lru_cache(maxsize=None)
+def _expand_dims_call(target, specs, single, batched, outputs, attr_items):
+    attrs = dict(attr_items)
+
+    def impl(*args):
+        results = tuple(jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in specs)
+        return jax.ffi.ffi_call(target, results[0] if single else results)(*args, **attrs)
+
+    # An empty placeholder result has no batch to split.
+    kinds = tuple("replicated" if math.prod(shape) == 0 else kind
+                  for (shape, _), kind in zip(specs, outputs))
+    sharded = batch_partitioned(impl, batched, kinds)
+
+    @jax.custom_batching.custom_vmap
+    def call(*args):
+        return sharded(*args)
+
+    @call.def_vmap
+    def call_vmap(axis_size, in_batched, *args):
+        args = [x if b else x[None] for x, b in zip(args, in_batched)]
+        new_specs = tuple(((axis_size,) + shape, dtype) for shape, dtype in specs)
+        inner = _expand_dims_call(target, new_specs, single, (True,) * len(args),
+                                  ("batch",) * len(specs), attr_items)
+        return inner(*args), (True if single else (True,) * len(specs))
+
+    return call
