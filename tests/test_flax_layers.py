@@ -257,6 +257,12 @@ def test_lstm_initial_carry_and_batch_dims(rng):
     check_against_stock(WithCarry(ours), WithCarry(stock), x, *c0)
 
 
+def test_lstm_unbatched(rng):
+    ours = fl.LSTM(5, 8, rngs=nnx.Rngs(7), return_carry=True)
+    stock = nnx.RNN(nnx.OptimizedLSTMCell(5, 8, rngs=nnx.Rngs(7)), return_carry=True)
+    check_against_stock(ours, stock, normal(rng, 6, 5))  # (T, C)
+
+
 def test_lstm_isas(isa, rng):
     ours = fl.LSTM(16, 32, rngs=nnx.Rngs(1))
     stock = nnx.RNN(nnx.OptimizedLSTMCell(16, 32, rngs=nnx.Rngs(1)))
@@ -269,6 +275,7 @@ def test_rnn_over_stock_cell_runs_the_whole_sequence_in_one_call(rng):
     check_against_stock(ours, stock, normal(rng, 3, 6, 5))
 
 
+@pytest.mark.filterwarnings("ignore:carry_init is provided in __init__")
 def test_lstm_nonzero_carry_init_and_rng_streams(rng):
     """With a random carry_init the carry comes from the same rng stream as nnx.RNN's."""
     init = nnx.initializers.normal(1.0)

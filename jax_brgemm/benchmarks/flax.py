@@ -24,6 +24,7 @@ from flax import nnx
 import flax_layers as fl
 
 from .common import median_seconds, print_records
+from .dense import _cpu_seconds
 
 VOCAB = 96
 
@@ -137,7 +138,7 @@ def step_runner(model_cls, layers, x, labels):
     return run
 
 
-def records(names, repeats, rounds) -> list[dict]:
+def records(names, repeats, rounds, cpu_time=False) -> list[dict]:
     rng = np.random.default_rng(0)
     out = []
     for name in names:
@@ -145,9 +146,10 @@ def records(names, repeats, rounds) -> list[dict]:
         runners = {k: step_runner(model_cls, k, x, labels) for k in LAYERS}
         # Alternating rounds, median over all of them: the machine is shared and noisy.
         times = {k: [] for k in LAYERS}
+        measure = _cpu_seconds if cpu_time else median_seconds
         for _ in range(rounds):
             for k, run in runners.items():
-                times[k].append(median_seconds(run, repeats=repeats, min_seconds=0.02))
+                times[k].append(measure(run, repeats=repeats, min_seconds=0.02))
         t = {k: float(np.median(v)) for k, v in times.items()}
         out.append(dict(model=name, batch=int(x.shape[0]), stock_ms=1e3 * t["stock"],
                         ours_ms=1e3 * t["ours"], ours_fused_ms=1e3 * t["ours_fused"],
@@ -162,10 +164,14 @@ def main(argv=None) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON list of records")
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     p.add_argument("--model", choices=["mlp", "cnn", "lstm", "all"], default="all")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time by process CPU seconds, steadier on a shared machine (run single-threaded: "
+                        "XLA_FLAGS='--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1' "
+                        "taskset -c 0 ...)")
     args = p.parse_args(argv)
     names = ["mlp", "cnn", "lstm"] if args.model == "all" else [args.model]
-    recs = records(names, repeats=3 if args.quick else 5, rounds=2 if args.quick else 7)
+    recs = records(names, repeats=3 if args.quick else 5, rounds=2 if args.quick else 7, cpu_time=args.cpu_time)
     print_records(recs, ["model", "batch", "stock_ms", "ours_ms", "ours_fused_ms", "speedup",
                          "speedup_fused", "stock_gflops", "ours_gflops"], args.json,
-                  "training step (forward + backward + Adam), flax_layers vs stock Flax NNX, "
-                  "median ms per step:")
+                  "training step (forward + backward + Adam), flax_layers vs stock Flax NNX, median "
+                  f"{'CPU' if args.cpu_time else 'wall'} ms per step:")
