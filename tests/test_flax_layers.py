@@ -137,16 +137,13 @@ def test_dense_fallback_keeps_activation(rng):
 
 
 CONV_CASES = [
-    dict(kernel_size=(3, 3)),
     dict(kernel_size=(4, 3), strides=2),
     dict(kernel_size=(3, 3), strides=2, padding="VALID"),
     dict(kernel_size=(5, 3), strides=(2, 1), padding=((2, 1), (0, 3))),
-    dict(kernel_size=(3, 3), padding=1, kernel_dilation=2),
-    dict(kernel_size=(1, 1), use_bias=False),
-    dict(kernel_size=(3, 3), padding="CIRCULAR"),
+    dict(kernel_size=[3, 2], padding=[(1, 1), 2], kernel_dilation=2),
+    dict(kernel_size=(1, 1), use_bias=False, feature_group_count=2),
+    dict(kernel_size=(3, 3), padding="CIRCULAR", kernel_dilation=(2, 1)),
     dict(kernel_size=(2, 3), padding="REFLECT", strides=2),
-    dict(kernel_size=(3, 3), feature_group_count=2),
-    dict(kernel_size=[3, 2], padding=[(1, 1), 2]),
 ]
 
 
@@ -196,7 +193,7 @@ def carry(rng, *shape):
     return normal(rng, *shape), normal(rng, *shape)
 
 
-@pytest.mark.parametrize("batch", [(5,), (2, 3), ()])
+@pytest.mark.parametrize("batch", [(2, 3), ()])
 def test_lstm_cell(rng, batch):
     ours = fl.OptimizedLSTMCell(6, 7, rngs=nnx.Rngs(4))
     stock = nnx.OptimizedLSTMCell(6, 7, rngs=nnx.Rngs(4))
@@ -205,7 +202,7 @@ def test_lstm_cell(rng, batch):
 
 def test_lstm_cell_parameters_are_the_stock_layout():
     state = nnx.state(fl.OptimizedLSTMCell(6, 7, rngs=nnx.Rngs(0)), nnx.Param)
-    shapes = {"/".join(map(str, path)): v.shape for path, v in jax.tree.leaves_with_path(state.to_pure_dict())
+    shapes = {"/".join(map(str, path)): v.shape for path, v in jax.tree.leaves_with_path(nnx.to_pure_dict(state))
               for path in [[k.key for k in path]]}
     assert shapes == {"dense_i/kernel": (6, 28), "dense_h/kernel": (7, 28), "dense_h/bias": (28,)}
 
@@ -227,7 +224,6 @@ def test_lstm_cell_stock_fallback(rng):
 
 LSTM_CASES = [
     dict(),
-    dict(time_major=True),
     dict(reverse=True),
     dict(reverse=True, keep_order=True, return_carry=True),
     dict(return_carry=True, time_major=True),
@@ -323,7 +319,7 @@ def test_state_saved_by_one_loads_into_the_other(rng):
     ours, stock = Model(fl, nnx.Rngs(0)), Model(nnx, nnx.Rngs(5))
     x = normal(rng, 2, 4, 4, 3)
     # Save the stock model's state as bytes, load them into ours.
-    saved = serialization.msgpack_serialize(nnx.state(stock, nnx.Param).to_pure_dict())
+    saved = serialization.msgpack_serialize(nnx.to_pure_dict(nnx.state(stock, nnx.Param)))
     state = nnx.state(ours, nnx.Param)
     nnx.replace_by_pure_dict(state, serialization.msgpack_restore(saved))
     nnx.update(ours, state)
