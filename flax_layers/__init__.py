@@ -1,1 +1,24 @@
-"""Flax modules built on jax_brgemm (coming with the Flax issue)."""
+"""Flax NNX modules on the jax_brgemm kernel, drop-ins for the stock ones.
+
+    from flax import nnx
+    import flax_layers as fl
+
+    layer = fl.Dense(784, 128, rngs=nnx.Rngs(0))       # was nnx.Linear(784, 128, ...)
+    conv = fl.Conv(3, 32, (3, 3), rngs=nnx.Rngs(0))     # was nnx.Conv(...)
+    lstm = fl.LSTM(64, 256, rngs=nnx.Rngs(0))           # was nnx.RNN(nnx.OptimizedLSTMCell(64, 256, ...))
+
+Each takes the stock module's arguments with the same defaults and creates the same
+parameters (names, shapes, initial values for the same rngs), so a model switches by
+changing an import and loads states saved with the stock modules (and the other way).
+What the kernel does not serve today (non-float32 compute such as bfloat16, 1-D/3-D
+convolutions, input dilation, custom dot_general, ...) runs the stock Flax computation:
+the result is always the stock module's; only the speed differs. Dense and Conv take one
+extra keyword, ``activation``, fused into the kernel's epilogue.
+
+Linen equivalents: :mod:`flax_layers.linen` (Dense, Conv, OptimizedLSTMCell).
+"""
+
+from .linear import Conv, Dense
+from .recurrent import LSTM, RNN, OptimizedLSTMCell
+
+__all__ = ["Dense", "Conv", "OptimizedLSTMCell", "RNN", "LSTM"]

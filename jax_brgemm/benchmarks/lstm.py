@@ -1,0 +1,135 @@
+"""LSTM benchmark: jax_brgemm.nn.lstm vs the same LSTM in lax.scan + jnp (jit) and PyTorch
+nn.LSTM (oneDNN), forward and forward+backward, N = 64, T = 25, float32.
+
+    python -m jax_brgemm bench lstm [--json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_brgemm.nn import lstm
+
+from .common import gflops, machine_peak_gflops, print_records, torch_module
+
+N, T = 64, 25
+SHAPES = [(256, 256), (512, 512), (1024, 1024), (512, 1024), (2048, 2048)]
+
+
+def scan_lstm(x, w_ih, w_hh, bias, hoist):
+    """The peer: a plain lax.scan LSTM (batch-major x). hoist: the input products of all
+    steps as one matmul before the scan (usually faster in XLA) instead of one per step."""
+    K = w_hh.shape[0]
+    xs = jnp.swapaxes(x, 0, 1)
+    if hoist:
+        xs = xs @ w_ih + bias
+
+    def step(carry, xt):
+        h, c = carry
+        z = (xt if hoist else xt @ w_ih + bias) + h @ w_hh
+        i, f, o = (jax.nn.sigmoid(z[:, j * K:(j + 1) * K]) for j in (0, 1, 3))
+        c = f * c + i * jnp.tanh(z[:, 2 * K:3 * K])
+        h = o * jnp.tanh(c)
+        return (h, c), h
+
+    zeros = jnp.zeros((x.shape[0], K), jnp.float32)
+    (h, c), hs = jax.lax.scan(step, (zeros, zeros), xs)
+    return jnp.swapaxes(hs, 0, 1), (c, h)
+
+
+def _loss(fn):
+    def loss(x, w_ih, w_hh, bias):
+        hs, (c, h) = fn(x, w_ih, w_hh, bias)
+        return jnp.sum(hs) + jnp.sum(c)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def _torch_runs(torch, C, K, x_np):
+    """PyTorch nn.LSTM forward (inference mode) and forward+backward, as callables."""
+    model = torch.nn.LSTM(C, K, batch_first=True)
+    x = torch.from_numpy(x_np)
+    xg = x.clone().requires_grad_(True)
+
+    def fwd():
+        with torch.inference_mode():
+            model(x)
+
+    def fwdbwd():
+        hs, (h, c) = model(xg)
+        (hs.sum() + c.sum()).backward()
+
+    return fwd, fwdbwd
+
+
+def interleaved_medians(runs: dict, repeats: int, min_seconds: float = 0.05) -> dict:
+    """Median seconds per call of each blocking callable, measured round-robin (one timed
+    batch of each per round) so that load from other processes hits every peer alike."""
+    inner = {}
+    for name, fn in runs.items():
+        fn()  # compile / warm up
+        start, n = time.perf_counter(), 1
+        fn()
+        while (time.perf_counter() - start) * n < min_seconds and n < 1 << 12:
+            n *= 2
+        inner[name] = n
+    samples = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m jax_brgemm bench lstm")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="first two shapes only")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    peak = machine_peak_gflops()
+    torch = torch_module()
+    rng = np.random.default_rng(0)
+    records = []
+    for C, K in SHAPES[:2] if args.quick else SHAPES:
+        x = rng.standard_normal((N, T, C)).astype(np.float32)
+        w_ih = (rng.standard_normal((C, 4 * K)) / np.sqrt(C)).astype(np.float32)
+        w_hh = (rng.standard_normal((K, 4 * K)) / np.sqrt(K)).astype(np.float32)
+        bias = (0.1 * rng.standard_normal(4 * K)).astype(np.float32)
+        operands = tuple(map(jnp.asarray, (x, w_ih, w_hh, bias)))
+        flops = 2.0 * T * N * (C + K) * 4 * K  # forward; backward is twice that
+        fns = {"ours": lstm, "xla": lambda *a: scan_lstm(*a, hoist=False),
+               "xla_hoisted": lambda *a: scan_lstm(*a, hoist=True)}
+        torch_runs = _torch_runs(torch, C, K, x) if torch is not None else None
+        for pass_name, factor in (("fwd", 1.0), ("fwdbwd", 3.0)):
+            wrap = jax.jit if pass_name == "fwd" else _loss
+            runs = {name: (lambda f: lambda: jax.block_until_ready(f(*operands)))(wrap(fn))
+                    for name, fn in fns.items()}
+            if torch_runs is not None:
+                runs["torch"] = torch_runs[0 if pass_name == "fwd" else 1]
+            t = interleaved_medians(runs, args.repeats)
+            xla = min(t["xla"], t["xla_hoisted"])  # the faster of the two scan formulations
+            rate = gflops(factor * flops, t["ours"])
+            records.append({
+                "C": C, "K": K, "pass": pass_name,
+                "ours_gflops": rate, "pct_peak": 100.0 * rate / peak,
+                "xla_gflops": gflops(factor * flops, xla), "vs_xla": xla / t["ours"],
+                "torch_gflops": gflops(factor * flops, t["torch"]) if "torch" in t else None,
+                "vs_torch": t["torch"] / t["ours"] if "torch" in t else None,
+                "ours_ms": 1e3 * t["ours"],
+            })
+    columns = ["C", "K", "pass", "ours_gflops", "pct_peak", "xla_gflops", "vs_xla",
+               "torch_gflops", "vs_torch", "ours_ms"]
+    print_records(records, columns, args.json,
+                  f"LSTM N={N} T={T} float32, peak {peak:.0f} GFLOP/s; vs_*: peer time / ours (>1: ours faster)")
+
+
+if __name__ == "__main__":
+    main()

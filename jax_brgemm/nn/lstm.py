@@ -1,0 +1,151 @@
+"""jax_brgemm.nn.lstm: a whole LSTM sequence as one FFI call, backward through time as another.
+
+Both passes are loop nests around the brgemm kernel (cpp/primitives/lstm.cc): the input
+products of every step as one GEMM up front, then per step the recurrent product with the
+gate activations fused into the kernel's epilogue and the cell update on the hot block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _ext  # noqa: F401  (registers the FFI targets)
+from .._checks import check_float32
+
+__all__ = ["lstm"]
+
+
+def lstm(x, w_ih, w_hh, bias, h0=None, c0=None, *, time_major=False):
+    """LSTM over a whole sequence, gate order i, f, g, o (as Flax and PyTorch).
+
+    ``z = x_t @ w_ih + h @ w_hh + bias``; ``c' = sigmoid(z_f) * c + sigmoid(z_i) * tanh(z_g)``;
+    ``h' = sigmoid(z_o) * tanh(c')``.
+
+    Args:
+      x: ``(N, T, C)`` float32, or ``(T, N, C)`` with ``time_major=True``.
+      w_ih: ``(C, 4K)``; w_hh: ``(K, 4K)``; bias: ``(4K,)`` (all float32).
+      h0, c0: optional ``(N, K)`` initial states (zeros when None).
+
+    Returns ``(hs, (c_T, h_T))``: hs ``(N, T, K)`` (``(T, N, K)`` if time-major), the final
+    cell and hidden states ``(N, K)``. Works under jit, grad (to every input) and vmap (extra
+    leading dims of x, h0, c0 fold into N). Memory kept for backward: the activated gates
+    and the cell state, 5K floats per step and batch row, besides hs itself.
+    """
+    for name, value in (("x", x), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)):
+        check_float32(name, value)
+    x, w_ih, w_hh, bias = map(jnp.asarray, (x, w_ih, w_hh, bias))
+    layout = "(T, N, C)" if time_major else "(N, T, C)"
+    if x.ndim != 3:
+        raise ValueError(f"x must have shape {layout}, got {x.shape}")
+    steps, batch = (x.shape[0], x.shape[1]) if time_major else (x.shape[1], x.shape[0])
+    features = x.shape[2]
+    if steps == 0:
+        raise ValueError(f"x must have at least one time step, got shape {x.shape} {layout}")
+    if batch == 0 or features == 0:
+        raise ValueError(f"x must have N >= 1 and C >= 1, got shape {x.shape} {layout}")
+    if w_ih.ndim != 2 or w_ih.shape[0] != features or w_ih.shape[1] % 4 or w_ih.shape[1] == 0:
+        raise ValueError(f"w_ih must have shape (C, 4K) = ({features}, 4K) with K >= 1, got {w_ih.shape}")
+    hidden = w_ih.shape[1] // 4
+    if w_hh.shape != (hidden, 4 * hidden):
+        raise ValueError(f"w_hh must have shape (K, 4K) = {(hidden, 4 * hidden)}, got {w_hh.shape}")
+    if bias.shape != (4 * hidden,):
+        raise ValueError(f"bias must have shape (4K,) = ({4 * hidden},), got {bias.shape}")
+    states = []
+    for name, state in (("h0", h0), ("c0", c0)):
+        if state is None:
+            state = jnp.zeros((batch, hidden), jnp.float32)
+        else:
+            check_float32(name, state)
+            state = jnp.asarray(state)
+            if state.shape != (batch, hidden):
+                raise ValueError(f"{name} must have shape (N, K) = {(batch, hidden)}, got {state.shape}")
+        states.append(state)
+    time_major = bool(time_major)
+    hs, c_last = _lstm(x, w_ih, w_hh, bias, *states, time_major)
+    h_last = hs[-1] if time_major else hs[:, -1]
+    return hs, (c_last, h_last)
+
+
+def _last(seq, time_major):
+    return seq[-1] if time_major else seq[:, -1]
+
+
+# ------------------------------------------------------------------ the FFI calls
+
+
+def _forward_raw(x, w_ih, w_hh, bias, h0, c0, time_major):
+    hidden = w_hh.shape[0]
+    out = [jax.ShapeDtypeStruct(x.shape[:2] + (w,), jnp.float32) for w in (hidden, hidden, 4 * hidden)]
+    return tuple(jax.ffi.ffi_call("jax_brgemm_lstm_forward", out)(
+        x, w_ih, w_hh, bias, h0, c0, time_major=np.int32(time_major)))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_call(time_major):
+    """The forward FFI call with a batching rule: a vmapped axis of x, h0, c0 folds into N
+    (one call); vmapped weights fall back to one call per element."""
+
+    @jax.custom_batching.custom_vmap
+    def call(x, w_ih, w_hh, bias, h0, c0):
+        return _forward_raw(x, w_ih, w_hh, bias, h0, c0, time_major)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, *args):
+        def lift(a, batched):
+            return a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+
+        if any(in_batched[1:4]):  # per-element weights: one call per element
+            out = jax.lax.map(lambda a: call(*a), tuple(map(lift, args, in_batched)))
+            return tuple(out), (True, True, True)
+        x, w_ih, w_hh, bias, h0, c0 = args
+        x, h0, c0 = lift(x, in_batched[0]), lift(h0, in_batched[4]), lift(c0, in_batched[5])
+        batch = x.shape[2] if time_major else x.shape[1]
+        if time_major:  # (B, T, N, C) -> (T, B*N, C)
+            x = jnp.moveaxis(x, 0, 1).reshape(x.shape[1], axis_size * batch, x.shape[3])
+        else:  # (B, N, T, C) -> (B*N, T, C)
+            x = x.reshape((axis_size * batch,) + x.shape[2:])
+        h0, c0 = (s.reshape(axis_size * batch, s.shape[-1]) for s in (h0, c0))
+        outs = call(x, w_ih, w_hh, bias, h0, c0)
+
+        def unfold(seq):
+            if time_major:
+                return jnp.moveaxis(seq.reshape(seq.shape[0], axis_size, batch, seq.shape[2]), 1, 0)
+            return seq.reshape((axis_size, batch) + seq.shape[1:])
+
+        return tuple(unfold(o) for o in outs), (True, True, True)
+
+    return call
+
+
+def _backward_raw(x, w_ih, w_hh, h0, c0, hs, cs, gates, d_hs, d_cT, time_major):
+    out = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, w_ih, w_hh)]
+    out += [jax.ShapeDtypeStruct((w_ih.shape[1],), jnp.float32)]
+    out += [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (h0, c0)]
+    call = jax.ffi.ffi_call("jax_brgemm_lstm_backward", out, vmap_method="sequential")
+    return call(x, w_ih, w_hh, h0, c0, hs, cs, gates, d_hs, d_cT, time_major=np.int32(time_major))
+
+
+# ------------------------------------------------------------------ differentiation
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _lstm(x, w_ih, w_hh, bias, h0, c0, time_major):
+    hs, cs, _ = _forward_call(time_major)(x, w_ih, w_hh, bias, h0, c0)
+    return hs, _last(cs, time_major)
+
+
+def _lstm_fwd(x, w_ih, w_hh, bias, h0, c0, time_major):
+    hs, cs, gates = _forward_call(time_major)(x, w_ih, w_hh, bias, h0, c0)
+    return (hs, _last(cs, time_major)), (x, w_ih, w_hh, h0, c0, hs, cs, gates)
+
+
+def _lstm_bwd(time_major, res, cotangents):
+    d_hs, d_cT = cotangents
+    return _backward_raw(*res, d_hs, d_cT, time_major)
+
+
+_lstm.defvjp(_lstm_fwd, _lstm_bwd)
