@@ -44,8 +44,9 @@ def test_extension_built_where_nvcc_is_found():
 
 @needs_ext
 def test_handlers_use_the_cpu_target_names():
-    assert set(_cuda.ext.registrations()) == set(cpu_ext.registrations()) == {
-        "jax_brgemm_brgemm", "jax_brgemm_brgemm_indexed"}
+    # The CUDA module serves the brgemm targets under the CPU names (the layers are CPU-only).
+    assert set(_cuda.ext.registrations()) == {"jax_brgemm_brgemm", "jax_brgemm_brgemm_indexed"}
+    assert set(_cuda.ext.registrations()) <= set(cpu_ext.registrations())
     assert _cuda.ext.device_count() >= 0  # 0 without a driver, never an exception
 
 
