@@ -82,6 +82,7 @@ def interleaved_times(runs: dict, repeats: int, min_seconds: float = 0.05) -> di
     samples = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
+            fn()  # untimed: the previous runner's threads have gone quiet, caches are warm
             start = time.perf_counter()
             for _ in range(inner[name]):
                 fn()
@@ -113,9 +114,10 @@ def main(argv=None):
             wrap = jax.jit if pass_name == "fwd" else _loss
             runs = {name: (lambda f: lambda: jax.block_until_ready(f(*operands)))(wrap(fn))
                     for name, fn in fns.items()}
-            if torch_runs is not None:
-                runs["torch"] = torch_runs[0 if pass_name == "fwd" else 1]
             times = interleaved_times(runs, args.repeats)
+            if torch_runs is not None:  # its own rounds: its OpenMP threads spin after a call
+                times["torch"] = interleaved_times({"torch": torch_runs[pass_name == "fwdbwd"]},
+                                                   args.repeats)["torch"]
             t = {name: med for name, (med, _) in times.items()}
             best = {name: low for name, (_, low) in times.items()}
             xla = min(t["xla"], t["xla_hoisted"])  # the faster of the two scan formulations
