@@ -32,8 +32,9 @@ def lstm(x, w_ih, w_hh, bias, h0=None, c0=None, *, time_major=False):
 
     Returns ``(hs, (c_T, h_T))``: hs ``(N, T, K)`` (``(T, N, K)`` if time-major), the final
     cell and hidden states ``(N, K)``. Works under jit, grad (to every input) and vmap (extra
-    leading dims of x, h0, c0 fold into N). Memory kept for backward: the activated gates
-    and the cell state, 5K floats per step and batch row, besides hs itself.
+    leading dims of x, h0, c0 fold into N; vmapped weights run one call per element).
+    Memory kept for backward: the activated gates and the cell state, 5K floats per step
+    and batch row, besides hs itself.
     """
     for name, value in (("x", x), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)):
         check_float32(name, value)
@@ -66,8 +67,7 @@ def lstm(x, w_ih, w_hh, bias, h0=None, c0=None, *, time_major=False):
         states.append(state)
     time_major = bool(time_major)
     hs, c_last = _lstm(x, w_ih, w_hh, bias, *states, time_major)
-    h_last = hs[-1] if time_major else hs[:, -1]
-    return hs, (c_last, h_last)
+    return hs, (c_last, _last(hs, time_major))
 
 
 def _last(seq, time_major):
