@@ -101,6 +101,14 @@ def dense_case(rng):
     return x, params, apply
 
 
+@layer("lstm")
+def lstm_case(rng):
+    x = rng.standard_normal((BATCH, 5, 6)).astype(np.float32)
+    params = tuple(0.3 * rng.standard_normal(s).astype(np.float32) for s in [(6, 28), (7, 28), (28,)])
+    apply = lambda x, p: jb.nn.lstm(x, *p)[0]
+    return x, params, apply
+
+
 def check_layers(mesh):
     """Each layer op: sharded forward and training step equal the unsharded ones, and the
     compiled HLO gathers no activations (weights are replicated, their gradients reduced)."""

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _ext  # noqa: F401  (registers the FFI targets)
+from .._sharding import batch_partitioned
 from .._checks import check_float32
 
 __all__ = ["lstm"]
@@ -89,9 +90,15 @@ def _forward_call(time_major):
     """The forward FFI call with a batching rule: a vmapped axis of x, h0, c0 folds into N
     (one call); vmapped weights fall back to one call per element."""
 
+    # Data parallel over the batch (batch-major layout: dim 0 of x, the states and outputs).
+    split = not time_major
+    sharded = batch_partitioned(
+        lambda *args: _forward_raw(*args, time_major),
+        batched=(split, False, False, False, split, split), outputs=("batch",) * 3)
+
     @jax.custom_batching.custom_vmap
     def call(x, w_ih, w_hh, bias, h0, c0):
-        return _forward_raw(x, w_ih, w_hh, bias, h0, c0, time_major)
+        return sharded(x, w_ih, w_hh, bias, h0, c0)
 
     @call.def_vmap
     def rule(axis_size, in_batched, *args):
@@ -125,8 +132,32 @@ def _backward_raw(x, w_ih, w_hh, h0, c0, hs, cs, gates, d_hs, d_cT, time_major):
     out = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, w_ih, w_hh)]
     out += [jax.ShapeDtypeStruct((w_ih.shape[1],), jnp.float32)]
     out += [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (h0, c0)]
-    call = jax.ffi.ffi_call("jax_brgemm_lstm_backward", out, vmap_method="sequential")
-    return call(x, w_ih, w_hh, h0, c0, hs, cs, gates, d_hs, d_cT, time_major=np.int32(time_major))
+    call = jax.ffi.ffi_call("jax_brgemm_lstm_backward", out)
+    return tuple(call(x, w_ih, w_hh, h0, c0, hs, cs, gates, d_hs, d_cT,
+                      time_major=np.int32(time_major)))
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_call(time_major):
+    """The backward FFI call: split along the batch under sharding (weight gradients are
+    per-shard sums, all-reduced); under vmap one call per element."""
+    split = not time_major
+    sharded = batch_partitioned(
+        lambda *args: _backward_raw(*args, time_major),
+        batched=(split, False, False) + (split,) * 7,
+        outputs=("batch", "sum", "sum", "sum", "batch", "batch"))
+
+    @jax.custom_batching.custom_vmap
+    def call(*args):
+        return sharded(*args)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, *args):
+        lifted = tuple(a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                       for a, b in zip(args, in_batched))
+        return tuple(jax.lax.map(lambda a: call(*a), lifted)), (True,) * 6
+
+    return call
 
 
 # ------------------------------------------------------------------ differentiation
@@ -145,7 +176,7 @@ def _lstm_fwd(x, w_ih, w_hh, bias, h0, c0, time_major):
 
 def _lstm_bwd(time_major, res, cotangents):
     d_hs, d_cT = cotangents
-    return _backward_raw(*res, d_hs, d_cT, time_major)
+    return _backward_call(time_major)(*res, d_hs, d_cT)
 
 
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)
