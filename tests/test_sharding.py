@@ -52,3 +52,33 @@ def test_two_processes_give_the_same_loss_as_one():
     want = parse(single.stdout)
     for got in outputs:
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "data_parallel.py")
+
+
+def run_example(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, EXAMPLE, *map(str, args)], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = re.search(r"final_loss (\S+)", result.stdout)
+    assert match, result.stdout
+    return float(match.group(1))
+
+
+def test_example_training_two_devices_and_two_processes_match_one_device():
+    one = run_example("--devices", 1, "--model", "cnn", "--steps", 3, "--batch", 64)
+    two = run_example("--devices", 2, "--model", "cnn", "--steps", 3, "--batch", 64)
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, EXAMPLE, "--model", "cnn", "--steps", "3", "--batch", "64",
+                               "--num-processes", "2", "--process-id", str(i),
+                               "--coordinator", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, out + err
+    np.testing.assert_allclose(float(re.search(r"final_loss (\S+)", outputs[0][0]).group(1)), one, rtol=1e-5)
