@@ -5,8 +5,8 @@ sharded input onto every device. `batch_partitioned` wraps a call with
 `jax.experimental.custom_partitioning` (jax.ffi.register_ffi_target_as_batch_partitionable
 does not fit: it needs every operand to carry the batch dims, and weights do not):
 
-- arguments marked batched keep their sharding along dim 0 (the batch); every other
-  dimension, and every unbatched argument (weights), is replicated;
+- arguments marked batched keep their sharding along the batch dim (dim 0 unless said
+  otherwise); every other dimension, and every unbatched argument (weights), is replicated;
 - "batch" outputs come back sharded like the batch; "sum" outputs (weight gradients: sums
   over the batch) are per-shard partial sums that the lowering all-reduces with psum.
 
@@ -27,24 +27,26 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 
 def batch_partitioned(impl: Callable, batched: Sequence[bool], outputs: Sequence[str]) -> Callable:
-    """Returns impl(*arrays) made shardable along the batch (dim 0) of its batched arguments.
+    """Returns impl(*arrays) made shardable along the batch of its batched arguments.
 
     Args:
       impl: a function of arrays only (static attributes closed over) returning one array
         (len(outputs) == 1) or a tuple of arrays.
-      batched: per argument, whether dim 0 is the batch. An argument whose dim 0 has size 1
-        while the batch is larger is a broadcast, and is replicated.
-      outputs: per output, "batch" (dim 0 is the batch), "sum" (a sum over the batch) or
-        "replicated" (e.g. an empty placeholder result).
+      batched: per argument, False (replicated), True (dim 0 is the batch) or the batch's
+        dim as an int. An argument whose batch dim has size 1 while the batch is larger is
+        a broadcast, and is replicated.
+      outputs: per output, "batch" (dim 0 is the batch) or the batch's dim as an int, "sum"
+        (a sum over the batch) or "replicated" (e.g. an empty placeholder result).
     """
-    batched, outputs = tuple(batched), tuple(outputs)
-    assert all(kind in ("batch", "sum", "replicated") for kind in outputs), outputs
+    dims = tuple(None if b is False else (0 if b is True else int(b)) for b in batched)
+    outputs = tuple(0 if kind == "batch" else kind for kind in outputs)
+    assert all(isinstance(k, int) or k in ("sum", "replicated") for k in outputs), outputs
 
     def wrapped(*args):
-        batch = max((a.shape[0] for a, b in zip(args, batched) if b and a.ndim), default=1)
-        really = tuple(bool(b and a.ndim and a.shape[0] == batch and batch > 1)
-                       for a, b in zip(args, batched))
-        if not any(really):
+        sizes = [a.shape[d] if d is not None and a.ndim > d else None for a, d in zip(args, dims)]
+        batch = max((s for s in sizes if s is not None), default=1)
+        really = tuple(d if s == batch and batch > 1 else None for d, s in zip(dims, sizes))
+        if all(d is None for d in really):
             return impl(*args)
         results = jax.eval_shape(impl, *args)
         out_ranks = tuple(len(r.shape) for r in ((results,) if len(outputs) == 1 else results))
@@ -55,20 +57,26 @@ def batch_partitioned(impl: Callable, batched: Sequence[bool], outputs: Sequence
 
 
 @functools.lru_cache(maxsize=None)
-def _partitioned(impl, batched, outputs, ndims, out_ranks):
+def _partitioned(impl, batch_dims, outputs, ndims, out_ranks):
+    """batch_dims: per argument, its batch dim or None; outputs: per output, its batch dim,
+    "sum" or "replicated"."""
     single = len(outputs) == 1
 
     def batch_axes(arg_shapes):
-        for shape, is_batched in zip(arg_shapes, batched):
-            if is_batched:
+        for shape, dim in zip(arg_shapes, batch_dims):
+            if dim is not None:
                 spec = shape.sharding.spec
-                return spec[0] if len(spec) else None
+                return spec[dim] if len(spec) > dim else None
         return None
+
+    def spec(axes, dim):
+        return P() if dim is None or axes is None else P(*([None] * dim + [axes]))
 
     def shardings(mesh, arg_shapes):
         axes = batch_axes(arg_shapes)
-        args = tuple(NamedSharding(mesh, P(axes) if b else P()) for b in batched)
-        outs = tuple(NamedSharding(mesh, P(axes) if kind == "batch" else P()) for kind in outputs)
+        args = tuple(NamedSharding(mesh, spec(axes, d)) for d in batch_dims)
+        outs = tuple(NamedSharding(mesh, spec(axes, k if isinstance(k, int) else None))
+                     for k in outputs)
         return axes, args, outs[0] if single else outs
 
     def partition(mesh, arg_shapes, result_shape):
@@ -92,17 +100,17 @@ def _partitioned(impl, batched, outputs, ndims, out_ranks):
     def op(*args):
         return impl(*args)
 
-    # Shardy's rule: the batch factor "b" on dim 0 of batched args and "batch" outputs;
+    # Shardy's rule: the batch factor "b" on the batch dim of batched args and outputs;
     # every other dimension its own factor.
     counter = iter(range(10**6))
 
-    def dims(rank, with_batch):
-        names = [f"f{next(counter)}" for _ in range(rank - with_batch)]
-        return " ".join((["b"] if with_batch else []) + names)
+    def factors(rank, batch_dim):
+        return " ".join("b" if d == batch_dim else f"f{next(counter)}" for d in range(rank))
 
-    operands = ", ".join(dims(r, b) for r, b in zip(ndims, batched))
-    results = ", ".join(dims(r, kind == "batch") for r, kind in zip(out_ranks, outputs))
-    sum_only = "batch" not in outputs
+    operands = ", ".join(factors(r, d) for r, d in zip(ndims, batch_dims))
+    results = ", ".join(factors(r, k if isinstance(k, int) else None)
+                        for r, k in zip(out_ranks, outputs))
+    sum_only = not any(isinstance(k, int) for k in outputs)
     op.def_partition(partition=partition, infer_sharding_from_operands=infer,
                      sharding_rule=f"{operands} -> {results}",
                      reduction_factors=("b",) if sum_only else ())

@@ -109,6 +109,15 @@ def lstm_case(rng):
     return x, params, apply
 
 
+@layer("lstm time-major")
+def lstm_time_major_case(rng):
+    # The batch is dim 1 of a time-major sequence: transposed inside, so dim 0 of the
+    # argument the test shards is still the batch.
+    x, params, _ = lstm_case(rng)
+    apply = lambda x, p: jnp.swapaxes(jb.nn.lstm(jnp.swapaxes(x, 0, 1), *p, time_major=True)[0], 0, 1)
+    return x, params, apply
+
+
 def check_layers(mesh):
     """Each layer op: sharded forward and training step equal the unsharded ones, and the
     compiled HLO gathers no activations (weights are replicated, their gradients reduced)."""

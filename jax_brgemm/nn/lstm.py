@@ -90,11 +90,12 @@ def _forward_call(time_major):
     """The forward FFI call with a batching rule: a vmapped axis of x, h0, c0 folds into N
     (one call); vmapped weights fall back to one call per element."""
 
-    # Data parallel over the batch (batch-major layout: dim 0 of x, the states and outputs).
-    split = not time_major
+    # Data parallel over the batch N: dim 0 of the states, dim 0 (or 1 time-major) of the
+    # sequences.
+    seq = 1 if time_major else 0
     sharded = batch_partitioned(
         lambda *args: _forward_raw(*args, time_major),
-        batched=(split, False, False, False, split, split), outputs=("batch",) * 3)
+        batched=(seq, False, False, False, 0, 0), outputs=(seq,) * 3)
 
     @jax.custom_batching.custom_vmap
     def call(x, w_ih, w_hh, bias, h0, c0):
@@ -141,11 +142,12 @@ def _backward_raw(x, w_ih, w_hh, h0, c0, hs, cs, gates, d_hs, d_cT, time_major):
 def _backward_call(time_major):
     """The backward FFI call: split along the batch under sharding (weight gradients are
     per-shard sums, all-reduced); under vmap one call per element."""
-    split = not time_major
+    seq = 1 if time_major else 0
     sharded = batch_partitioned(
         lambda *args: _backward_raw(*args, time_major),
-        batched=(split, False, False) + (split,) * 7,
-        outputs=("batch", "sum", "sum", "sum", "batch", "batch"))
+        # x, w_ih, w_hh, h0, c0, hs, cs, gates, d_hs, d_cT
+        batched=(seq, False, False, 0, 0, seq, seq, seq, seq, 0),
+        outputs=(seq, "sum", "sum", "sum", 0, 0))
 
     @jax.custom_batching.custom_vmap
     def call(*args):
