@@ -79,14 +79,18 @@ void fill_epilogue(void* out, DType dtype, int64_t m, int64_t n, int64_t ld, con
   });
 }
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols. Strips of 16 columns
-// read each source line once and keep only 16 destination lines in flight.
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols, in 16 x 16 tiles:
+// each tile's 16 source and 16 destination lines stay in L1, and the destination is
+// written in contiguous runs of 16.
 template <typename T>
 void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
   for (int64_t j0 = 0; j0 < cols; j0 += 16) {
     const int64_t j1 = std::min(cols, j0 + 16);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = j0; j < j1; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+    for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+      const int64_t i1 = std::min(rows, i0 + 16);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+    }
   }
 }
 
