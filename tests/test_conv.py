@@ -1,6 +1,8 @@
 """jax_brgemm.nn.conv2d against lax.conv_general_dilated in float64: forward, the gradients
 to x, kernel and bias (backward-data and weight-update loop nests), jit, vmap, bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,3 +198,97 @@ def test_bad_input():
         args.update(override)
         with pytest.raises(error, match=match):
             conv2d(**args)
+
+
+# ------------------------------------------------------------------ bfloat16
+# Reference: float64 lax at the bfloat16-rounded inputs (x, kernel, cotangent). The float32
+# path on the same rounded inputs gives the accumulation error (doubled: the bfloat16
+# kernels sum in another order); bfloat16 may exceed it only by its roundings, 2^-8
+# relative each: the result's (forward, dx, dkernel in bfloat16), and with an activation
+# the output gradient's (rounded before the backward passes) and the saved bfloat16 output
+# the activation's derivative is computed from.
+BF16 = jnp.bfloat16
+ULP = 2.0 ** -8
+
+
+def _round(a):
+    return np.asarray(jnp.asarray(a).astype(BF16).astype(jnp.float32))
+
+
+def _check_bf16(rng, n, hw, c, k, taps, strides=1, padding="SAME", dilation=1, groups=1, act=None,
+                out_dtype=None, kernel_dtype=BF16, bias_dtype=jnp.float32):
+    h, w = _pair(hw)
+    r, s = _pair(taps)
+    x = _round(rng.standard_normal((n, h, w, c), np.float32))
+    kernel = rng.standard_normal((r, s, c // groups, k), np.float32) / np.sqrt(r * s * c // groups)
+    kernel = _round(kernel) if kernel_dtype == BF16 else kernel
+    bias = np.asarray(jnp.asarray(rng.standard_normal((k,), np.float32)).astype(bias_dtype).astype(jnp.float32))
+    kw = dict(strides=strides, padding=padding, dilation=dilation, feature_group_count=groups, activation=act)
+    out_dtype = np.dtype(BF16 if out_dtype is None else out_dtype)
+    out_shape = jax.eval_shape(lambda x, k: conv2d(x, k, **kw), x, kernel).shape
+    dy = _round(rng.standard_normal(out_shape, np.float32))
+    ref, ref_grads = _reference(x, _round(kernel), bias, dy, strides, padding, dilation, groups, act)
+
+    def run(x, kernel, bias, dy, **extra):
+        out, vjp = jax.vjp(lambda *a: conv2d(*a, **kw, **extra), x, kernel, bias)
+        return out, vjp(dy.astype(out.dtype))
+
+    out32, grads32 = jax.jit(run)(x, _round(kernel), bias, dy)
+    args = (jnp.asarray(x, BF16), jnp.asarray(kernel, kernel_dtype), jnp.asarray(bias, bias_dtype))
+    out, grads = jax.jit(functools.partial(run, out_dtype=out_dtype))(*args, jnp.asarray(dy))
+    assert out.dtype == out_dtype and out.shape == ref.shape
+    rounds_out = int(out_dtype == BF16)
+    rounds_grad = 0 if act is None else 2  # the output gradient and the saved output
+    assert rel_err(out, ref) <= 2 * rel_err(out32, ref) + rounds_out * ULP, rel_err(out, ref)
+    for name, g, g32, rg, arg in zip(("x", "kernel", "bias"), grads, grads32, ref_grads, args):
+        assert g.dtype == arg.dtype and g.shape == rg.shape, name
+        rounds = rounds_grad + int(g.dtype == BF16)
+        assert rel_err(g, rg) <= 2 * rel_err(g32, rg) + rounds * ULP, (name, rel_err(g, rg), rel_err(g32, rg))
+
+
+# A subset of GRID and RESNET50: (n, hw, c, k, taps, strides, padding, dilation, groups, activation)
+GRID_BF16 = [
+    (2, 13, 33, 17, 3, 2, "SAME", 1, 1, None),
+    (1, 13, 17, 33, 3, 1, "SAME", 1, 1, "relu"),
+    (2, 13, 3, 8, 5, 2, "SAME", 1, 1, None),             # 3 channels: the widened stem path
+    (1, (13, 7), 6, 10, (3, 5), 2, ((1, 2), (3, 1)), (2, 1), 2, None),
+    (2, 7, 33, 33, 3, 1, "SAME", 1, 33, None),           # depthwise
+    (1, 5, 17, 17, 3, 2, ((4, 4), (0, 4)), 1, 1, "tanh"),  # outputs that see only padding
+    (1, 5, 16, 16, 1, 2, "VALID", 1, 1, None),           # half of dx is zero
+    (2, 13, 17, 16, 1, 1, "VALID", 1, 1, "sigmoid"),     # pointwise
+    (1, 28, 128, 128, 3, 1, 1, 1, 1, None),              # ResNet-50 layer 7
+    (1, 14, 1024, 512, 1, 2, 0, 1, 1, None),             # ResNet-50 layer 16
+]
+
+
+@pytest.mark.parametrize("n,hw,c,k,taps,strides,padding,dilation,groups,act", GRID_BF16)
+def test_bfloat16(rng, n, hw, c, k, taps, strides, padding, dilation, groups, act):
+    _check_bf16(rng, n, hw, c, k, taps, strides, padding, dilation, groups, act)
+
+
+def test_bfloat16_isa_paths(isa_bf16, rng):
+    _check_bf16(rng, 2, (7, 5), 17, 33, 3, 2, "SAME", 1, 1, "relu")  # odd channels and pixel counts
+
+
+def test_bfloat16_mixed_and_out_dtype(rng):
+    # float32 params (kernel, bias) with bfloat16 activations; float32 results on request.
+    _check_bf16(rng, 2, 9, 17, 33, 3, 1, "SAME", 1, 1, "gelu", out_dtype=jnp.float32, kernel_dtype=jnp.float32)
+    _check_bf16(rng, 1, 9, 8, 16, 3, 2, "SAME", 1, 2, None, kernel_dtype=jnp.float32, bias_dtype=BF16)
+
+
+def test_bfloat16_vmap(rng):
+    xs = jnp.asarray(rng.standard_normal((3, 2, 7, 7, 6), np.float32), BF16)
+    ks = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 4), np.float32), BF16)
+    f = lambda x, k: conv2d(x, k, feature_group_count=2)
+    out = jax.jit(jax.vmap(f))(xs, ks)
+    assert out.dtype == BF16
+    ref = np.stack([np.asarray(f(xs[i], ks[i]), np.float32) for i in range(3)])
+    assert rel_err(out, ref) == 0.0  # the same sums, each rounded once
+
+
+def test_bfloat16_bad_input():
+    x = jnp.ones((1, 5, 5, 4), BF16)
+    with pytest.raises(TypeError, match="out_dtype"):
+        conv2d(x, jnp.ones((3, 3, 4, 8), BF16), out_dtype=jnp.int32)
+    with pytest.raises(TypeError, match="bias"):
+        conv2d(x, jnp.ones((3, 3, 4, 8), BF16), jnp.ones((8,), jnp.int32))

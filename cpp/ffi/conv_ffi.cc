@@ -1,6 +1,7 @@
 // Handlers for jax_brgemm.nn.conv2d: forward, backward-data and weight-update.
 // Shapes: x (N, H, W, C), w (R, S, C/groups, K), y (N, P, Q, K). Every handler gets the
-// geometry attribute [stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, groups].
+// geometry attribute [stride_h, stride_w, dil_h, dil_w, pad_top, pad_left, groups]. Inputs
+// are float32 or bfloat16 (all alike); results float32 or bfloat16, the weight-update's float32.
 #include <new>
 #include <string>
 
@@ -10,21 +11,22 @@
 namespace jbr::ffi_handlers {
 namespace {
 
-ffi::Error rank4(const ffi::AnyBuffer& buffer, const char* name, const char* layout) {
-  if (auto e = expect_f32(buffer, name); e.failure()) return e;
+ffi::Error rank4(const ffi::AnyBuffer& buffer, const char* name, const char* layout, DType* dtype) {
+  if (auto e = kernel_dtype(buffer, name, dtype); e.failure()) return e;
   if (buffer.dimensions().size() != 4)
     return invalid(std::string(name) + " must have shape " + layout + ", got " +
                    shape_str(buffer.dimensions()));
   return ffi::Error::Success();
 }
 
-// The convolution's shape from its three tensors (x, w, y or their gradients).
+// The convolution's shape from its three tensors (x, w, y or their gradients), and their
+// dtypes in that order.
 ffi::Error decode(const ffi::AnyBuffer& x, const char* x_name, const ffi::AnyBuffer& w,
                   const char* w_name, const ffi::AnyBuffer& y, const char* y_name,
-                  ffi::Span<const int64_t> geometry, prim::ConvShape* s) {
-  if (auto e = rank4(x, x_name, "(N, H, W, C)"); e.failure()) return e;
-  if (auto e = rank4(w, w_name, "(R, S, C/groups, K)"); e.failure()) return e;
-  if (auto e = rank4(y, y_name, "(N, P, Q, K)"); e.failure()) return e;
+                  ffi::Span<const int64_t> geometry, prim::ConvShape* s, DType dtypes[3]) {
+  if (auto e = rank4(x, x_name, "(N, H, W, C)", &dtypes[0]); e.failure()) return e;
+  if (auto e = rank4(w, w_name, "(R, S, C/groups, K)", &dtypes[1]); e.failure()) return e;
+  if (auto e = rank4(y, y_name, "(N, P, Q, K)", &dtypes[2]); e.failure()) return e;
   if (geometry.size() != 7) return invalid("geometry must hold 7 values");
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
   s->batch = xd[0], s->in_h = xd[1], s->in_w = xd[2], s->in_c = xd[3];
@@ -44,6 +46,12 @@ ffi::Error decode(const ffi::AnyBuffer& x, const char* x_name, const ffi::AnyBuf
   return ffi::Error::Success();
 }
 
+// The two inputs of a pass must share a dtype.
+ffi::Error same_dtype(DType a, const char* a_name, DType b, const char* b_name) {
+  if (a == b) return ffi::Error::Success();
+  return invalid(std::string(a_name) + " and " + b_name + " must have the same dtype");
+}
+
 // Runs a primitive; its message, or a failed allocation of its work buffers, becomes an error.
 template <typename Run>
 ffi::Error run_primitive(Run run) {
@@ -59,7 +67,9 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
                         ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                         ffi::Span<const int64_t> geometry, std::string_view activation) {
   prim::ConvShape s;
-  if (auto e = decode(x, "x", w, "kernel", *y, "result", geometry, &s); e.failure()) return e;
+  DType dt[3];
+  if (auto e = decode(x, "x", w, "kernel", *y, "result", geometry, &s, dt); e.failure()) return e;
+  if (auto e = same_dtype(dt[0], "x", dt[1], "kernel"); e.failure()) return e;
   const float* bias_ptr = nullptr;
   if (bias.element_count() > 0) {
     if (auto e = expect_f32(bias, "bias"); e.failure()) return e;
@@ -75,36 +85,38 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   if (auto e = current_isa(&isa); e.failure()) return e;
   PoolExecutor executor(std::move(pool));
   return run_primitive([&] {
-    return prim::conv2d_forward(s, static_cast<const float*>(x.untyped_data()),
-                                static_cast<const float*>(w.untyped_data()), bias_ptr, act,
-                                static_cast<float*>(y->untyped_data()), isa, &executor);
+    return prim::conv2d_forward(s, dt[0], x.untyped_data(), w.untyped_data(), bias_ptr, act, dt[2],
+                                y->untyped_data(), isa, &executor);
   });
 }
 
 ffi::Error backward_data_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer w,
                               ffi::Result<ffi::AnyBuffer> dx, ffi::Span<const int64_t> geometry) {
   prim::ConvShape s;
-  if (auto e = decode(*dx, "result", w, "kernel", dy, "dy", geometry, &s); e.failure()) return e;
+  DType dt[3];
+  if (auto e = decode(*dx, "result", w, "kernel", dy, "dy", geometry, &s, dt); e.failure()) return e;
+  if (auto e = same_dtype(dt[2], "dy", dt[1], "kernel"); e.failure()) return e;
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   PoolExecutor executor(std::move(pool));
   return run_primitive([&] {
-    return prim::conv2d_backward_data(s, static_cast<const float*>(dy.untyped_data()),
-                                      static_cast<const float*>(w.untyped_data()),
-                                      static_cast<float*>(dx->untyped_data()), isa, &executor);
+    return prim::conv2d_backward_data(s, dt[2], dy.untyped_data(), w.untyped_data(), dt[0],
+                                      dx->untyped_data(), isa, &executor);
   });
 }
 
 ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                               ffi::Result<ffi::AnyBuffer> dw, ffi::Span<const int64_t> geometry) {
   prim::ConvShape s;
-  if (auto e = decode(x, "x", *dw, "result", dy, "dy", geometry, &s); e.failure()) return e;
+  DType dt[3];
+  if (auto e = decode(x, "x", *dw, "result", dy, "dy", geometry, &s, dt); e.failure()) return e;
+  if (auto e = same_dtype(dt[0], "x", dt[2], "dy"); e.failure()) return e;
+  if (auto e = expect_f32(*dw, "result"); e.failure()) return e;
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   PoolExecutor executor(std::move(pool));
   return run_primitive([&] {
-    return prim::conv2d_weight_update(s, static_cast<const float*>(x.untyped_data()),
-                                      static_cast<const float*>(dy.untyped_data()),
+    return prim::conv2d_weight_update(s, dt[0], x.untyped_data(), dy.untyped_data(),
                                       static_cast<float*>(dw->untyped_data()), isa, &executor);
   });
 }

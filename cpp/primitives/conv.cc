@@ -1,6 +1,7 @@
 #include "primitives/conv.h"
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -38,20 +39,65 @@ struct AxisMap {
   }
 };
 
-// m x n block (leading dimension ld) = act(bias or 0): the output of an empty reduction.
-void fill_epilogue(float* out, int64_t m, int64_t n, int64_t ld, const float* bias,
+// Elements are float (float32) or uint16_t (bfloat16 bit patterns); the loop nests that
+// move them are templates on that type, instantiated through with_type.
+int64_t size_of(DType d) { return d == DType::bf16 ? 2 : 4; }
+template <typename T>
+constexpr DType dtype_of() { return sizeof(T) == 2 ? DType::bf16 : DType::f32; }
+
+// f(T{}) with T the element type of `d`.
+template <typename F>
+auto with_type(DType d, F f) {
+  return d == DType::bf16 ? f(uint16_t{}) : f(float{});
+}
+
+void store(float v, float* dst) { *dst = v; }
+void store(float v, uint16_t* dst) {  // round to nearest even (NaN stays NaN)
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  *dst = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40) : uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+// Work buffers of `count` elements of `size` bytes (float storage keeps them aligned).
+std::unique_ptr<float[]> buffer(int64_t count, int64_t size) {
+  return std::unique_ptr<float[]>(new float[(count * size + 3) / 4]);
+}
+
+// m x n block (leading dimension ld, dtype `dtype`) = act(bias or 0): the output of an
+// empty reduction.
+void fill_epilogue(void* out, DType dtype, int64_t m, int64_t n, int64_t ld, const float* bias,
                    Activation act, Isa isa) {
-  for (int64_t i = 0; i < m; ++i) {
-    float* row = out + i * ld;
-    for (int64_t j = 0; j < n; ++j) row[j] = bias ? bias[j] : 0.0f;
-    apply_activation(act, row, n, isa);
+  thread_local std::vector<float> row;
+  row.resize(n);
+  for (int64_t j = 0; j < n; ++j) row[j] = bias ? bias[j] : 0.0f;
+  apply_activation(act, row.data(), n, isa);
+  with_type(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) store(row[j], static_cast<T*>(out) + i * ld + j);
+    return 0;
+  });
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols, in 16 x 16 tiles:
+// each tile's 16 source and 16 destination lines stay in L1, and the destination is
+// written in contiguous runs of 16.
+template <typename T>
+void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+    const int64_t j1 = std::min(cols, j0 + 16);
+    for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+      const int64_t i1 = std::min(rows, i0 + 16);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
+    }
   }
 }
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols (the kernel layer's
-// vectorised transpose).
-void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
-               int64_t ld_dst) {
+// float32 goes through the kernel layer's vectorised transpose.
+template <>
+void transpose<float>(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
+                      int64_t ld_dst) {
   transpose_f32(src, ld_src, rows, cols, dst, ld_dst, active_isa());
 }
 
@@ -67,23 +113,28 @@ const Kernel* kernel_for(Desc d, std::string* error) {
 // past the last block's edge). Forward: rows are the group's input channels and columns
 // its output channels, w[t][i][g*Kg + col]. Transposed (backward data): rows are output
 // channels, columns input channels, w[t][col][g*Kg + i].
-std::unique_ptr<float[]> pack_weights(const ConvShape& s, const float* w, bool transposed,
-                                      int64_t bw, const Executor* executor) {
+std::unique_ptr<float[]> pack_weights(const ConvShape& s, DType dtype, const void* w_in,
+                                      bool transposed, int64_t bw, const Executor* executor) {
   const int64_t taps = s.taps_h * s.taps_w, cg = s.in_c / s.groups, kg = s.out_c / s.groups;
   const int64_t rows = transposed ? kg : cg, cols = transposed ? cg : kg;
   const int64_t blocks = ceil_div(cols, bw);
-  std::unique_ptr<float[]> dst(new float[s.groups * blocks * taps * rows * bw]);
-  parallel_for(executor, s.groups * blocks * taps, [&](int64_t item) {
-    const int64_t t = item % taps, blk = item / taps % blocks, g = item / taps / blocks;
-    const int64_t width = std::min(bw, cols - blk * bw);
-    float* out = dst.get() + item * rows * bw;
-    const float* src = w + t * cg * s.out_c + g * kg;
-    if (transposed) {
-      transpose(src + blk * bw * s.out_c, s.out_c, width, rows, out, bw);
-    } else {
-      for (int64_t i = 0; i < rows; ++i) std::copy_n(src + i * s.out_c + blk * bw, width, out + i * bw);
-    }
-    for (int64_t i = 0; i < rows; ++i) std::fill(out + i * bw + width, out + (i + 1) * bw, 0.0f);
+  auto dst = buffer(s.groups * blocks * taps * rows * bw, size_of(dtype));
+  with_type(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    const T* w = static_cast<const T*>(w_in);
+    parallel_for(executor, s.groups * blocks * taps, [&](int64_t item) {
+      const int64_t t = item % taps, blk = item / taps % blocks, g = item / taps / blocks;
+      const int64_t width = std::min(bw, cols - blk * bw);
+      T* out = reinterpret_cast<T*>(dst.get()) + item * rows * bw;
+      const T* src = w + t * cg * s.out_c + g * kg;
+      if (transposed) {
+        transpose(src + blk * bw * s.out_c, s.out_c, width, rows, out, bw);
+      } else {
+        for (int64_t i = 0; i < rows; ++i) std::copy_n(src + i * s.out_c + blk * bw, width, out + i * bw);
+      }
+      for (int64_t i = 0; i < rows; ++i) std::fill(out + i * bw + width, out + (i + 1) * bw, zero);
+    });
+    return 0;
   });
   return dst;
 }
@@ -101,10 +152,11 @@ struct RowPass {
   int64_t kg, ng, bn;
   int64_t phases;  // output columns handled as `phases` interleaved sets
   AxisMap rows, cols;
-  const float* a;
-  const float* b;
+  DType in, out_dtype;  // of a and b; of out
+  const void* a;
+  const void* b;
   const float* bias;  // (groups * ng) or null
-  float* out;
+  void* out;
   Activation act;
   Isa isa;
 };
@@ -126,13 +178,14 @@ std::string run_rows_padded(const RowPass& rp, int64_t left, int64_t right, cons
   RowPass padded = rp;
   padded.in_cols = rp.in_cols + left + right;
   padded.cols.off += left * rp.cols.div, padded.cols.extent = padded.in_cols;
-  const int64_t row = padded.in_cols * rp.in_pix;
-  std::unique_ptr<float[]> a(new float[rp.images * rp.in_rows * row]);
-  parallel_for(executor, rp.images * rp.in_rows, [&](int64_t i) {
-    float* dst = a.get() + i * row;
-    std::fill(dst, dst + left * rp.in_pix, 0.0f);
-    std::copy_n(rp.a + i * rp.in_cols * rp.in_pix, rp.in_cols * rp.in_pix, dst + left * rp.in_pix);
-    std::fill(dst + (left + rp.in_cols) * rp.in_pix, dst + row, 0.0f);
+  const int64_t size = size_of(rp.in), row = padded.in_cols * rp.in_pix * size;
+  const int64_t before = left * rp.in_pix * size, middle = rp.in_cols * rp.in_pix * size;
+  auto a = buffer(rp.images * rp.in_rows * padded.in_cols * rp.in_pix, size);
+  parallel_for(executor, rp.images * rp.in_rows, [&](int64_t i) {  // zero bits are 0.0 in both dtypes
+    char* dst = reinterpret_cast<char*>(a.get()) + i * row;
+    std::memset(dst, 0, before);
+    std::memcpy(dst + before, static_cast<const char*>(rp.a) + i * middle, middle);
+    std::memset(dst + before + middle, 0, row - before - middle);
   });
   padded.a = a.get();
   return run_rows(padded, executor);
@@ -185,6 +238,8 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   Desc d;
   d.k = rp.kg, d.lda = step * rp.in_pix, d.ldb = rp.bn, d.ldc = rp.phases * rp.out_pix;
   d.activation = rp.act, d.has_bias = rp.bias != nullptr, d.isa = rp.isa;
+  d.a_dtype = d.b_dtype = rp.in, d.c_dtype = rp.out_dtype;
+  const int64_t in_size = size_of(rp.in), out_size = size_of(rp.out_dtype);
   std::vector<const Kernel*> kernels(2 * pieces.size());  // [piece][last block?]
   std::string error;
   for (size_t i = 0; i < pieces.size(); ++i) {
@@ -198,7 +253,7 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   // Loop order (outer to inner): group, image, set of channel blocks, output row, piece,
   // block of the set. A set's B panels stay in L2 while every row of A that uses them
   // streams through once per set, not once per block.
-  const int64_t panel_bytes = rp.taps_r * rp.taps_s * rp.kg * rp.bn * int64_t{sizeof(float)};
+  const int64_t panel_bytes = rp.taps_r * rp.taps_s * rp.kg * rp.bn * in_size;
   int64_t per_set = std::clamp<int64_t>(kPanelBudget / panel_bytes, 1, blocks);
   while (blocks % per_set != 0) --per_set;
   // Outputs no tap reaches (most of dx for a strided 1x1 convolution) are zero: then one
@@ -212,9 +267,9 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   }
   const bool zeroed = some_empty && rp.bias == nullptr && rp.act == Activation::none;
   if (zeroed) {
-    const int64_t size = rp.images * rp.out_rows * rp.out_cols * rp.out_pix, chunk = 1 << 16;
+    const int64_t size = rp.images * rp.out_rows * rp.out_cols * rp.out_pix * out_size, chunk = 1 << 18;
     parallel_for(executor, ceil_div(size, chunk), [&](int64_t c) {
-      std::fill(rp.out + c * chunk, rp.out + std::min(size, (c + 1) * chunk), 0.0f);
+      std::memset(static_cast<char*>(rp.out) + c * chunk, 0, std::min(chunk, size - c * chunk));
     });
   }
   const int64_t n_pieces = pieces.size();
@@ -233,13 +288,14 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
 
     const int64_t channel = g * rp.ng + blk * rp.bn;
     const Kernel& kernel = *kernels[2 * piece + (blk + 1 == blocks)];
-    float* out = rp.out + ((img * rp.out_rows + o) * rp.out_cols + pc.phase + pc.j0 * rp.phases) *
-                              rp.out_pix + channel;
+    char* out = static_cast<char*>(rp.out) +
+                ((img * rp.out_rows + o) * rp.out_cols + pc.phase + pc.j0 * rp.phases) * rp.out_pix * out_size +
+                channel * out_size;
     const float* bias = rp.bias ? rp.bias + channel : nullptr;
 
     thread_local std::vector<int64_t> offs_a, offs_b;
     offs_a.clear(), offs_b.clear();
-    const float* b_block = rp.b + (g * blocks + blk) * rp.taps_r * rp.taps_s * rp.kg * rp.bn;
+    const char* b_block = static_cast<const char*>(rp.b) + (g * blocks + blk) * rp.taps_r * rp.taps_s * rp.kg * rp.bn * in_size;
     for (int64_t r = 0; r < rp.taps_r; ++r) {
       int64_t row;
       if (!rp.rows.at(o, r, &row)) continue;
@@ -250,7 +306,7 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
       }
     }
     if (offs_a.empty()) {
-      if (!zeroed) fill_epilogue(out, kernel.desc.m, kernel.desc.n, kernel.desc.ldc, bias, rp.act, rp.isa);
+      if (!zeroed) fill_epilogue(out, rp.out_dtype, kernel.desc.m, kernel.desc.n, kernel.desc.ldc, bias, rp.act, rp.isa);
       return;
     }
     kernel(Batch::offsets(rp.a, offs_a.data(), b_block, offs_b.data(), offs_a.size()), out, 1.0f,
@@ -289,29 +345,37 @@ void for_each_wide_pixel(const ConvShape& s, Visit visit) {
     }
 }
 
-std::unique_ptr<float[]> widen_input(const ConvShape& s, const float* x, const Executor* executor) {
+template <typename T>
+std::unique_ptr<T[]> widen_input(const ConvShape& s, const T* x, const Executor* executor) {
   const int64_t row = s.out_w * s.taps_w * s.in_c;
-  std::unique_ptr<float[]> wide(new float[s.batch * s.in_h * row]);
+  std::unique_ptr<T[]> wide(new T[s.batch * s.in_h * row]);
   parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
-    const float* src = x + nh * s.in_w * s.in_c;
-    float* dst = wide.get() + nh * row;
+    const T* src = x + nh * s.in_w * s.in_c;
+    T* dst = wide.get() + nh * row;
     for_each_wide_pixel(s, [&](int64_t v, int64_t at) {
-      for (int64_t c = 0; c < s.in_c; ++c) dst[at + c] = v < 0 ? 0.0f : src[v * s.in_c + c];
+      for (int64_t c = 0; c < s.in_c; ++c) dst[at + c] = v < 0 ? T{} : src[v * s.in_c + c];
     });
   });
   return wide;
 }
 
-// dx from the widened problem's input gradient: every wide column adds into its pixel.
-void narrow_gradient(const ConvShape& s, const float* wide, float* dx, const Executor* executor) {
-  const int64_t row = s.out_w * s.taps_w * s.in_c;
+// dx (dtype `out`) from the widened problem's float32 input gradient: every wide column
+// adds into its pixel, in float32, rounded once at the end.
+void narrow_gradient(const ConvShape& s, const float* wide, DType out, void* dx, const Executor* executor) {
+  const int64_t row = s.out_w * s.taps_w * s.in_c, pixels = s.in_w * s.in_c;
   parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
     const float* src = wide + nh * row;
-    float* dst = dx + nh * s.in_w * s.in_c;
-    std::fill(dst, dst + s.in_w * s.in_c, 0.0f);
+    thread_local std::vector<float> sum;
+    sum.assign(pixels, 0.0f);
     for_each_wide_pixel(s, [&](int64_t v, int64_t at) {
       if (v >= 0)
-        for (int64_t c = 0; c < s.in_c; ++c) dst[v * s.in_c + c] += src[at + c];
+        for (int64_t c = 0; c < s.in_c; ++c) sum[v * s.in_c + c] += src[at + c];
+    });
+    with_type(out, [&](auto zero) {
+      using T = decltype(zero);
+      T* dst = static_cast<T*>(dx) + nh * pixels;
+      for (int64_t i = 0; i < pixels; ++i) store(sum[i], dst + i);
+      return 0;
     });
   });
 }
@@ -332,11 +396,12 @@ std::string validate(const ConvShape& s) {
   return "";
 }
 
-std::string conv2d_forward(const ConvShape& s, const float* x, const float* w, const float* bias,
-                           Activation act, float* y, Isa isa, const Executor* executor) {
+std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const void* w,
+                           const float* bias, Activation act, DType out, void* y, Isa isa,
+                           const Executor* executor) {
   if (std::string e = validate(s); !e.empty()) return e;
   const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(kg, kBlock);
-  auto packed = pack_weights(s, w, /*transposed=*/false, bn, executor);
+  auto packed = pack_weights(s, in, w, /*transposed=*/false, bn, executor);
   RowPass rp;
   rp.images = s.batch, rp.groups = s.groups, rp.taps_r = s.taps_h, rp.taps_s = s.taps_w;
   rp.out_rows = s.out_h, rp.out_cols = s.out_w, rp.out_pix = s.out_c;
@@ -349,22 +414,24 @@ std::string conv2d_forward(const ConvShape& s, const float* x, const float* w, c
     rp.in_cols = rp.out_cols = s.batch * s.in_h * s.in_w;
     rp.rows.extent = 1, rp.cols.extent = rp.in_cols;
   }
+  rp.in = in, rp.out_dtype = out;
   rp.a = x, rp.b = packed.get(), rp.bias = bias, rp.out = y, rp.act = act, rp.isa = isa;
   return run_rows(rp, executor);
 }
 
-std::string conv2d_backward_data(const ConvShape& s, const float* dy, const float* w, float* dx,
-                                 Isa isa, const Executor* executor) {
+std::string conv2d_backward_data(const ConvShape& s, DType in, const void* dy, const void* w,
+                                 DType out, void* dx, Isa isa, const Executor* executor) {
   if (std::string e = validate(s); !e.empty()) return e;
   if (widen_pays(s)) {
     const ConvShape ws = widened(s);
     std::unique_ptr<float[]> wide(new float[ws.batch * ws.in_h * ws.in_w * ws.in_c]);
-    if (std::string e = conv2d_backward_data(ws, dy, w, wide.get(), isa, executor); !e.empty()) return e;
-    narrow_gradient(s, wide.get(), dx, executor);
+    if (std::string e = conv2d_backward_data(ws, in, dy, w, DType::f32, wide.get(), isa, executor); !e.empty())
+      return e;
+    narrow_gradient(s, wide.get(), out, dx, executor);
     return "";
   }
   const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(cg, kBlock);
-  auto packed = pack_weights(s, w, /*transposed=*/true, bn, executor);
+  auto packed = pack_weights(s, in, w, /*transposed=*/true, bn, executor);
   // dx[n, h, v] = sum over taps of dy[n, p, q] @ w[r, s]^T where h = p*sh + r*dh - pt,
   // i.e. p = (h + pt - r*dh) / sh when exact; columns likewise, one phase per v mod sw.
   RowPass rp;
@@ -379,15 +446,19 @@ std::string conv2d_backward_data(const ConvShape& s, const float* dy, const floa
     rp.in_cols = rp.out_cols = s.batch * s.in_h * s.in_w;
     rp.rows.extent = 1, rp.cols.extent = rp.in_cols;
   }
+  rp.in = in, rp.out_dtype = out;
   rp.a = dy, rp.b = packed.get(), rp.bias = nullptr, rp.out = dx, rp.act = Activation::none;
   rp.isa = isa;
   return run_rows(rp, executor);
 }
 
-std::string conv2d_weight_update(const ConvShape& s, const float* x, const float* dy, float* dw,
-                                 Isa isa, const Executor* executor) {
-  if (std::string e = validate(s); !e.empty()) return e;
-  if (widen_pays(s)) return conv2d_weight_update(widened(s), widen_input(s, x, executor).get(), dy, dw, isa, executor);
+namespace {
+
+// The weight-update for element type T (x and dy); dw is float32.
+template <typename T>
+std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw, Isa isa,
+                          const Executor* executor) {
+  if (widen_pays(s)) return weight_update(widened(s), widen_input(s, x, executor).get(), dy, dw, isa, executor);
   const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups;
   const int64_t bc = std::min(cg, kBlock), bk = std::min(kg, kBlock);
   const int64_t cblocks = ceil_div(cg, bc), kblocks = ceil_div(kg, bk);
@@ -443,10 +514,10 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
       reduce_rows);
 
   // Input row (channels x pixels, one matrix per column phase), as the A blocks want it.
-  auto transpose_row = [&](const float* src, int64_t channels, int64_t phase_channels, float* dst) {
+  auto transpose_row = [&](const T* src, int64_t channels, int64_t phase_channels, T* dst) {
     for (int64_t v = 0; v < s.in_w; ++v) {  // x in order (it comes from memory)
       if (!phase_used[v % sw]) continue;
-      float* col = dst + (v % sw) * phase_channels * phase_w + v / sw;
+      T* col = dst + (v % sw) * phase_channels * phase_w + v / sw;
       for (int64_t c = 0; c < channels; ++c) col[c * phase_w] = src[v * s.in_c + c];
     }
   };
@@ -454,7 +525,7 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
   // used row once up front, x_t[n][h][g][phase][c][v / sw].
   const bool shared = kranges > 1;
   const int64_t shared_row = s.groups * sw * cg * phase_w;
-  std::unique_ptr<float[]> x_t;
+  std::unique_ptr<T[]> x_t;
   if (shared) {
     std::vector<char> row_used(s.in_h, 0);
     for (int64_t p = 0; p < s.out_h; ++p)
@@ -462,7 +533,7 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
         int64_t h;
         if (rows.at(p, r, &h)) row_used[h] = 1;
       }
-    x_t.reset(new float[s.batch * s.in_h * shared_row]);
+    x_t.reset(new T[s.batch * s.in_h * shared_row]);
     parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
       if (!row_used[nh % s.in_h]) return;
       for (int64_t g = 0; g < s.groups; ++g)
@@ -475,13 +546,13 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
   // say, would all land in the same L1 sets).
   const bool pack_dy = s.out_c != bk;
   const int64_t ldb = pack_dy ? bk : s.out_c;
-  std::unique_ptr<float[]> dy_packed;
+  std::unique_ptr<T[]> dy_packed;
   if (pack_dy) {
     const int64_t plane = reduce_rows * s.out_w * bk;
-    dy_packed.reset(new float[s.groups * kblocks * plane]);
+    dy_packed.reset(new T[s.groups * kblocks * plane]);
     parallel_for(executor, reduce_rows, [&](int64_t e) {
       for (int64_t q = 0; q < s.out_w; ++q) {
-        const float* src = dy + (e * s.out_w + q) * s.out_c;
+        const T* src = dy + (e * s.out_w + q) * s.out_c;
         for (int64_t g = 0; g < s.groups; ++g)
           for (int64_t kb = 0; kb < kblocks; ++kb)
             std::copy_n(src + g * kg + kb * bk, std::min(bk, kg - kb * bk),
@@ -510,7 +581,7 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
       return out + ((r * s.taps_w + t) * cg + c_first + cb * bc) * s.out_c + g * kg +
              (kr * kb_per_range + kb) * bk;
     };
-    thread_local std::vector<float> xt;
+    thread_local std::vector<T> xt;
     thread_local std::vector<int64_t> slot_of, offs_a, offs_b;
     std::vector<char> written(taps * cb_per_range * kb_per_range, 0);
 
@@ -534,7 +605,7 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
             transpose_row(x + ((n_first * s.in_h + key) * s.in_w) * s.in_c + g * cg + c_first, c_count,
                           range_c, xt.data() + slot_of[key] * slot_size);
       }
-      const float* a_base = shared ? x_t.get() + (g * sw * cg + c_first) * phase_w : xt.data();
+      const T* a_base = shared ? x_t.get() + (g * sw * cg + c_first) * phase_w : xt.data();
       const int64_t phase_size = (shared ? cg : range_c) * phase_w;
       // One call per (tap, channel block, output-channel block) over the chunk's rows.
       for (int64_t r = 0; r < s.taps_h; ++r)
@@ -559,6 +630,7 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
               d.m = std::min(bc, c_count - cb * bc), d.n = std::min(bk, kg - k_first);
               d.k = ct.hi - ct.lo;
               d.lda = phase_w, d.ldb = ldb, d.ldc = s.out_c, d.isa = isa;
+              d.a_dtype = d.b_dtype = dtype_of<T>();
               d.beta = seen ? 1.0f : 0.0f;
               std::string kernel_error;
               const Kernel* kernel = kernel_for(d, &kernel_error);
@@ -580,7 +652,7 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
         for (int64_t cb = 0; cb < cb_per_range; ++cb)
           for (int64_t kb = 0; kb < kb_per_range; ++kb)
             if (!written[block_index(r, t, cb, kb)])
-              fill_epilogue(block_of(r, t, cb, kb), std::min(bc, c_count - cb * bc),
+              fill_epilogue(block_of(r, t, cb, kb), DType::f32, std::min(bc, c_count - cb * bc),
                             std::min(bk, kg - (kr * kb_per_range + kb) * bk), s.out_c, nullptr,
                             Activation::none, isa);
   });
@@ -596,6 +668,17 @@ std::string conv2d_weight_update(const ConvShape& s, const float* x, const float
     }
   });
   return "";
+}
+
+}  // namespace
+
+std::string conv2d_weight_update(const ConvShape& s, DType in, const void* x, const void* dy,
+                                 float* dw, Isa isa, const Executor* executor) {
+  if (std::string e = validate(s); !e.empty()) return e;
+  return with_type(in, [&](auto zero) {
+    using T = decltype(zero);
+    return weight_update(s, static_cast<const T*>(x), static_cast<const T*>(dy), dw, isa, executor);
+  });
 }
 
 }  // namespace jbr::prim

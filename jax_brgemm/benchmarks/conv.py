@@ -1,8 +1,10 @@
 """ResNet-50 v1 convolution layers: forward, backward-data and weight-update of
 jax_brgemm.nn.conv2d against XLA's lax.conv_general_dilated (and PyTorch conv2d in
-channels_last, i.e. oneDNN, when torch imports), float32, measured side by side.
+channels_last, i.e. oneDNN, when torch imports), float32 and bfloat16 (all three in the
+same dtype), measured side by side.
 
     python -m jax_brgemm bench conv [--json] [--quick] [--batch N] [--layers 0,3,7]
+                                    [--dtype float32|bfloat16|all]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jax import lax
 
 from ..nn import conv as conv_mod
 from . import common
+from .kernel import machine_core_peak
 
 # (H=W, C, K, R=S, pad, stride)
 LAYERS = [
@@ -53,9 +56,12 @@ def _xla(x, w, stride, pad):
 
 def _torch_fns(torch, x, w, dy, stride, pad):
     cl = torch.channels_last
-    tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
-    tw = torch.from_numpy(np.array(w)).permute(3, 2, 0, 1).contiguous(memory_format=cl)
-    tdy = torch.from_numpy(np.array(dy)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    dtype = getattr(torch, str(x.dtype))
+
+    def tensor(a, order):
+        return torch.from_numpy(np.array(a, np.float32)).to(dtype).permute(*order).contiguous(memory_format=cl)
+
+    tx, tw, tdy = tensor(x, (0, 3, 1, 2)), tensor(w, (3, 2, 0, 1)), tensor(dy, (0, 3, 1, 2))
     args = ([stride] * 2, [pad] * 2, [1] * 2, False, [0, 0], 1)
 
     def fwd():
@@ -71,19 +77,26 @@ def _torch_fns(torch, x, w, dy, stride, pad):
     return fwd, bwd([True, False, False]), bwd([False, True, False])
 
 
-def run(batch, layer_ids, rounds=3):
-    """Every (layer, pass) timed for each implementation in turn, `rounds` times over; the
-    median per implementation, so that load from other processes hits all of them alike."""
+def peaks(dtypes):
+    """Machine peak (all cores) per dtype: the FMA loop for float32, the bfloat16 dot-product
+    loop for bfloat16."""
+    return {d: common.machine_peak_gflops() if d == "float32" else machine_core_peak(d) * common.num_cores()
+            for d in dtypes}
+
+
+def run(batch, layer_ids, dtypes=("float32",), rounds=3):
+    """Every (layer, dtype, pass) timed for each implementation in turn, `rounds` times over;
+    the median per implementation, so that load from other processes hits all of them alike."""
     torch = common.torch_module()
-    peak = common.machine_peak_gflops()
+    peak = peaks(dtypes)
     rng = np.random.default_rng(0)
     records = []
-    for i in layer_ids:
+    for i, dtype in [(i, d) for i in layer_ids for d in dtypes]:
         hw, c, k, r, pad, stride = LAYERS[i]
-        x = jnp.asarray(rng.standard_normal((batch, hw, hw, c), np.float32))
-        w = jnp.asarray(rng.standard_normal((r, r, c, k), np.float32) / np.sqrt(r * r * c))
+        x = jnp.asarray(rng.standard_normal((batch, hw, hw, c), np.float32), dtype)
+        w = jnp.asarray(rng.standard_normal((r, r, c, k), np.float32) / np.sqrt(r * r * c), dtype)
         p = (hw + 2 * pad - r) // stride + 1
-        dy = jnp.asarray(rng.standard_normal((batch, p, p, k), np.float32))
+        dy = jnp.asarray(rng.standard_normal((batch, p, p, k), np.float32), dtype)
         flops = 2.0 * batch * p * p * k * c * r * r
         inputs = ((x, w), (dy, w), (x, dy))
         impls = {"ours_s": [functools.partial(f, *a) for f, a in zip(_ours(x, w, stride, pad), inputs)],
@@ -97,7 +110,8 @@ def run(batch, layer_ids, rounds=3):
                     fn = fns[j]
                     times[key].append(common.median_seconds(lambda: jax.block_until_ready(fn()), repeats=3,
                                                             min_seconds=0.03))
-            rec = {"layer": f"{i}:{hw}x{hw} {c}->{k} {r}x{r}/{stride}", "pass": name, "flops": flops}
+            rec = {"layer": f"{i}:{hw}x{hw} {c}->{k} {r}x{r}/{stride}", "dtype": dtype, "pass": name,
+                   "flops": flops}
             rec.update({key: statistics.median(t) for key, t in times.items()})
             records.append(_derive(rec, peak))
     return records, peak
@@ -106,7 +120,7 @@ def run(batch, layer_ids, rounds=3):
 def _derive(rec, peak):
     f = rec["flops"]
     rec["GF/s"] = common.gflops(f, rec["ours_s"])
-    rec["%peak"] = 100.0 * rec["GF/s"] / peak
+    rec["%peak"] = 100.0 * rec["GF/s"] / peak[rec["dtype"]]
     rec["XLA GF/s"] = common.gflops(f, rec["xla_s"])
     rec["vs XLA"] = rec["xla_s"] / rec["ours_s"]
     if rec.get("torch_s"):
@@ -118,9 +132,11 @@ def _derive(rec, peak):
 def totals(records, peak):
     """FLOP-weighted totals (total FLOPs / total time) per pass and for all passes together."""
     out = []
-    for name in PASSES + ("all",):
-        rs = [r for r in records if name in ("all", r["pass"])]
-        rec = {"layer": "TOTAL", "pass": name, "flops": sum(r["flops"] for r in rs)}
+    for dtype, name in [(d, n) for d in peak for n in PASSES + ("all",)]:
+        rs = [r for r in records if name in ("all", r["pass"]) and r["dtype"] == dtype]
+        if not rs:
+            continue
+        rec = {"layer": "TOTAL", "dtype": dtype, "pass": name, "flops": sum(r["flops"] for r in rs)}
         for key in ("ours_s", "xla_s", "torch_s"):
             rec[key] = sum(r[key] for r in rs) if all(r.get(key) for r in rs) else None
         out.append(_derive(rec, peak))
@@ -133,15 +149,19 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="batch 1 and a few layers")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--layers", type=str, default=None, help="comma-separated layer indices")
+    ap.add_argument("--dtype", default="all", choices=["float32", "bfloat16", "all"],
+                    help="input dtype of all three (bfloat16: float32 accumulation; default both)")
     args = ap.parse_args(argv)
     batch = args.batch or (1 if args.quick else 8)
     ids = ([int(v) for v in args.layers.split(",")] if args.layers
            else QUICK_LAYERS if args.quick else list(range(len(LAYERS))))
-    records, peak = run(batch, ids, rounds=2 if args.quick else 3)
+    dtypes = ["float32", "bfloat16"] if args.dtype == "all" else [args.dtype]
+    records, peak = run(batch, ids, dtypes, rounds=2 if args.quick else 3)
     records += totals(records, peak)
-    columns = ["layer", "pass", "GF/s", "%peak", "XLA GF/s", "vs XLA", "torch GF/s", "vs torch"]
-    title = (f"conv2d float32, batch {batch}, {common.num_cores()} cores, "
-             f"peak {peak:.0f} GFLOP/s (measured FMA loop), isa {jax_brgemm_isa()}")
+    columns = ["layer", "dtype", "pass", "GF/s", "%peak", "XLA GF/s", "vs XLA", "torch GF/s", "vs torch"]
+    peak_text = ", ".join(f"{d} {v:.0f}" for d, v in peak.items())
+    title = (f"conv2d, batch {batch}, {common.num_cores()} cores, peak GFLOP/s {peak_text} "
+             f"(measured FMA / bfloat16 dot-product loops), isa {jax_brgemm_isa()}")
     common.print_records(records, columns, args.json, title)
 
 

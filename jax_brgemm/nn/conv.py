@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
-from .._checks import check_activation, check_float32
+from .._checks import check_activation, check_kernel_dtype
+from ..ops import _out_dtype
 from .._sharding import batch_partitioned
 
 _NONE = jnp.zeros((0,), jnp.float32)  # stands for an absent bias in the FFI call
@@ -41,25 +42,33 @@ class _Geometry(NamedTuple):
 
 
 def conv2d(x, kernel, bias=None, *, strides=1, padding="SAME", dilation=1, feature_group_count=1,
-           activation=None):
+           activation=None, out_dtype=None):
     """2-D convolution, ``activation(conv(x, kernel) + bias)``.
 
     Args:
-      x: ``(N, H, W, C)`` float32 (NHWC); extra leading dims fold into the batch.
-      kernel: ``(R, S, C // feature_group_count, K)`` float32 (HWIO).
-      bias: optional ``(K,)`` float32.
+      x: ``(N, H, W, C)`` float32 or bfloat16 (NHWC); extra leading dims fold into the batch.
+        Its dtype is the compute dtype: kernel is cast to it (float32 params with bfloat16
+        activations, like Flax's ``param_dtype`` / ``dtype``).
+      kernel: ``(R, S, C // feature_group_count, K)`` float32 or bfloat16 (HWIO).
+      bias: optional ``(K,)`` float32 or bfloat16, added in float32.
       strides, dilation: an int or a pair of ints (height, width), all >= 1. ``dilation``
         spreads the kernel taps (``rhs_dilation`` in ``lax.conv_general_dilated``).
       padding: "SAME", "VALID", an int, or explicit ``((top, bottom), (left, right))``.
       feature_group_count: groups; must divide C and K (C == groups: depthwise).
       activation: None, "relu", "gelu" (tanh form), "sigmoid" or "tanh", fused after bias.
+      out_dtype: float32 or bfloat16; default x's dtype. Every sum is float32.
 
-    Returns ``(N, P, Q, K)`` float32, the same as ``lax.conv_general_dilated`` with
+    Gradients come in each input's own dtype. In bfloat16 the output gradient is rounded to
+    bfloat16 before the backward passes (as ``jax_brgemm.brgemm`` does), the kernel gradient
+    is summed in float32 over every image and pixel and rounded once.
+
+    Returns ``(N, P, Q, K)`` in ``out_dtype``, the same as ``lax.conv_general_dilated`` with
     ``dimension_numbers=("NHWC", "HWIO", "NHWC")`` plus bias and activation. Works under
     jit, vmap and grad (to x, kernel and bias).
     """
-    check_float32("x", x)
-    check_float32("kernel", kernel)
+    dtype = check_kernel_dtype("x", x)
+    check_kernel_dtype("kernel", kernel)
+    out_dtype = _out_dtype(out_dtype, dtype)
     if np.ndim(x) < 4:
         raise ValueError(f"x must have shape (N, H, W, C) (NHWC), got {np.shape(x)}")
     if np.ndim(kernel) != 4:
@@ -83,17 +92,17 @@ def conv2d(x, kernel, bias=None, *, strides=1, padding="SAME", dilation=1, featu
                          f"x spatial {(h, w)}, padding {geom.pads} give an output of {(p, q)}")
     act = check_activation("activation", activation)
     if bias is not None:
-        check_float32("bias", bias)
+        check_kernel_dtype("bias", bias)
         bias = jnp.asarray(bias)
         if bias.shape != (k,):
             raise ValueError(f"bias must have shape (K,) = ({k},), got {bias.shape}")
     n = math.prod(lead)
     if n == 0 or k == 0:
-        return jnp.zeros(lead + (p, q, k), jnp.float32)
+        return jnp.zeros(lead + (p, q, k), out_dtype)
     if c == 0:  # an empty sum: only bias and activation remain
         z = jnp.zeros(lead + (p, q, k), jnp.float32)
-        return _activations.apply(act, z if bias is None else z + bias)
-    out = _conv(x.reshape((n, h, w, c)), kernel, bias, geom, act)
+        return _activations.apply(act, z if bias is None else z + bias.astype(jnp.float32)).astype(out_dtype)
+    out = _conv(x.reshape((n, h, w, c)), kernel, bias, geom, act, out_dtype)
     return out.reshape(lead + out.shape[1:])
 
 
@@ -142,25 +151,36 @@ def _pads(padding, in_hw, taps_hw, strides, dilation):
 # ------------------------------------------------------------------ custom_vjp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _conv(x, kernel, bias, geom, act):
-    return _forward_call(geom, act, bias is not None)(x, kernel, _NONE if bias is None else bias)
+_F32 = np.dtype(jnp.float32)
 
 
-def _conv_fwd(x, kernel, bias, geom, act):
-    call = _forward_call(geom, "none" if _activations.needs_preactivation(act) else act, bias is not None)
-    z = call(x, kernel, _NONE if bias is None else bias)
-    if _activations.needs_preactivation(act):  # gelu's derivative needs the pre-activation
-        return _activations.apply(act, z), (x, kernel, bias, None, z)
-    return z, (x, kernel, bias, None if act == "none" else z, None)
+def _forward(x, kernel, bias, geom, act, out_dtype):
+    """The forward FFI call in x's dtype (kernel cast to it, bias to float32)."""
+    call = _forward_call(geom, act, bias is not None, out_dtype)
+    return call(x, kernel.astype(x.dtype), _NONE if bias is None else bias.astype(jnp.float32))
 
 
-def _conv_bwd(geom, act, res, g):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv(x, kernel, bias, geom, act, out_dtype):
+    return _forward(x, kernel, bias, geom, act, out_dtype)
+
+
+def _conv_fwd(x, kernel, bias, geom, act, out_dtype):
+    if _activations.needs_preactivation(act):  # gelu's derivative needs the float32 pre-activation
+        z = _forward(x, kernel, bias, geom, "none", _F32)
+        return _activations.apply(act, z).astype(out_dtype), (x, kernel, bias, None, z)
+    out = _forward(x, kernel, bias, geom, act, out_dtype)
+    return out, (x, kernel, bias, None if act == "none" else out, None)
+
+
+def _conv_bwd(geom, act, out_dtype, res, g):
     x, kernel, bias, out, z = res
-    gz = _activations.grad_from(act, g, out, z)
-    dx = _backward_data_call(geom, x.shape[1:3])(gz, kernel)
-    dkernel = _weight_update_call(geom, kernel.shape[:2])(x, gz)
-    dbias = None if bias is None else gz.sum(axis=(0, 1, 2))
+    # d loss / d pre-activation in float32 (for the bias), then in the compute dtype.
+    gz = _activations.grad_from(act, g.astype(jnp.float32), None if out is None else out.astype(jnp.float32), z)
+    gz_in = gz.astype(x.dtype)
+    dx = _backward_data_call(geom, x.shape[1:3])(gz_in, kernel.astype(x.dtype))
+    dkernel = _weight_update_call(geom, kernel.shape[:2])(x, gz_in).astype(kernel.dtype)
+    dbias = None if bias is None else gz.sum(axis=(0, 1, 2)).astype(bias.dtype)
     return dx, dkernel, dbias
 
 
@@ -194,11 +214,11 @@ def _from_channels(y, size):  # (..., B*C) -> (B, ..., C)
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_call(geom, act, has_bias):
+def _forward_call(geom, act, has_bias, out_dtype=_F32):
     def ffi(x, kernel, bias):
         n, h, w, _ = x.shape
         p, q = geom.out_size((h, w), kernel.shape[:2])
-        out = jax.ShapeDtypeStruct((n, p, q, kernel.shape[3]), jnp.float32)
+        out = jax.ShapeDtypeStruct((n, p, q, kernel.shape[3]), out_dtype)
         return jax.ffi.ffi_call("jax_brgemm_conv2d_forward", out)(
             x, kernel, bias, geometry=geom.attr(), activation=act)
 
@@ -214,7 +234,7 @@ def _forward_call(geom, act, has_bias):
         x_b, k_b, b_b = in_batched
         if not k_b and not (has_bias and b_b):
             return _unfold(call(_fold(x), kernel, bias), size), True
-        wide = _forward_call(geom.widened(size), act, has_bias)
+        wide = _forward_call(geom.widened(size), act, has_bias, out_dtype)
         bias = _to_channels(_lift(bias, b_b, size)) if has_bias else bias
         out = wide(_to_channels(_lift(x, x_b, size)), _to_channels(_lift(kernel, k_b, size)), bias)
         return _from_channels(out, size), True
@@ -226,7 +246,7 @@ def _forward_call(geom, act, has_bias):
 def _backward_data_call(geom, in_hw):
     def ffi(dy, kernel):
         n, _, _, _ = dy.shape
-        out = jax.ShapeDtypeStruct((n, *in_hw, kernel.shape[2] * geom.groups), jnp.float32)
+        out = jax.ShapeDtypeStruct((n, *in_hw, kernel.shape[2] * geom.groups), dy.dtype)  # dx in dy's dtype
         return jax.ffi.ffi_call("jax_brgemm_conv2d_backward_data", out)(dy, kernel, geometry=geom.attr())
 
     sharded = batch_partitioned(ffi, batched=(True, False), outputs=("batch",))
@@ -249,7 +269,7 @@ def _backward_data_call(geom, in_hw):
 
 @functools.lru_cache(maxsize=None)
 def _weight_update_call(geom, taps_hw):
-    def ffi(x, dy):
+    def ffi(x, dy):  # float32 whatever x and dy are: callers round it once
         cg = x.shape[3] // geom.groups
         out = jax.ShapeDtypeStruct((*taps_hw, cg, dy.shape[3]), jnp.float32)
         return jax.ffi.ffi_call("jax_brgemm_conv2d_weight_update", out)(x, dy, geometry=geom.attr())
