@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,24 +87,11 @@ def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None, out_d
     if b.shape[-2] != k:
         raise ValueError(f"b's k ({b.shape[-2]}) must equal a's k ({k}); a {a.shape}, b {b.shape}")
     n = b.shape[-1]
-    leads = {"a": a.shape[:-3], "b": b.shape[:-3]}
-    out_dtype = _out_dtype(out_dtype, a.dtype)
-    if c is not None:
-        _check_c(c, out_dtype)
-        check_rank("c", c, 2, "(..., m, n)")
-        c = jnp.asarray(c)
-        if c.shape[-2:] != (m, n):
-            raise ValueError(f"c must end in (m, n) = {(m, n)}, got {c.shape}")
-        leads["c"] = c.shape[:-2]
-    act = check_activation("epilogue", epilogue)
-    alpha, beta = _scalar("alpha", alpha), _scalar("beta", beta)
-    bias = _check_bias(bias, n)
-    lead = broadcast_lead(leads)
-    if 0 in lead or m == 0 or n == 0:
-        return jnp.zeros(lead + (m, n), out_dtype)
-    if count == 0 or k == 0:  # an empty sum: only c and bias remain
-        return _epilogue_only(lead + (m, n), c, beta, bias, act).astype(out_dtype)
-    return _brgemm(a, b, c, bias, alpha, beta, act, out_dtype)
+    e = _epilogue_args({"a": a.shape[:-3], "b": b.shape[:-3]}, m, n, a.dtype, c, out_dtype,
+                       epilogue, alpha, beta, bias)
+    if count == 0 or k == 0 or e.empty:
+        return _without_products(e, m, n)
+    return _brgemm(a, b, e.c, e.bias, e.alpha, e.beta, e.act, e.out_dtype)
 
 
 def _out_dtype(out_dtype, default):
@@ -128,6 +116,44 @@ def _check_bias(bias, n):
     if bias.shape != (n,):
         raise ValueError(f"bias must have shape (n,) = ({n},), got {bias.shape}")
     return bias.astype(jnp.float32)
+
+
+class _Epilogue(NamedTuple):
+    c: object
+    bias: object
+    lead: tuple
+    out_dtype: np.dtype
+    act: str
+    alpha: float
+    beta: float
+    empty: bool  # the result has no elements
+
+
+def _epilogue_args(leads, m, n, in_dtype, c, out_dtype, epilogue, alpha, beta, bias) -> _Epilogue:
+    """Checks what both forms share (c, bias, epilogue, alpha, beta, out_dtype) and
+    broadcasts the leading dims of `leads` (name -> shape) and c's."""
+    out_dtype = _out_dtype(out_dtype, in_dtype)
+    leads = dict(leads)
+    if c is not None:
+        _check_c(c, out_dtype)
+        check_rank("c", c, 2, "(..., m, n)")
+        c = jnp.asarray(c)
+        if c.shape[-2:] != (m, n):
+            raise ValueError(f"c must end in (m, n) = {(m, n)}, got {c.shape}")
+        leads["c"] = c.shape[:-2]
+    act = check_activation("epilogue", epilogue)
+    alpha, beta = _scalar("alpha", alpha), _scalar("beta", beta)
+    bias = _check_bias(bias, n)
+    lead = broadcast_lead(leads)
+    return _Epilogue(c, bias, lead, out_dtype, act, alpha, beta, 0 in lead or m == 0 or n == 0)
+
+
+def _without_products(e: _Epilogue, m, n):
+    """The defined result when there is nothing to multiply: an empty array, or for an
+    empty sum (count or k zero) only beta * c and the bias."""
+    if e.empty:
+        return jnp.zeros(e.lead + (m, n), e.out_dtype)
+    return _epilogue_only(e.lead + (m, n), e.c, e.beta, e.bias, e.act).astype(e.out_dtype)
 
 
 def _epilogue_only(shape, c, beta, bias, act):
@@ -267,28 +293,15 @@ def brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, *, alpha=1.0, b
         raise ValueError(f"b_index's count ({b_index.shape[-1]}) must equal a_index's ({count})")
     _check_index_range("a_index", a_index_host, a_blocks.shape[0])
     _check_index_range("b_index", b_index_host, b_blocks.shape[0])
-    leads = {"a_index": a_index.shape[:-1], "b_index": b_index.shape[:-1]}
-    out_dtype = _out_dtype(out_dtype, a_blocks.dtype)
-    if c is not None:
-        _check_c(c, out_dtype)
-        check_rank("c", c, 2, "(..., m, n)")
-        c = jnp.asarray(c)
-        if c.shape[-2:] != (m, n):
-            raise ValueError(f"c must end in (m, n) = {(m, n)}, got {c.shape}")
-        leads["c"] = c.shape[:-2]
-    act = check_activation("epilogue", epilogue)
-    alpha, beta = _scalar("alpha", alpha), _scalar("beta", beta)
-    bias = _check_bias(bias, n)
-    lead = broadcast_lead(leads)
-    if 0 in lead or m == 0 or n == 0:
-        return jnp.zeros(lead + (m, n), out_dtype)
-    if count == 0 or k == 0:
-        return _epilogue_only(lead + (m, n), c, beta, bias, act).astype(out_dtype)
-    a_index = jnp.broadcast_to(a_index.astype(jnp.int32), lead + (count,))
-    b_index = jnp.broadcast_to(b_index.astype(jnp.int32), lead + (count,))
-    if c is not None:
-        c = jnp.broadcast_to(c, lead + (m, n))
-    return _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype)
+    e = _epilogue_args({"a_index": a_index.shape[:-1], "b_index": b_index.shape[:-1]}, m, n,
+                       a_blocks.dtype, c, out_dtype, epilogue, alpha, beta, bias)
+    if count == 0 or k == 0 or e.empty:
+        return _without_products(e, m, n)
+    a_index = jnp.broadcast_to(a_index.astype(jnp.int32), e.lead + (count,))
+    b_index = jnp.broadcast_to(b_index.astype(jnp.int32), e.lead + (count,))
+    c = None if e.c is None else jnp.broadcast_to(e.c, e.lead + (m, n))
+    return _indexed(a_blocks, b_blocks, a_index, b_index, c, e.bias, e.alpha, e.beta, e.act,
+                    e.out_dtype)
 
 
 def _check_index_range(name, index, blocks):
