@@ -109,6 +109,10 @@ void apply_activation(Activation act, float* data, int64_t size, Isa isa);
 void transpose_f32(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                    int64_t ldd, Isa isa);
 
+// float32 -> bfloat16 bits, rounded to nearest even; NaN stays a quiet NaN. The scalar
+// conversion every path shares (vector paths round the same way in registers).
+uint16_t round_to_bf16(float value);
+
 // CPU time of the calling thread, in seconds: single-thread measurements use it so that time
 // the thread spends descheduled on a shared machine does not count against the kernel.
 double thread_cpu_seconds();

@@ -1,6 +1,7 @@
 // ISA detection and selection, descriptor validation, register-block choice and the
 // thread-safe cache of specialised kernels.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -229,6 +230,14 @@ void transpose_f32(const float* src, int64_t lds, int64_t rows, int64_t cols, fl
     for (int64_t j0 = 0; j0 < cols; j0 += T)
       for (int64_t j = j0; j < std::min(cols, j0 + T); ++j)
         for (int64_t i = i0; i < std::min(rows, i0 + T); ++i) dst[j * ldd + i] = src[i * lds + j];
+}
+
+uint16_t round_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  if (std::isnan(value)) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
 }
 
 double thread_cpu_seconds() {

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "brgemm.h"
+
 #if defined(JBR_VEC_AVX512) || defined(JBR_VEC_AVX2)
 #include <immintrin.h>
 #endif
@@ -15,20 +17,12 @@
 namespace jbr {
 namespace JBR_ISA_NS {  // distinct per translation unit: no ODR clash between ISAs
 
-// bfloat16 is the top half of a float32. Rounding to nearest even; NaN stays a quiet NaN.
+// bfloat16 is the top half of a float32 (rounding back: jbr::round_to_bf16 in brgemm.h).
 inline float bf16_to_f32(uint16_t h) {
   const uint32_t bits = uint32_t{h} << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if (std::isnan(f)) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return static_cast<uint16_t>(bits >> 16);
 }
 
 // Coefficients of exp(r) on |r| <= ln2/2 (Cephes expf), shared by the SIMD types.
@@ -56,8 +50,8 @@ struct Vec {
   void store(float* p, Mask) const { *p = v; }
   static Vec load_bf16(const uint16_t* p) { return {bf16_to_f32(*p)}; }
   static Vec load_bf16(const uint16_t* p, Mask) { return {bf16_to_f32(*p)}; }
-  void store_bf16(uint16_t* p) const { *p = f32_to_bf16(v); }
-  void store_bf16(uint16_t* p, Mask) const { *p = f32_to_bf16(v); }
+  void store_bf16(uint16_t* p) const { *p = round_to_bf16(v); }
+  void store_bf16(uint16_t* p, Mask) const { *p = round_to_bf16(v); }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
   friend Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
   friend Vec operator-(Vec a, Vec b) { return {a.v - b.v}; }

@@ -52,11 +52,7 @@ auto with_type(DType d, F f) {
 }
 
 void store(float v, float* dst) { *dst = v; }
-void store(float v, uint16_t* dst) {  // round to nearest even (NaN stays NaN)
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  *dst = (u & 0x7fffffffu) > 0x7f800000u ? uint16_t((u >> 16) | 0x40) : uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
+void store(float v, uint16_t* dst) { *dst = round_to_bf16(v); }
 
 // Work buffers of `count` elements of `size` bytes (float storage keeps them aligned).
 std::unique_ptr<float[]> buffer(int64_t count, int64_t size) {
