@@ -403,3 +403,30 @@ def test_bad_input_names_the_argument(call, error, match):
 def test_kernel_layer_transpose(rows, cols, isa, rng):
     x = rng.standard_normal((rows, cols)).astype(F32)
     np.testing.assert_array_equal(ext.transpose_f32(x, isa), x.T)
+
+
+@pytest.mark.parametrize("name", jb.supported_isas())
+def test_env_var_forces_the_isa(name):
+    # JAX_BRGEMM_ISA is read when the extension loads: a fresh interpreter per value.
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, jax_brgemm as jb; a = np.random.rand(2, 5, 7).astype(np.float32); "
+            "b = np.random.rand(2, 7, 9).astype(np.float32); out = np.asarray(jb.brgemm(a, b)); "
+            "ref = np.einsum('imk,ikn->mn', a.astype(np.float64), b); "
+            "print(jb.active_isa(), float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))")
+    env = dict(__import__("os").environ, JAX_BRGEMM_ISA=name)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    active, err = result.stdout.split()
+    assert active == name and float(err) < 1e-5
+
+
+def test_env_var_rejects_an_unknown_isa():
+    import subprocess
+    import sys
+
+    env = dict(__import__("os").environ, JAX_BRGEMM_ISA="neon")
+    result = subprocess.run([sys.executable, "-c", "import jax_brgemm"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode != 0 and "JAX_BRGEMM_ISA=neon" in result.stderr
