@@ -145,22 +145,15 @@ double dot_peak_gflops(double seconds) {
   for (int j = 0; j < kChains; ++j) acc[j] = _mm512_set1_ps(1.0f);
   const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3F80));  // 1.0
   const __m512bh y = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3400));  // ~1e-7
-  int64_t iters = 0;
-  const double start = thread_cpu_seconds();
-  double elapsed = 0.0;
-  do {
-    for (int rep = 0; rep < 4096; ++rep) {
+  const double rate = rounds_per_second([&] {
 #pragma GCC unroll 12
-      for (int j = 0; j < kChains; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], x, y);
-    }
-    iters += 4096;
-    elapsed = thread_cpu_seconds() - start;
-  } while (elapsed < seconds);
+    for (int j = 0; j < kChains; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], x, y);
+  }, seconds);
   __m512 total = acc[0];
   for (int j = 1; j < kChains; ++j) total = _mm512_add_ps(total, acc[j]);
   volatile float keep = _mm512_reduce_add_ps(total);
   (void)keep;
-  return 64.0 * kChains * static_cast<double>(iters) / elapsed * 1e-9;
+  return 64.0 * kChains * rate * 1e-9;
 }
 
 }  // namespace avx512bf16

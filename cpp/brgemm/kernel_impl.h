@@ -215,30 +215,38 @@ void run_converting(const Kernel& kern, const Batch& batch, void* c, float alpha
 }
 
 // ---------------------------------------------------------------- peak
+// Rounds per second (thread CPU time) of `round()`, one step of independent register-
+// resident chains, repeated until `seconds` have passed: the measured-peak loops use it.
+template <class Round>
+double rounds_per_second(Round round, double seconds) {
+  int64_t rounds = 0;
+  const double start = thread_cpu_seconds();
+  double elapsed = 0.0;
+  do {
+    for (int rep = 0; rep < 4096; ++rep) round();
+    rounds += 4096;
+    elapsed = thread_cpu_seconds() - start;
+  } while (elapsed < seconds);
+  return static_cast<double>(rounds) / elapsed;
+}
+
 // Register-resident FMA loop with enough independent chains to cover the FMA latency.
 inline double fma_peak_gflops(double seconds) {
   constexpr int kChains = 12;
   Vec acc[kChains];
   for (int j = 0; j < kChains; ++j) acc[j] = Vec::set1(1.0f + 1e-3f * j);
   const Vec x = Vec::set1(0.999999f), y = Vec::set1(1e-7f);
-  int64_t iters = 0;
-  const double start = thread_cpu_seconds();
-  double elapsed = 0.0;
-  do {
-    for (int rep = 0; rep < 4096; ++rep) {
+  const double rate = rounds_per_second([&] {
 #pragma GCC unroll 12
-      for (int j = 0; j < kChains; ++j) acc[j] = fmadd(acc[j], x, y);
-    }
-    iters += 4096;
-    elapsed = thread_cpu_seconds() - start;
-  } while (elapsed < seconds);
+    for (int j = 0; j < kChains; ++j) acc[j] = fmadd(acc[j], x, y);
+  }, seconds);
   float sink[W];
   Vec total = acc[0];
   for (int j = 1; j < kChains; ++j) total = total + acc[j];
   total.store(sink);
   volatile float keep = sink[0];
   (void)keep;
-  return 2.0 * W * kChains * static_cast<double>(iters) / elapsed * 1e-9;
+  return 2.0 * W * kChains * rate * 1e-9;
 }
 
 // Register-block limits for float32 inputs and for bfloat16 converted on the fly (which
