@@ -403,6 +403,8 @@ def test_bad_input_names_the_argument(call, error, match):
 def test_kernel_layer_transpose(rows, cols, isa, rng):
     x = rng.standard_normal((rows, cols)).astype(F32)
     np.testing.assert_array_equal(ext.transpose_f32(x, isa), x.T)
+    bits = rng.integers(0, 1 << 16, size=(rows, cols), dtype=np.uint16)
+    np.testing.assert_array_equal(ext.transpose_bf16(bits, isa), bits.T)
 
 
 @pytest.mark.parametrize("name", jb.supported_isas())

@@ -108,6 +108,9 @@ void apply_activation(Activation act, float* data, int64_t size, Isa isa);
 // primitives' re-layouts (packing A^T or B^T panels) run at memory speed.
 void transpose_f32(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                    int64_t ldd, Isa isa);
+// The same for bfloat16 bit patterns (any 16-bit elements).
+void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols,
+                    uint16_t* dst, int64_t ldd, Isa isa);
 
 // float32 -> bfloat16 bits, rounded to nearest even; NaN stays a quiet NaN. The scalar
 // conversion every path shares (vector paths round the same way in registers).

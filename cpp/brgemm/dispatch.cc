@@ -220,16 +220,31 @@ void apply_activation(Activation act, float* data, int64_t size, Isa isa) {
   (impl ? impl : &detail::impl_ref)->activation(act, data, size);
 }
 
+namespace {
+// The portable transpose, in 16 x 16 tiles so few destination lines are in flight.
+template <class T>
+void transpose_tiles(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile)
+    for (int64_t j0 = 0; j0 < cols; j0 += kTile)
+      for (int64_t j = j0; j < std::min(cols, j0 + kTile); ++j)
+        for (int64_t i = i0; i < std::min(rows, i0 + kTile); ++i) dst[j * ldd + i] = src[i * lds + j];
+}
+}  // namespace
+
+// avx512bf16 uses the AVX-512 transposes: impl_for(isa) is its float32 implementation.
 void transpose_f32(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                    int64_t ldd, Isa isa) {
-  // avx512bf16's float32 code is the AVX-512 one.
   const detail::IsaImpl* impl = impl_for(isa);
   if (impl && impl->transpose_f32) return impl->transpose_f32(src, lds, rows, cols, dst, ldd);
-  constexpr int64_t T = 16;  // tiles keep the destination lines in flight few
-  for (int64_t i0 = 0; i0 < rows; i0 += T)
-    for (int64_t j0 = 0; j0 < cols; j0 += T)
-      for (int64_t j = j0; j < std::min(cols, j0 + T); ++j)
-        for (int64_t i = i0; i < std::min(rows, i0 + T); ++i) dst[j * ldd + i] = src[i * lds + j];
+  transpose_tiles(src, lds, rows, cols, dst, ldd);
+}
+
+void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols,
+                    uint16_t* dst, int64_t ldd, Isa isa) {
+  const detail::IsaImpl* impl = impl_for(isa);
+  if (impl && impl->transpose_bf16) return impl->transpose_bf16(src, lds, rows, cols, dst, ldd);
+  transpose_tiles(src, lds, rows, cols, dst, ldd);
 }
 
 uint16_t round_to_bf16(float value) {

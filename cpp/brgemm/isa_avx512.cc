@@ -9,14 +9,10 @@
 
 namespace jbr::avx512 {
 
-// One 16 x 16 block: rows [0, h) and columns [0, w) of src land as rows [0, w) and columns
-// [0, h) of dst. Three rounds of interleaves (32-bit, 64-bit, 128-bit lanes) in registers.
-inline void transpose_16x16(const float* src, int64_t lds, int h, int w, float* dst, int64_t ldd) {
-  const __mmask16 col_mask = static_cast<__mmask16>((1u << w) - 1u);
-  const __mmask16 row_mask = static_cast<__mmask16>((1u << h) - 1u);
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i)
-    r[i] = i < h ? _mm512_maskz_loadu_ps(col_mask, src + i * lds) : _mm512_setzero_ps();
+// Transposes 16 rows of 16 32-bit lanes in registers: on return r[j] holds what was
+// column j. Three rounds of interleaves (32-bit, 64-bit, 128-bit lanes).
+inline void transpose_16x16_regs(__m512 r[16]) {
+  __m512 t[16];
   for (int k = 0; k < 8; ++k) {
     t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
     t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
@@ -40,10 +36,38 @@ inline void transpose_16x16(const float* src, int64_t lds, int h, int w, float* 
     t[8 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);   // column 8 + c
     t[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);  // column 12 + c
   }
-  for (int j = 0; j < w; ++j) _mm512_mask_storeu_ps(dst + j * ldd, row_mask, t[j]);
+  for (int j = 0; j < 16; ++j) r[j] = t[j];
 }
 
-void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+// One 16 x 16 block: rows [0, h) and columns [0, w) of src land as rows [0, w) and columns
+// [0, h) of dst. 16-bit elements ride zero-extended in 32-bit lanes.
+inline void transpose_16x16(const float* src, int64_t lds, int h, int w, float* dst, int64_t ldd) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << w) - 1u);
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << h) - 1u);
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < h ? _mm512_maskz_loadu_ps(col_mask, src + i * lds) : _mm512_setzero_ps();
+  transpose_16x16_regs(r);
+  for (int j = 0; j < w; ++j) _mm512_mask_storeu_ps(dst + j * ldd, row_mask, r[j]);
+}
+
+inline void transpose_16x16(const uint16_t* src, int64_t lds, int h, int w, uint16_t* dst,
+                            int64_t ldd) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << w) - 1u);
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << h) - 1u);
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) {
+    const __m256i row = i < h ? _mm256_maskz_loadu_epi16(col_mask, src + i * lds)
+                              : _mm256_setzero_si256();
+    r[i] = _mm512_castsi512_ps(_mm512_cvtepu16_epi32(row));
+  }
+  transpose_16x16_regs(r);
+  for (int j = 0; j < w; ++j)
+    _mm512_mask_cvtepi32_storeu_epi16(dst + j * ldd, row_mask, _mm512_castps_si512(r[j]));
+}
+
+template <class T>
+void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
   for (int64_t i0 = 0; i0 < rows; i0 += 16)
     for (int64_t j0 = 0; j0 < cols; j0 += 16)
       transpose_16x16(src + i0 * lds + j0, lds, static_cast<int>(std::min<int64_t>(16, rows - i0)),
@@ -56,7 +80,8 @@ namespace jbr::detail {
 namespace {
 IsaImpl make_avx512_impl() {
   IsaImpl impl = avx512::make_impl();
-  impl.transpose_f32 = &avx512::transpose;
+  impl.transpose_f32 = &avx512::transpose<float>;
+  impl.transpose_bf16 = &avx512::transpose<uint16_t>;
   return impl;
 }
 }  // namespace

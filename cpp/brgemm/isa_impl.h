@@ -22,9 +22,11 @@ struct IsaImpl {
   void (*activation)(Activation act, float* data, int64_t size) = nullptr;
   double (*fma_peak_gflops)(double seconds) = nullptr;
   double (*bf16_peak_gflops)(double seconds) = nullptr;  // null: no native bf16 math
-  // Optional: a vectorised float32 transpose (null: the portable loop in dispatch.cc).
+  // Optional: vectorised transposes (null: the portable loop in dispatch.cc).
   void (*transpose_f32)(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
                         int64_t ldd) = nullptr;
+  void (*transpose_bf16)(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols,
+                         uint16_t* dst, int64_t ldd) = nullptr;
 };
 
 extern const IsaImpl impl_ref;

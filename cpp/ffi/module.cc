@@ -155,6 +155,17 @@ double bench_kernel(int64_t m, int64_t n, int64_t k, int64_t count, const std::s
   return rates[rates.size() / 2];
 }
 
+// src.T through one of the kernel layer's transposes (tests compare it with numpy).
+template <class T, void (*Transpose)(const T*, int64_t, int64_t, int64_t, T*, int64_t, Isa)>
+nb::ndarray<nb::numpy, T, nb::ndim<2>> transpose_array(
+    nb::ndarray<T, nb::ndim<2>, nb::c_contig, nb::device::cpu> src, const std::string& isa) {
+  const int64_t rows = src.shape(0), cols = src.shape(1);
+  T* out = new T[std::max<int64_t>(rows * cols, 1)];
+  nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  Transpose(src.data(), cols, rows, cols, out, rows, isa_or_active(isa));
+  return nb::ndarray<nb::numpy, T, nb::ndim<2>>(out, {size_t(cols), size_t(rows)}, owner);
+}
+
 }  // namespace
 }  // namespace jbr::ffi_handlers
 
@@ -193,14 +204,10 @@ NB_MODULE(_jax_brgemm, m) {
     return measure_bf16_peak_gflops(chosen, seconds);
   }, nb::arg("isa") = "", nb::arg("seconds") = 0.2,
      "Single-thread GFLOP/s of the ISA's native bfloat16 dot-product loop (0: none).");
-  m.def("transpose_f32", [](F32Array src, const std::string& isa) {
-    if (src.ndim() != 2) throw nb::value_error("src: must be 2-D");
-    const int64_t rows = src.shape(0), cols = src.shape(1);
-    float* out = new float[std::max<int64_t>(rows * cols, 1)];
-    nb::capsule owner(out, [](void* p) noexcept { delete[] static_cast<float*>(p); });
-    transpose_f32(src.data(), cols, rows, cols, out, rows, isa_or_active(isa));
-    return nb::ndarray<nb::numpy, float, nb::ndim<2>>(out, {size_t(cols), size_t(rows)}, owner);
-  }, nb::arg("src"), nb::arg("isa") = "", "src.T through the kernel layer's transpose (tests).");
+  m.def("transpose_f32", &transpose_array<float, transpose_f32>, nb::arg("src"), nb::arg("isa") = "",
+        "src.T through the kernel layer's transpose (tests).");
+  m.def("transpose_bf16", &transpose_array<uint16_t, transpose_bf16>, nb::arg("src"),
+        nb::arg("isa") = "", "src.T of 16-bit patterns through the kernel layer (tests).");
   m.def("kernel_call", &kernel_call, nb::arg("form"), nb::arg("a_pool"), nb::arg("b_pool"),
         nb::arg("c"), nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("lda"), nb::arg("ldb"),
         nb::arg("ldc"), nb::arg("count"), nb::arg("stride_a"), nb::arg("stride_b"),

@@ -75,26 +75,16 @@ void fill_epilogue(void* out, DType dtype, int64_t m, int64_t n, int64_t ld, con
   });
 }
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols, in 16 x 16 tiles:
-// each tile's 16 source and 16 destination lines stay in L1, and the destination is
-// written in contiguous runs of 16.
-template <typename T>
-void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
-  for (int64_t j0 = 0; j0 < cols; j0 += 16) {
-    const int64_t j1 = std::min(cols, j0 + 16);
-    for (int64_t i0 = 0; i0 < rows; i0 += 16) {
-      const int64_t i1 = std::min(rows, i0 + 16);
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) dst[j * ld_dst + i] = src[i * ld_src + j];
-    }
-  }
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols, through the kernel
+// layer's vectorised transposes.
+void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
+               int64_t ld_dst) {
+  transpose_f32(src, ld_src, rows, cols, dst, ld_dst, active_isa());
 }
 
-// float32 goes through the kernel layer's vectorised transpose.
-template <>
-void transpose<float>(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
-                      int64_t ld_dst) {
-  transpose_f32(src, ld_src, rows, cols, dst, ld_dst, active_isa());
+void transpose(const uint16_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint16_t* dst,
+               int64_t ld_dst) {
+  transpose_bf16(src, ld_src, rows, cols, dst, ld_dst, active_isa());
 }
 
 const Kernel* kernel_for(Desc d, std::string* error) {
