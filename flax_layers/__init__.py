@@ -10,9 +10,11 @@
 Each takes the stock module's arguments with the same defaults and creates the same
 parameters (names, shapes, initial values for the same rngs), so a model switches by
 changing an import and loads states saved with the stock modules (and the other way).
-What the kernel does not serve today (non-float32 compute such as bfloat16, 1-D/3-D
-convolutions, input dilation, custom dot_general, ...) runs the stock Flax computation:
-the result is always the stock module's; only the speed differs. Dense and Conv take one
+What the kernel does not serve (compute dtypes the ops do not take, such as float16,
+1-D/3-D convolutions, input dilation, custom dot_general, ...) runs the stock Flax
+computation: the result is then the stock module's; only the speed differs. In bfloat16
+the kernel adds the bias in float32 and rounds once, so results can differ from the stock
+module's (which rounds after the product and again after the bias) by bfloat16 rounding. Dense and Conv take one
 extra keyword, ``activation``, fused into the kernel's epilogue.
 
 Linen equivalents: :mod:`flax_layers.linen` (Dense, Conv, OptimizedLSTMCell).

@@ -15,6 +15,10 @@ from jax_brgemm import _activations
 from jax_brgemm._checks import check_activation
 
 _F32 = jnp.dtype(jnp.float32)
+_BF16 = jnp.dtype(jnp.bfloat16)
+
+# The compute dtypes each jax_brgemm.nn op takes; other computations run the stock Flax math.
+SERVED_DTYPES = {"dense": (_F32,), "conv": (_F32, _BF16), "lstm": (_F32,)}
 
 
 def activation_name(activation) -> str:
@@ -27,13 +31,19 @@ def activate(activation, y):
     return _activations.apply(activation_name(activation), y)
 
 
-def all_float32(*arrays) -> bool:
-    """True when every array that is not None is float32: what the kernel serves today."""
-    return all(a is None or jnp.dtype(a.dtype) == _F32 for a in arrays)
-
-
-def float32_result(preferred_element_type) -> bool:
-    return preferred_element_type is None or jnp.dtype(preferred_element_type) == _F32
+def served_dtype(op, *arrays, preferred_element_type=None):
+    """The compute dtype when `op` ("dense", "conv", "lstm") serves these arrays (promoted as
+    the stock module promotes them; None entries ignored): they share one dtype the op takes,
+    and ``preferred_element_type`` asks for that dtype's results or nothing. Else None."""
+    dtypes = {jnp.dtype(a.dtype) for a in arrays if a is not None}
+    if len(dtypes) != 1:
+        return None
+    (dtype,) = dtypes
+    if dtype not in SERVED_DTYPES[op]:
+        return None
+    if preferred_element_type is not None and jnp.dtype(preferred_element_type) != dtype:
+        return None
+    return dtype
 
 
 def is_sigmoid(fn) -> bool:

@@ -18,10 +18,11 @@ class Dense(nnx.Linear):
     fused into the kernel's epilogue; ``Dense(..., activation="relu")(x)`` equals
     ``nnx.relu(nnx.Linear(...)(x))``.
 
-    The kernel serves float32 computations (after ``promote_dtype`` with ``dtype``) with
-    the default ``dot_general`` and no ``out_sharding``. Anything else (bfloat16 or
-    float16 compute, a custom ``dot_general``, a non-float32 ``preferred_element_type``)
-    runs the stock ``nnx.Linear`` computation, followed by the activation.
+    The kernel serves the computations :func:`jax_brgemm.nn.dense` takes (after
+    ``promote_dtype`` with ``dtype``; see ``_common.SERVED_DTYPES``) with the default
+    ``dot_general``, no ``out_sharding`` and ``preferred_element_type`` None or the compute
+    dtype. Anything else (float16 compute, a custom ``dot_general``, ...) runs the stock
+    ``nnx.Linear`` computation, followed by the activation.
     """
 
     def __init__(self, in_features: int, out_features: int, *, activation: str | None = None, **kwargs):
@@ -34,8 +35,8 @@ class Dense(nnx.Linear):
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
         if (self.dot_general is not lax.dot_general or out_sharding is not None
-                or not _common.float32_result(self.preferred_element_type)
-                or not _common.all_float32(x, kernel, bias)):
+                or _common.served_dtype("dense", x, kernel, bias,
+                                        preferred_element_type=self.preferred_element_type) is None):
             return _common.activate(self.activation, super().__call__(inputs, out_sharding))
         return _common.dense(x, kernel, bias, self.activation)
 
@@ -48,10 +49,11 @@ class Conv(nnx.Conv):
     with the same initial values for the same ``rngs``. Extra keyword ``activation`` as in
     :class:`Dense`, fused into the kernel's epilogue.
 
-    The kernel serves 2-D float32 convolutions: any strides, kernel dilation, groups and
-    mask, padding "SAME", "VALID", "CIRCULAR", "REFLECT", ints or (low, high) pairs, inputs
-    with any number of batch dims. Anything else (1-D or 3-D kernels, ``input_dilation``,
-    "CAUSAL" or negative padding, non-float32 compute, a custom ``conv_general_dilated``,
+    The kernel serves 2-D float32 and bfloat16 convolutions (bias added in float32 before
+    the one rounding of the output): any strides, kernel dilation, groups and mask, padding
+    "SAME", "VALID", "CIRCULAR", "REFLECT", ints or (low, high) pairs, inputs with any
+    number of batch dims. Anything else (1-D or 3-D kernels, ``input_dilation``, "CAUSAL"
+    or negative padding, float16 compute, a custom ``conv_general_dilated``,
     ``out_sharding``) runs the stock ``nnx.Conv`` computation, followed by the activation.
     """
 
@@ -64,7 +66,6 @@ class Conv(nnx.Conv):
     def __call__(self, inputs, out_sharding=None):
         plan = None
         if (self.conv_general_dilated is lax.conv_general_dilated and out_sharding is None
-                and _common.float32_result(self.preferred_element_type)
                 and (self.mask is None or self.mask.shape == self.kernel_shape)):
             plan = _common.conv_plan(self.kernel_size, self.strides, self.padding,
                                      self.input_dilation, self.kernel_dilation)
@@ -74,6 +75,7 @@ class Conv(nnx.Conv):
                 kernel = kernel * self.mask
             bias = self.bias[...] if self.bias is not None else None
             x, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-            if _common.all_float32(x, kernel, bias):
+            if _common.served_dtype("conv", x, kernel, bias,
+                                    preferred_element_type=self.preferred_element_type):
                 return _common.conv(plan, x, kernel, bias, self.feature_group_count, self.activation)
         return _common.activate(self.activation, super().__call__(inputs, out_sharding))

@@ -2,8 +2,8 @@
 flax.linen.OptimizedLSTMCell, for code that has not moved to NNX.
 
 Same attributes, defaults, parameter names, shapes and initial values as the stock modules
-(variables from ``init`` of one ``apply`` to the other). The kernel serves float32
-computations; anything else runs the stock computation (see :mod:`flax_layers`). Dense and
+(variables from ``init`` of one ``apply`` to the other). The kernel serves the dtypes the
+jax_brgemm.nn ops take; anything else runs the stock computation (see :mod:`flax_layers`). Dense and
 Conv take one extra attribute, ``activation``, fused into the kernel's epilogue.
 """
 
@@ -20,15 +20,14 @@ from . import _common
 __all__ = ["Dense", "Conv", "OptimizedLSTMCell"]
 
 
-def _promotes_to_float32(promote, dtype, *arrays) -> bool:
-    """Whether ``promote(*arrays, dtype=dtype)`` gives float32 everywhere; arrays may be
+def _promoted(promote, dtype, *arrays) -> list:
+    """``promote(*arrays, dtype=dtype)`` as shapes and dtypes; arrays may be
     ShapeDtypeStructs (parameters not created yet) or None."""
-    out = jax.eval_shape(lambda *a: promote(*a, dtype=dtype), *arrays)
-    return _common.all_float32(*jax.tree.leaves(out))
+    return jax.tree.leaves(jax.eval_shape(lambda *a: promote(*a, dtype=dtype), *arrays))
 
 
 class Dense(linen.Dense):
-    """:class:`flax.linen.Dense` computed by :func:`jax_brgemm.nn.dense` (float32, default
+    """:class:`flax.linen.Dense` computed by :func:`jax_brgemm.nn.dense` (default
     ``dot_general``); plus ``activation`` (None, "relu", "gelu", "sigmoid", "tanh")."""
 
     activation: str | None = None
@@ -38,7 +37,8 @@ class Dense(linen.Dense):
         kernel_shape = (jnp.shape(inputs)[-1], self.features)
         param = jax.ShapeDtypeStruct(kernel_shape, self.param_dtype)
         if (self.dot_general is not None or self.dot_general_cls is not None
-                or not _promotes_to_float32(self.promote_dtype, self.dtype, inputs, param, None)):
+                or not _common.served_dtype("dense", *_promoted(self.promote_dtype, self.dtype,
+                                                                inputs, param, None))):
             return _common.activate(self.activation, super().__call__(inputs))
         kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
@@ -47,8 +47,8 @@ class Dense(linen.Dense):
 
 
 class Conv(linen.Conv):
-    """:class:`flax.linen.Conv` computed by :func:`jax_brgemm.nn.conv2d` for 2-D float32
-    convolutions (what :class:`flax_layers.Conv` serves); plus ``activation``."""
+    """:class:`flax.linen.Conv` computed by :func:`jax_brgemm.nn.conv2d` for 2-D float32 and
+    bfloat16 convolutions (what :class:`flax_layers.Conv` serves); plus ``activation``."""
 
     activation: str | None = None
 
@@ -61,8 +61,9 @@ class Conv(linen.Conv):
                                      self.kernel_dilation)
         kernel_shape = kernel_size + (jnp.shape(inputs)[-1] // self.feature_group_count, self.features)
         if (plan is None or (self.mask is not None and self.mask.shape != kernel_shape)
-                or not _promotes_to_float32(self.promote_dtype, self.dtype, inputs,
-                                            jax.ShapeDtypeStruct(kernel_shape, self.param_dtype), None)):
+                or not _common.served_dtype("conv", *_promoted(
+                    self.promote_dtype, self.dtype, inputs,
+                    jax.ShapeDtypeStruct(kernel_shape, self.param_dtype), None))):
             return _common.activate(self.activation, super().__call__(inputs))
         kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
         if self.mask is not None:
@@ -78,7 +79,8 @@ class OptimizedLSTMCell(linen.OptimizedLSTMCell):
     Linen keeps one kernel per gate (``ii``, ``if``, ``ig``, ``io`` for the input and
     ``hi``, ``hf``, ``hg``, ``ho`` with biases for the hidden state); they are concatenated
     into the op's ``(C, 4K)`` / ``(K, 4K)`` / ``(4K,)`` layout on each call. Served: the
-    default gates (sigmoid, tanh) in float32 with matching carry shapes; else the stock step.
+    default gates (sigmoid, tanh) in a dtype ``nn.lstm`` takes, with matching carry shapes;
+    else the stock step.
     """
 
     @linen.compact
@@ -86,11 +88,13 @@ class OptimizedLSTMCell(linen.OptimizedLSTMCell):
         c, h = carry
         hidden = h.shape[-1]
         param = jax.ShapeDtypeStruct((hidden, 4 * hidden), self.param_dtype)
+        # Promoted as the stock step promotes them: (x, w_ih), (h, w_hh, bias), c to the gates'.
+        x_side = _promoted(promote_dtype, self.dtype, inputs, param)
+        h_side = _promoted(promote_dtype, self.dtype, h, param, param)
+        c_side = jax.ShapeDtypeStruct(c.shape, jnp.promote_types(c.dtype, h_side[1].dtype))
         if not (_common.is_sigmoid(self.gate_fn) and _common.is_tanh(self.activation_fn)
                 and c.shape == h.shape == inputs.shape[:-1] + (hidden,)
-                and _promotes_to_float32(promote_dtype, self.dtype, inputs, param)
-                and _promotes_to_float32(promote_dtype, self.dtype, h, param, param)
-                and jnp.promote_types(c.dtype, jnp.float32) == jnp.float32):
+                and _common.served_dtype("lstm", *x_side, *h_side, c_side)):
             return super().__call__(carry, inputs)
         w_ih, w_hh, bias = [], [], []
         for gate in "ifgo":  # the stock cell's parameters, in its order
@@ -104,6 +108,6 @@ class OptimizedLSTMCell(linen.OptimizedLSTMCell):
         cat = lambda parts: jnp.concatenate(parts, axis=-1)  # noqa: E731
         x, w_ih, _ = promote_dtype(inputs, cat(w_ih), None, dtype=self.dtype)
         h, w_hh, bias = promote_dtype(h, cat(w_hh), cat(bias), dtype=self.dtype)
-        c = c.astype(w_hh.dtype)
+        c = c.astype(jnp.promote_types(c.dtype, w_hh.dtype))
         new_c, new_h = _common.lstm_step(x, w_ih, w_hh, bias, c, h)
         return (new_c, new_h), new_h

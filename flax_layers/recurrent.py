@@ -26,9 +26,8 @@ def _kernel_weights(cell, x, carry, batch):
     dense_i, dense_h = cell.dense_i, cell.dense_h
     if not (_common.is_sigmoid(cell.gate_fn) and _common.is_tanh(cell.activation_fn)):
         return None
-    for layer in (dense_i, dense_h):
-        if layer.dot_general is not lax.dot_general or not _common.float32_result(layer.preferred_element_type):
-            return None
+    if dense_i.dot_general is not lax.dot_general or dense_h.dot_general is not lax.dot_general:
+        return None
     c, h = (None, None) if carry is None else carry
     if carry is not None and not (c.shape == h.shape == tuple(batch) + (cell.hidden_features,)):
         return None
@@ -36,8 +35,10 @@ def _kernel_weights(cell, x, carry, batch):
     h, w_hh, bias = dense_h.promote_dtype((h, dense_h.kernel[...], dense_h.bias[...]), dtype=dense_h.dtype)
     if c is not None:  # the stock cell's f * c promotes c to the gates' dtype
         c = c.astype(jnp.promote_types(c.dtype, w_hh.dtype))
-    if not _common.all_float32(x, w_ih, w_hh, bias, c, h):
-        return None
+    for layer in (dense_i, dense_h):
+        if _common.served_dtype("lstm", x, w_ih, w_hh, bias, c, h,
+                                preferred_element_type=layer.preferred_element_type) is None:
+            return None
     return x, w_ih, w_hh, bias, c, h
 
 
@@ -49,7 +50,7 @@ class OptimizedLSTMCell(nnx.OptimizedLSTMCell):
     the same ``rngs`` as the stock cell; the carry is ``(c, h)`` as there.
 
     The kernel serves the default gates (``gate_fn=sigmoid``, ``activation_fn=tanh``) in
-    float32. Other gate functions, non-float32 compute or carries, or a carry whose batch
+    the dtypes :func:`jax_brgemm.nn.lstm` takes. Other gate functions, other dtypes, or a carry whose batch
     shape differs from the input's run the stock computation. To run a whole sequence in
     one kernel call rather than one per step, use :class:`RNN` or :class:`LSTM`.
     """
