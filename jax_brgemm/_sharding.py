@@ -10,7 +10,10 @@ does not fit: it needs every operand to carry the batch dims, and weights do not
 - "batch" outputs come back sharded like the batch; "sum" outputs (weight gradients: sums
   over the batch) are per-shard partial sums that the lowering all-reduces with psum.
 
-Under `jax.shard_map` the ops already see local shards, so nothing is needed there.
+Under `jax.shard_map` the ops already see local shards, so nothing is needed there. Under a
+mesh with Explicit axes (``jax.make_mesh``'s default), shardings are part of the array
+types and custom_partitioning cannot type its results: there the call runs under
+`jax.shard_map` over the axes that shard the batch, with the same split and psums.
 custom_partitioning has no batching or differentiation rules, so it wraps only the raw FFI
 call: custom_vjp and custom_vmap sit outside it.
 """
@@ -48,12 +51,92 @@ def batch_partitioned(impl: Callable, batched: Sequence[bool], outputs: Sequence
         really = tuple(d if s == batch and batch > 1 else None for d, s in zip(dims, sizes))
         if all(d is None for d in really):
             return impl(*args)
+        explicit = _explicit_batch_axes(args, really)
+        if explicit is not None:
+            return _shard_mapped(impl, really, outputs, *explicit)(*args)
+        if _all_explicit_mesh():  # the types say the batch is replicated: nothing to split
+            return impl(*args)
         results = jax.eval_shape(impl, *args)
         out_ranks = tuple(len(r.shape) for r in ((results,) if len(outputs) == 1 else results))
         op = _partitioned(impl, really, outputs, tuple(a.ndim for a in args), out_ranks)
         return op(*args)
 
     return wrapped
+
+
+def align_to_batch(operands: Sequence, batch_dims: Sequence):
+    """Under a mesh whose axes are all Explicit: `operands` (arrays or None) resharded so
+    that those with the batch (its dim per `batch_dims`, None: none; size-1 dims are
+    broadcasts) are split like the first one whose type splits it, and the rest (weights)
+    are replicated. The ops call this before their custom_vjp, whose cotangents must have
+    their primals' types: the kernel's are split like the batch, weight sums replicated.
+    Elsewhere the operands come back unchanged."""
+    operands = tuple(operands)
+    if not _all_explicit_mesh():
+        return operands
+    present = [(a, d) for a, d in zip(operands, batch_dims) if a is not None]
+    sizes = [a.shape[d] if d is not None and a.ndim > d else None for a, d in present]
+    batch = max((s for s in sizes if s is not None), default=1)
+
+    def has_batch(a, d):
+        return d is not None and a.ndim > d and a.shape[d] == batch and batch > 1
+
+    found = _explicit_batch_axes([a for a, _ in present], [d if has_batch(a, d) else None for a, d in present])
+    axes = None if found is None else found[1]
+    return tuple(None if a is None else jax.reshard(a, _batch_spec(axes, d if has_batch(a, d) else None))
+                 for a, d in zip(operands, batch_dims))
+
+
+def _batch_spec(axes, dim):
+    """The PartitionSpec of an array whose dim `dim` (None: none) is split over `axes`."""
+    return P() if dim is None or axes is None else P(*([None] * dim + [axes]))
+
+
+def _psum_sums(result, outputs, axes):
+    """result with its "sum" outputs all-reduced over `axes` (per-shard partial sums)."""
+    single = len(outputs) == 1
+    parts = (result,) if single else tuple(result)
+    parts = tuple(jax.lax.psum(x, axes) if kind == "sum" else x for x, kind in zip(parts, outputs))
+    return parts[0] if single else parts
+
+
+def _explicit_batch_axes(args, batch_dims):
+    """(mesh, axes) when a batched argument's type shards its batch dim over Explicit mesh
+    axes; else None (no mesh, Auto axes: custom_partitioning handles those)."""
+    for a, dim in zip(args, batch_dims):
+        if dim is None:
+            continue
+        sharding = getattr(jax.typeof(a), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if spec is None or len(spec) <= dim or spec[dim] is None:
+            continue
+        axes = spec[dim]
+        names = axes if isinstance(axes, tuple) else (axes,)
+        mesh = sharding.mesh
+        types = dict(zip(mesh.axis_names, mesh.axis_types))
+        if all(types[n] == jax.sharding.AxisType.Explicit for n in names):
+            return mesh, axes
+    return None
+
+
+def _all_explicit_mesh() -> bool:
+    """True under a mesh (jax.set_mesh) whose axes are all Explicit."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def _shard_mapped(impl, batch_dims, outputs, mesh, axes):
+    """impl under jax.shard_map: batched arguments split along `axes` (resharded to that
+    first where their types say otherwise, e.g. a replicated initial state), the rest
+    replicated; "sum" outputs psum'd to replicated."""
+    names = set(axes if isinstance(axes, tuple) else (axes,))
+    in_specs = tuple(_batch_spec(axes, d) for d in batch_dims)
+    out_specs = tuple(_batch_spec(axes, k if isinstance(k, int) else None) for k in outputs)
+    mapped = jax.shard_map(
+        lambda *args: _psum_sums(impl(*args), outputs, axes) if "sum" in outputs else impl(*args),
+        mesh=mesh, axis_names=names, check_vma=False, in_specs=in_specs,
+        out_specs=out_specs[0] if len(out_specs) == 1 else out_specs)
+    return lambda *args: mapped(*(jax.reshard(a, spec) for a, spec in zip(args, in_specs)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,13 +152,10 @@ def _partitioned(impl, batch_dims, outputs, ndims, out_ranks):
                 return spec[dim] if len(spec) > dim else None
         return None
 
-    def spec(axes, dim):
-        return P() if dim is None or axes is None else P(*([None] * dim + [axes]))
-
     def shardings(mesh, arg_shapes):
         axes = batch_axes(arg_shapes)
-        args = tuple(NamedSharding(mesh, spec(axes, d)) for d in batch_dims)
-        outs = tuple(NamedSharding(mesh, spec(axes, k if isinstance(k, int) else None))
+        args = tuple(NamedSharding(mesh, _batch_spec(axes, d)) for d in batch_dims)
+        outs = tuple(NamedSharding(mesh, _batch_spec(axes, k if isinstance(k, int) else None))
                      for k in outputs)
         return axes, args, outs[0] if single else outs
 
@@ -86,10 +166,7 @@ def _partitioned(impl, batch_dims, outputs, ndims, out_ranks):
             result = impl(*args)
             if axes is None or "sum" not in outputs:
                 return result
-            parts = (result,) if single else tuple(result)
-            parts = tuple(jax.lax.psum(x, axes) if kind == "sum" else x
-                          for x, kind in zip(parts, outputs))
-            return parts[0] if single else parts
+            return _psum_sums(result, outputs, axes)
 
         return mesh, lower, out_shardings, arg_shardings
 

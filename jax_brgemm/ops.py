@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
-from ._sharding import batch_partitioned
+from ._sharding import align_to_batch, batch_partitioned
 from ._checks import (
     broadcast_lead,
     check_activation,
@@ -91,7 +91,9 @@ def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None, out_d
                        epilogue, alpha, beta, bias)
     if count == 0 or k == 0 or e.empty:
         return _without_products(e, m, n)
-    return _brgemm(a, b, e.c, e.bias, e.alpha, e.beta, e.act, e.out_dtype)
+    lead = lambda x, rank: 0 if x is not None and x.ndim > rank else None  # noqa: E731
+    a, b, c, bias = align_to_batch((a, b, e.c, e.bias), (lead(a, 3), lead(b, 3), lead(e.c, 2), None))
+    return _brgemm(a, b, c, bias, e.alpha, e.beta, e.act, e.out_dtype)
 
 
 def _out_dtype(out_dtype, default):

@@ -1,6 +1,7 @@
 """Run in a fresh process (device count and jax.distributed must be set before JAX starts).
 
-    python sharding_worker.py devices N         N host devices: sharded == unsharded, no all-gather
+    python sharding_worker.py devices N         N host devices: sharded == unsharded, no all-gather,
+                                                under Auto and under Explicit mesh axes
     python sharding_worker.py process I N PORT  process I of N on localhost; prints the loss
 """
 
@@ -65,6 +66,7 @@ def check_devices():
     assert "all-reduce" in hlo, "weight gradients are not reduced across shards"
 
     check_layers(mesh)
+    check_explicit()
 
     # Inside shard_map the op sees local shards and needs nothing special.
     local = jax.jit(jax.shard_map(lambda a: jb.brgemm(a, b), mesh=mesh, in_specs=P("batch"),
@@ -81,6 +83,15 @@ def layer(name):
         LAYERS[name] = fn
         return fn
     return register
+
+
+@layer("brgemm")
+def brgemm_case(rng):
+    x = rng.standard_normal((BATCH, 3, 4, 10)).astype(np.float32)
+    params = (0.3 * rng.standard_normal((3, 10, 6)).astype(np.float32),
+              rng.standard_normal(6).astype(np.float32))
+    apply = lambda x, p: jb.brgemm(x, p[0], bias=p[1], epilogue="sigmoid")
+    return x, params, apply
 
 
 @layer("conv2d")
@@ -126,7 +137,9 @@ def check_layers(mesh):
         x, params, apply = case(rng)
         x_sharded = jax.device_put(x, NamedSharding(mesh, P("batch")))
         forward = jax.jit(apply)
-        assert rel(forward(x_sharded, params), forward(x, params)) < 1e-5, f"{name}: forward differs"
+        out = forward(x_sharded, params)
+        assert rel(out, forward(x, params)) < 1e-5, f"{name}: forward differs"
+        assert out.sharding.spec[0] == "batch", f"{name}: output not batch-sharded: {out.sharding}"
         assert "all-gather" not in forward.lower(x_sharded, params).compile().as_text(), \
             f"{name}: forward gathers the batch"
         step = jax.jit(jax.value_and_grad(lambda p, x: jnp.mean(apply(x, p) ** 2)))
@@ -138,6 +151,30 @@ def check_layers(mesh):
         assert "all-gather" not in hlo, f"{name}: training step gathers the batch"
         assert "all-reduce" in hlo, f"{name}: weight gradients are not reduced"
         print(f"{name} ok")
+
+
+def check_explicit():
+    """Under a mesh with Explicit axes (jax.make_mesh's default), where shardings are part of
+    the types: the same checks, and the gradients come back typed like their inputs."""
+    mesh = jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.sharding.use_mesh(mesh) if not hasattr(jax, "set_mesh") else jax.set_mesh(mesh):
+        check_layers(mesh)
+        x, params, apply = brgemm_case(np.random.default_rng(2))
+        x_sharded = jax.device_put(x, NamedSharding(mesh, P("batch")))
+        grads = jax.jit(jax.grad(lambda x, p: jnp.sum(apply(x, p)), argnums=(0, 1)))(x_sharded, params)
+        assert jax.typeof(grads[0]).sharding.spec[0] == "batch", jax.typeof(grads[0])
+        assert all(s is None for s in jax.typeof(grads[1][0]).sharding.spec), jax.typeof(grads[1][0])
+        # An addend whose type is not split (a replicated c) beside a split batch: its
+        # gradient keeps c's type, and the values match the unsharded op's.
+        c = np.random.default_rng(3).standard_normal((BATCH, 4, 6)).astype(np.float32)
+        f = lambda x, c: jnp.sum(jnp.sin(jb.brgemm(x, params[0], c, beta=0.5)))  # noqa: E731
+        grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+        g_sharded, g_plain = grad(x_sharded, c), jax.grad(f, argnums=(0, 1))(x, c)
+        types = grad.trace(x_sharded, c).jaxpr.out_avals  # what custom_vjp checks
+        assert types[0].sharding.spec[0] == "batch", types
+        assert all(s is None for s in types[1].sharding.spec), types
+        assert rel(g_sharded[0], g_plain[0]) < 1e-5 and rel(g_sharded[1], g_plain[1]) < 1e-5
+    print("explicit ok")
 
 
 def run_process():

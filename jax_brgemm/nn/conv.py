@@ -18,7 +18,7 @@ import numpy as np
 from .. import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
 from .._checks import check_activation, check_kernel_dtype
 from ..ops import _out_dtype
-from .._sharding import batch_partitioned
+from .._sharding import align_to_batch, batch_partitioned
 
 _NONE = jnp.zeros((0,), jnp.float32)  # stands for an absent bias in the FFI call
 
@@ -102,7 +102,8 @@ def conv2d(x, kernel, bias=None, *, strides=1, padding="SAME", dilation=1, featu
     if c == 0:  # an empty sum: only bias and activation remain
         z = jnp.zeros(lead + (p, q, k), jnp.float32)
         return _activations.apply(act, z if bias is None else z + bias.astype(jnp.float32)).astype(out_dtype)
-    out = _conv(x.reshape((n, h, w, c)), kernel, bias, geom, act, out_dtype)
+    x, kernel, bias = align_to_batch((x.reshape((n, h, w, c)), kernel, bias), (0, None, None))
+    out = _conv(x, kernel, bias, geom, act, out_dtype)
     return out.reshape(lead + out.shape[1:])
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import _ext  # noqa: F401  (registers the FFI targets)
 from .._checks import check_activation, check_float32, check_rank
-from .._sharding import partitionable_ffi_call
+from .._sharding import align_to_batch, partitionable_ffi_call
 
 _NONE = jnp.zeros((0,), jnp.float32)  # an absent optional operand or result
 
@@ -54,7 +54,8 @@ def dense(x, kernel, bias=None, *, activation=None):
     n = math.prod(lead)
     if n == 0 or k == 0:
         return jnp.zeros(lead + (k,), jnp.float32)
-    return _dense(x.reshape(n, c), kernel, bias, act).reshape(lead + (k,))
+    x, kernel, bias = align_to_batch((x.reshape(n, c), kernel, bias), (0, None, None))
+    return _dense(x, kernel, bias, act).reshape(lead + (k,))
 
 
 def _forward_call(x, kernel, bias, act, keep_preact):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _ext  # noqa: F401  (registers the FFI targets)
-from .._sharding import batch_partitioned
+from .._sharding import align_to_batch, batch_partitioned
 from .._checks import check_float32
 
 __all__ = ["lstm"]
@@ -67,6 +67,8 @@ def lstm(x, w_ih, w_hh, bias, h0=None, c0=None, *, time_major=False):
                 raise ValueError(f"{name} must have shape (N, K) = {(batch, hidden)}, got {state.shape}")
         states.append(state)
     time_major = bool(time_major)
+    x, w_ih, w_hh, bias, *states = align_to_batch((x, w_ih, w_hh, bias, *states),
+                                                  (int(time_major), None, None, None, 0, 0))
     hs, c_last = _lstm(x, w_ih, w_hh, bias, *states, time_major)
     return hs, (c_last, _last(hs, time_major))
 
