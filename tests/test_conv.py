@@ -292,3 +292,12 @@ def test_bfloat16_bad_input():
         conv2d(x, jnp.ones((3, 3, 4, 8), BF16), out_dtype=jnp.int32)
     with pytest.raises(TypeError, match="bias"):
         conv2d(x, jnp.ones((3, 3, 4, 8), BF16), jnp.ones((8,), jnp.int32))
+
+
+def test_second_order_derivatives_are_a_clear_error(rng):
+    x = jnp.asarray(rng.standard_normal((1, 5, 5, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+    grad = jax.grad(lambda x: jnp.sum(conv2d(x, w, activation="tanh") ** 2))
+    assert grad(x).shape == x.shape  # first order works
+    with pytest.raises(NotImplementedError, match="conv2d: second-order"):
+        jax.grad(lambda x: jnp.sum(grad(x)))(x)

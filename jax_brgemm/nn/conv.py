@@ -18,6 +18,7 @@ import numpy as np
 from .. import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
 from .._checks import check_activation, check_kernel_dtype
 from ..ops import _out_dtype
+from .._autodiff import first_order_only
 from .._sharding import align_to_batch, batch_partitioned
 
 _NONE = jnp.zeros((0,), jnp.float32)  # stands for an absent bias in the FFI call
@@ -167,13 +168,15 @@ def _conv(x, kernel, bias, geom, act, out_dtype):
 
 
 def _conv_fwd(x, kernel, bias, geom, act, out_dtype):
+    # Through _conv itself, so that differentiating the gradient meets _conv_bwd's error.
     if _activations.needs_preactivation(act):  # gelu's derivative needs the float32 pre-activation
-        z = _forward(x, kernel, bias, geom, "none", _F32)
+        z = _conv(x, kernel, bias, geom, "none", _F32)
         return _activations.apply(act, z).astype(out_dtype), (x, kernel, bias, None, z)
-    out = _forward(x, kernel, bias, geom, act, out_dtype)
+    out = _conv(x, kernel, bias, geom, act, out_dtype)
     return out, (x, kernel, bias, None if act == "none" else out, None)
 
 
+@first_order_only("jax_brgemm.nn.conv2d")
 def _conv_bwd(geom, act, out_dtype, res, g):
     x, kernel, bias, out, z = res
     # d loss / d pre-activation in float32 (for the bias), then in the compute dtype.
