@@ -1,9 +1,11 @@
-"""The CUDA variant of the brgemm targets.
+"""The CUDA variant of the brgemm, dense and conv2d targets.
 
 Host-side tests (run wherever the CUDA extension was built, no GPU needed): the handlers are
-exported under the CPU targets' names, and the shape decoding, broadcasting, problem folding
-and tile planning the handlers use. GPU tests (skipped without a GPU and JAX's CUDA plugin):
-both targets against float64 NumPy in float32, bfloat16 and float16, gradients, jit, vmap.
+exported under the CPU targets' names; the shape decoding, broadcasting, problem folding, tile
+and split planning the handlers use; and dense's and conv2d's GEMM addressing (the offset
+functions the kernels call), run through a float64 host emulation of the batch-reduce GEMM
+against NumPy references. GPU tests (skipped without a GPU and JAX's CUDA plugin): every
+target against float64 NumPy in float32 and the 16-bit types, gradients, jit, vmap.
 """
 
 import itertools
@@ -44,8 +46,10 @@ def test_extension_built_where_nvcc_is_found():
 
 @needs_ext
 def test_handlers_use_the_cpu_target_names():
-    # The CUDA module serves the brgemm targets under the CPU names (the layers are CPU-only).
-    assert set(_cuda.ext.registrations()) == {"jax_brgemm_brgemm", "jax_brgemm_brgemm_indexed"}
+    # The CUDA module serves brgemm, dense and conv2d under the CPU names (not the LSTM yet).
+    assert set(_cuda.ext.registrations()) == {
+        "jax_brgemm_brgemm", "jax_brgemm_brgemm_indexed", "jax_brgemm_dense_fwd", "jax_brgemm_dense_bwd",
+        "jax_brgemm_conv2d_forward", "jax_brgemm_conv2d_backward_data", "jax_brgemm_conv2d_weight_update"}
     assert set(_cuda.ext.registrations()) <= set(cpu_ext.registrations())
     assert _cuda.ext.device_count() >= 0  # 0 without a driver, never an exception
 
@@ -174,6 +178,182 @@ def test_plan_tiles():
         plan("float32", 0, 4, 1, 132)
     with pytest.raises(ValueError, match="dtype"):
         plan("int8", 4, 4, 1, 132)
+
+
+@needs_ext
+def test_plan_splits():
+    splits = _cuda.ext.plan_splits
+    # 9 blocks on 132 SMs: split up to 2 * 132 / 9 -> 30 ways, if the steps allow it.
+    assert splits("float32", 64, 64, 9, 400, 132) == {"splits": 30, "blocks": 270}
+    assert splits("float32", 64, 64, 9, 40, 132)["splits"] == 10   # >= 4 steps per split
+    assert splits("float32", 64, 64, 9, 7, 132)["splits"] == 1     # too short to split
+    assert splits("bfloat16", 4096, 4096, 1, 10**4, 132)["splits"] == 1  # the grid fills the GPU
+
+
+# ------------------------------------------------------------------ dense and conv2d, host side
+
+
+@needs_ext
+def test_decode_dense_matches_the_cpu_checks():
+    fwd, bwd = _cuda.ext.decode_dense_forward, _cuda.ext.decode_dense_backward
+    d = fwd([3, 5, 4], [1, 4, 6], [3, 6], [3, 5, 6], None)  # vmap: shared kernel, batched bias
+    assert (d["problems"], d["n"], d["c"], d["k"], d["w_shared"], d["bias_shared"]) == (3, 5, 4, 6, True, False)
+    with pytest.raises(ValueError, match=r"kernel must have shape \(\.\.\., 4, 6\), got \(5, 6\)"):
+        fwd([5, 4], [5, 6], None, [5, 6], None)
+    with pytest.raises(ValueError, match="kernel has 2 leading problems, expected 1 or 3"):
+        fwd([3, 5, 4], [2, 4, 6], None, [3, 5, 6], None)
+    with pytest.raises(ValueError, match=r"bias must have shape \(\.\.\., 6\)"):
+        fwd([5, 4], [4, 6], [5], [5, 6], None)
+    with pytest.raises(ValueError, match="y's leading dims must match x's"):
+        fwd([3, 5, 4], [4, 6], None, [5, 6], None)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., n, c\)"):
+        fwd([4], [4, 6], None, [5, 6], None)
+    d = bwd([3, 5, 6], [3, 5, 4], [4, 6], [3, 5, 6], True, [3, 5, 4], [4, 6], [6])
+    assert (d["problems"], d["dw_shared"], d["dbias_shared"]) == (3, True, True)
+    d = bwd([3, 5, 6], [3, 5, 4], [3, 4, 6], None, False, None, [3, 4, 6], None)
+    assert not d["w_shared"] and not d["dw_shared"]
+    with pytest.raises(ValueError, match="saved must have shape"):
+        bwd([5, 6], [5, 4], [4, 6], None, True, [5, 4], None, None)
+    with pytest.raises(ValueError, match="x's leading dims must match dy's"):
+        bwd([3, 5, 6], [5, 4], [4, 6], None, False, None, [4, 6], None)
+    with pytest.raises(ValueError, match=r"dx must have shape \(\.\.\., 5, 4\)"):
+        bwd([5, 6], [5, 4], [4, 6], None, False, [5, 5], None, None)
+
+
+def emulated(fn, *args, a, b, bias=None):
+    out = fn(*args, np.ravel(a).tolist(), np.ravel(b).tolist(), None if bias is None else np.ravel(bias).tolist())
+    return (np.array(out[0]), out[1]) if isinstance(out, tuple) else np.array(out)
+
+
+@needs_ext
+@pytest.mark.parametrize("problems, w_shared, bias_shared, dw_shared", [
+    (1, True, True, True), (3, True, True, True), (3, True, False, False), (3, False, True, False),
+])
+def test_dense_addressing_on_the_host(rng, problems, w_shared, bias_shared, dw_shared):
+    """Each pass's strided GEMM (the offsets the kernels use), emulated in float64."""
+    n, c, k = 7, 5, 6
+    x = rng.standard_normal((problems, n, c))
+    w = rng.standard_normal((1 if w_shared else problems, c, k))
+    bias = rng.standard_normal((1 if bias_shared else problems, k))
+    dz = rng.standard_normal((problems, n, k))
+    flags = (w_shared, bias_shared, dw_shared)
+    y, shape = emulated(_cuda.ext.emulate_dense, "forward", problems, n, c, k, *flags, a=x, b=w, bias=bias)
+    assert rel_err(y.reshape(problems, n, k), x @ w + bias[:, None, :]) < 1e-14
+    # Shared weights and bias fold the problems into the rows: one bigger GEMM.
+    assert (shape["m"], shape["problems"]) == ((problems * n, 1) if w_shared and bias_shared else (n, problems))
+    dx, _ = emulated(_cuda.ext.emulate_dense, "backward_data", problems, n, c, k, *flags, a=dz, b=w)
+    assert rel_err(dx.reshape(problems, n, c), dz @ np.swapaxes(w, 1, 2)) < 1e-14
+    dw, shape = emulated(_cuda.ext.emulate_dense, "weight_update", problems, n, c, k, *flags, a=x, b=dz)
+    want = np.swapaxes(x, 1, 2) @ dz
+    if dw_shared:  # summed over the problems, which become the batch reduction
+        want = want.sum(0, keepdims=True)
+        assert (shape["count"], shape["problems"]) == (problems, 1)
+    assert rel_err(dw.reshape(want.shape), want) < 1e-14
+
+
+def pads_of(padding, in_hw, taps, strides, dilation):
+    """((top, bottom), (left, right)) for lax-style padding, as nn.conv2d computes it."""
+    from jax_brgemm.nn.conv import _pads
+    return _pads(padding, in_hw, taps, strides, dilation)
+
+
+def conv_reference(x, w, strides, pads, dilation, groups):
+    """Forward, backward-data and weight-update in float64 NumPy (non-negative pads):
+    returns y and the functions dy -> dx and dy -> dw."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    (pt, pb), (pl, pr) = pads
+    n, h, wd, c = x.shape
+    r_, s_, cg, k = w.shape
+    (sh, sw), (dh, dw_) = strides, dilation
+    xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    p = (xp.shape[1] - dh * (r_ - 1) - 1) // sh + 1
+    q = (xp.shape[2] - dw_ * (s_ - 1) - 1) // sw + 1
+    kg = k // groups
+
+    def window(r, s):
+        return (slice(None), slice(r * dh, r * dh + sh * (p - 1) + 1, sh),
+                slice(s * dw_, s * dw_ + sw * (q - 1) + 1, sw))
+
+    y = np.zeros((n, p, q, k))
+    for r, s, g in itertools.product(range(r_), range(s_), range(groups)):
+        patch = xp[window(r, s)][..., g * cg:(g + 1) * cg]
+        y[..., g * kg:(g + 1) * kg] += patch @ w[r, s, :, g * kg:(g + 1) * kg]
+
+    def backward_data(dy):
+        dxp = np.zeros_like(xp)
+        for r, s, g in itertools.product(range(r_), range(s_), range(groups)):
+            dxp[window(r, s) + (slice(g * cg, (g + 1) * cg),)] += \
+                dy[..., g * kg:(g + 1) * kg] @ w[r, s, :, g * kg:(g + 1) * kg].T
+        return dxp[:, pt:pt + h, pl:pl + wd]
+
+    def weight_update(dy):
+        dw = np.zeros_like(w)
+        for r, s, g in itertools.product(range(r_), range(s_), range(groups)):
+            patch = xp[window(r, s)][..., g * cg:(g + 1) * cg]
+            dw[r, s, :, g * kg:(g + 1) * kg] = np.einsum("npqc,npqk->ck", patch, dy[..., g * kg:(g + 1) * kg])
+        return dw
+
+    return y, backward_data, weight_update
+
+
+# (x shape, kernel shape, strides, padding, dilation, groups): ragged SAME, strided + dilated
+# + grouped with asymmetric pads, pointwise strided, depthwise, VALID with a wide kernel.
+CONV_CASES = [
+    ((2, 7, 6, 5), (3, 3, 5, 4), (1, 1), "SAME", (1, 1), 1),
+    ((2, 9, 8, 6), (3, 2, 3, 4), (2, 1), ((1, 2), (0, 1)), (1, 2), 2),
+    ((3, 6, 6, 4), (1, 1, 4, 8), (2, 2), "VALID", (1, 1), 1),
+    ((1, 5, 7, 3), (3, 3, 1, 3), (1, 2), "SAME", (2, 1), 3),
+    ((2, 6, 9, 2), (2, 5, 2, 3), (1, 1), "VALID", (1, 1), 1),
+]
+
+
+def conv_case(rng, case):
+    x_shape, w_shape, strides, padding, dilation, groups = case
+    pads = pads_of(padding, x_shape[1:3], w_shape[:2], strides, dilation)
+    x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+    y, backward_data, weight_update = conv_reference(x, w, strides, pads, dilation, groups)
+    (pt, _), (pl, _) = pads
+    geometry = [*strides, *dilation, pt, pl, groups]
+    return x, w, y, backward_data, weight_update, geometry
+
+
+@needs_ext
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_addressing_on_the_host(rng, case):
+    """Each pass's GEMM through the kernels' offset functions (emulated in float64): every
+    output written once, every read inside its array, the contiguity the kernels assume."""
+    x, w, y, backward_data, weight_update, geometry = conv_case(rng, case)
+    dims = (list(x.shape), list(w.shape), list(y.shape), geometry)
+    bias = rng.standard_normal(w.shape[3])
+    out = emulated(_cuda.ext.emulate_conv, "forward", *dims, a=x, b=w, bias=bias)
+    assert rel_err(out.reshape(y.shape), y + bias) < 1e-13
+    dy = rng.standard_normal(y.shape)
+    out = emulated(_cuda.ext.emulate_conv, "backward_data", *dims, a=dy, b=w)
+    assert rel_err(out.reshape(x.shape), backward_data(dy)) < 1e-13
+    out = emulated(_cuda.ext.emulate_conv, "weight_update", *dims, a=x, b=dy)
+    assert rel_err(out.reshape(w.shape), weight_update(dy)) < 1e-13
+
+
+@needs_ext
+def test_decode_conv_shapes_and_errors():
+    dec = _cuda.ext.decode_conv
+    d = dec([2, 8, 8, 6], [3, 3, 3, 8], [2, 4, 4, 8], [2, 2, 1, 1, 1, 1, 2])
+    # forward: pixels x group's out channels, reduce over taps and group's in channels.
+    assert d["forward"] == {"m": 32, "n": 4, "k": 3, "count": 9, "problems": 2}
+    assert d["backward_data"] == {"m": 128, "n": 3, "k": 4, "count": 9, "problems": 2}
+    assert d["weight_update"] == {"m": 3, "n": 4, "k": 16, "count": 2, "problems": 18}
+    with pytest.raises(ValueError, match=r"x must have shape \(N, H, W, C\), got \(8, 8, 6\)"):
+        dec([8, 8, 6], [3, 3, 6, 8], [2, 8, 8, 8], [1, 1, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="geometry must hold 7 values"):
+        dec([2, 8, 8, 6], [3, 3, 6, 8], [2, 8, 8, 8], [1, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="have different batch sizes"):
+        dec([2, 8, 8, 6], [3, 3, 6, 8], [3, 8, 8, 8], [1, 1, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="stride_w must be >= 1, got 0"):
+        dec([2, 8, 8, 6], [3, 3, 6, 8], [2, 8, 8, 8], [1, 0, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"groups \(4\) must divide in_c \(6\)"):
+        dec([2, 8, 8, 6], [3, 3, 6, 8], [2, 8, 8, 8], [1, 1, 1, 1, 1, 1, 4])
+    with pytest.raises(ValueError, match=r"kernel \(3, 3, 6, 8\) does not match"):
+        dec([2, 8, 8, 6], [3, 3, 6, 8], [2, 8, 8, 8], [1, 1, 1, 1, 1, 1, 2])
 
 
 # ------------------------------------------------------------------ on a GPU

@@ -85,6 +85,7 @@ static_assert(kTileF32.bm == F32_BM && kTileF32.bn == F32_BN && kTileF32.bk == F
 template <class Addr>
 __global__ void __launch_bounds__(F32_THREADS) gemm_f32(const Addr addr, const TilePlan plan) {
   static_assert(std::is_same_v<typename Addr::T, float>, "the SIMT kernel is float32 only");
+  (void)Addr::kAContig, (void)Addr::kBContig;  // loads element by element either way
   constexpr int A_PER_THREAD = F32_BM * F32_BK / F32_THREADS;
   constexpr int B_PER_THREAD = F32_BK * F32_BN / F32_THREADS;
   __shared__ __align__(16) float As[F32_BK][F32_BM + 4];  // A tile, transposed (k-major)
