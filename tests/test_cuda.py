@@ -489,3 +489,175 @@ def test_vmap_and_cpu_agreement_on_gpu(rng):
         jax.device_put(a, jax.devices("cpu")[0]))
     assert on_cpu.devices() == set(jax.devices("cpu")[:1])
     assert rel_err(out, on_cpu) < 1e-5
+
+
+# ------------------------------------------------------------------ dense and conv2d on a GPU
+
+
+def act_arg(act):
+    return None if act == "none" else act
+
+
+def dense_reference(x, w, bias, act):
+    z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    return ACTIVATIONS[act](z if bias is None else z + np.asarray(bias, np.float64))
+
+
+def raw_dense(x, w, bias=None, *, act="none", out_dtype=jnp.float32):
+    """The jax_brgemm_dense_fwd target called directly (16-bit inputs, which the op layer may
+    not take yet)."""
+    outs = (jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), out_dtype), jax.ShapeDtypeStruct((0,), jnp.float32))
+    none = jnp.zeros((0,), jnp.float32)
+    return jax.ffi.ffi_call("jax_brgemm_dense_fwd", outs)(x, w, none if bias is None else bias, activation=act)[0]
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 70, 130), (256, 512, 384)])
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_dense_on_gpu(rng, shape, act):
+    n, c, k = shape
+    x, w, bias = (rng.standard_normal(s).astype(F32) for s in ((n, c), (c, k), (k,)))
+    out = jax.jit(lambda x, w, b: jb.nn.dense(x, w, b, activation=act_arg(act)))(*to_gpu(x, w, bias))
+    assert out.devices() == {gpu()}
+    assert rel_err(out, dense_reference(x, w, bias, act)) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_bfloat16_on_gpu(rng, out_dtype):
+    x = jnp.asarray(rng.standard_normal((300, 200)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((200, 260)), jnp.bfloat16)
+    bias = rng.standard_normal(260).astype(F32)
+    out = jax.jit(lambda *a: raw_dense(*a, act="gelu", out_dtype=out_dtype))(*to_gpu(x, w, bias))
+    ref = dense_reference(np.asarray(x, np.float64), np.asarray(w, np.float64), bias, "gelu")
+    assert rel_err(np.asarray(out, np.float64), ref) < (2e-5 if out_dtype == jnp.float32 else 1e-2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "sigmoid", "tanh"])
+def test_dense_gradients_on_gpu(rng, act):
+    x, w, bias, g = (rng.standard_normal(s).astype(F32) for s in ((50, 70), (70, 90), (90,), (50, 90)))
+
+    def loss(x, w, b):
+        return jnp.sum(jb.nn.dense(x, w, b, activation=act_arg(act)) * g)
+
+    def loss_ref(x, w, b):
+        return jnp.sum(_activations.apply(act, jnp.dot(x, w, precision="highest") + b) * g)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*to_gpu(x, w, bias))
+    with jax.default_device(jax.devices("cpu")[0]):
+        want = jax.grad(loss_ref, argnums=(0, 1, 2))(x, w, bias)
+    for got, ref in zip(grads, want):
+        assert got.devices() == {gpu()}
+        assert rel_err(got, ref) < 1e-5
+
+
+@needs_gpu
+def test_dense_vmap_on_gpu(rng):
+    xs, ws, bs = (rng.standard_normal(s).astype(F32) for s in ((4, 30, 20), (4, 20, 40), (4, 40)))
+    xs_g, ws_g, bs_g = to_gpu(xs, ws, bs)
+    # Per-problem weights (the handler's problem loop) and shared weights (folded rows).
+    out = jax.jit(jax.vmap(lambda x, w, b: jb.nn.dense(x, w, b, activation="tanh")))(xs_g, ws_g, bs_g)
+    assert rel_err(out, np.tanh(np.einsum("pnc,pck->pnk", xs.astype(np.float64), ws) + bs[:, None])) < 1e-5
+    out = jax.jit(jax.vmap(lambda x: jb.nn.dense(x, ws_g[0], bs_g[0])))(xs_g)
+    assert rel_err(out, xs.astype(np.float64) @ ws[0] + bs[0]) < 1e-5
+    # The backward under vmap with shared weights: per-problem dkernel, summed outside.
+    grad = jax.jit(jax.grad(lambda w: jnp.sum(jax.vmap(lambda x: jb.nn.dense(x, w, activation="relu"))(xs_g) ** 2)))
+    z = xs.astype(np.float64) @ ws[0]
+    want = np.einsum("pnc,pnk->ck", xs, 2 * np.maximum(z, 0) * (z > 0))
+    assert rel_err(grad(ws_g[0]), want) < 1e-5
+
+
+def conv_args(case):
+    _, _, strides, padding, dilation, groups = case
+    return dict(strides=strides, padding=padding, dilation=dilation, feature_group_count=groups)
+
+
+# The host cases plus a ResNet-50 3x3 layer (its weight update splits the reduction).
+CONV_GPU_CASES = CONV_CASES + [((4, 14, 14, 64), (3, 3, 64, 64), (1, 1), "SAME", (1, 1), 1)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", CONV_GPU_CASES)
+@pytest.mark.parametrize("act", ["none", "relu", "gelu"])
+def test_conv2d_on_gpu(rng, case, act):
+    x, w, y, _, _, _ = conv_case(rng, case)
+    bias = rng.standard_normal(w.shape[3])
+    x, w, bias = x.astype(F32), w.astype(F32), bias.astype(F32)
+    f = jax.jit(lambda x, w, b: jb.nn.conv2d(x, w, b, activation=act_arg(act), **conv_args(case)))
+    out = f(*to_gpu(x, w, bias))
+    assert out.devices() == {gpu()}
+    y, _, _ = conv_reference(x, w, case[2], pads_of(case[3], x.shape[1:3], w.shape[:2], case[2], case[4]),
+                             case[4], case[5])
+    assert rel_err(out, ACTIVATIONS[act](y + bias)) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", CONV_GPU_CASES)
+def test_conv2d_bfloat16_on_gpu(rng, case):
+    x, w, _, _, _, _ = conv_case(rng, case)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    out = jax.jit(lambda x, w: jb.nn.conv2d(x, w, out_dtype=jnp.float32, **conv_args(case)))(*to_gpu(xb, wb))
+    pads = pads_of(case[3], x.shape[1:3], w.shape[:2], case[2], case[4])
+    y, _, _ = conv_reference(np.asarray(xb, np.float64), np.asarray(wb, np.float64), case[2], pads, case[4], case[5])
+    assert rel_err(out, y) < 2e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", CONV_GPU_CASES)
+def test_conv2d_backward_passes_on_gpu(rng, case):
+    """vjp of conv2d = the backward-data and weight-update targets, against float64 NumPy."""
+    x, w, y, backward_data, weight_update, _ = conv_case(rng, case)
+    dy = rng.standard_normal(y.shape)
+    f = lambda x, w: jb.nn.conv2d(x, w, **conv_args(case))  # noqa: E731
+    x32, w32, dy32 = x.astype(F32), w.astype(F32), dy.astype(F32)
+    _, vjp = jax.vjp(f, *to_gpu(x32, w32))
+    dx, dw = jax.jit(vjp)(to_gpu(dy32)[0])
+    assert dx.devices() == {gpu()} and dw.devices() == {gpu()}
+    pads = pads_of(case[3], x.shape[1:3], w.shape[:2], case[2], case[4])
+    _, backward_data, weight_update = conv_reference(x32, w32, case[2], pads, case[4], case[5])
+    assert rel_err(dx, backward_data(dy32.astype(np.float64))) < 1e-5
+    assert rel_err(dw, weight_update(dy32.astype(np.float64))) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("act", ["relu", "gelu", "tanh"])
+def test_conv2d_gradients_on_gpu(rng, act):
+    case = CONV_CASES[1]
+    x, w, y, _, _, _ = conv_case(rng, case)
+    bias, g = rng.standard_normal(w.shape[3]).astype(F32), rng.standard_normal(y.shape).astype(F32)
+    x, w = x.astype(F32), w.astype(F32)
+    pads = pads_of(case[3], x.shape[1:3], w.shape[:2], case[2], case[4])
+
+    def loss(x, w, b):
+        return jnp.sum(jb.nn.conv2d(x, w, b, activation=act, **conv_args(case)) * g)
+
+    def loss_ref(x, w, b):
+        z = jax.lax.conv_general_dilated(x, w, case[2], pads, rhs_dilation=case[4], feature_group_count=case[5],
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest")
+        return jnp.sum(_activations.apply(act, z + b) * g)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*to_gpu(x, w, bias))
+    with jax.default_device(jax.devices("cpu")[0]):
+        want = jax.grad(loss_ref, argnums=(0, 1, 2))(x, w, bias)
+    for got, ref in zip(grads, want):
+        assert got.devices() == {gpu()}
+        assert rel_err(got, ref) < 1e-5
+
+
+@needs_gpu
+def test_conv2d_vmap_and_cpu_agreement_on_gpu(rng):
+    case = CONV_CASES[0]
+    xs = rng.standard_normal((3,) + case[0]).astype(F32)
+    ws = rng.standard_normal((3,) + case[1]).astype(F32)
+    f = jax.jit(jax.vmap(lambda x, w: jb.nn.conv2d(x, w, activation="relu", **conv_args(case))))
+    out = f(*to_gpu(xs, ws))  # batched kernels: the vmapped axis becomes extra groups
+    assert out.devices() == {gpu()}
+    pads = pads_of(case[3], case[0][1:3], case[1][:2], case[2], case[4])
+    for i in range(3):
+        y, _, _ = conv_reference(xs[i], ws[i], case[2], pads, case[4], case[5])
+        assert rel_err(out[i], np.maximum(y, 0)) < 1e-5
+    cpu = jax.devices("cpu")[0]
+    on_cpu = f(jax.device_put(xs, cpu), jax.device_put(ws, cpu))
+    assert on_cpu.devices() == {cpu}
+    assert rel_err(out, on_cpu) < 1e-5
