@@ -503,14 +503,6 @@ def dense_reference(x, w, bias, act):
     return ACTIVATIONS[act](z if bias is None else z + np.asarray(bias, np.float64))
 
 
-def raw_dense(x, w, bias=None, *, act="none", out_dtype=jnp.float32):
-    """The jax_brgemm_dense_fwd target called directly (16-bit inputs, which the op layer may
-    not take yet)."""
-    outs = (jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), out_dtype), jax.ShapeDtypeStruct((0,), jnp.float32))
-    none = jnp.zeros((0,), jnp.float32)
-    return jax.ffi.ffi_call("jax_brgemm_dense_fwd", outs)(x, w, none if bias is None else bias, activation=act)[0]
-
-
 @needs_gpu
 @pytest.mark.parametrize("shape", [(1, 1, 1), (37, 70, 130), (256, 512, 384)])
 @pytest.mark.parametrize("act", list(ACTIVATIONS))
@@ -528,7 +520,7 @@ def test_dense_bfloat16_on_gpu(rng, out_dtype):
     x = jnp.asarray(rng.standard_normal((300, 200)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((200, 260)), jnp.bfloat16)
     bias = rng.standard_normal(260).astype(F32)
-    out = jax.jit(lambda *a: raw_dense(*a, act="gelu", out_dtype=out_dtype))(*to_gpu(x, w, bias))
+    out = jax.jit(lambda *a: _cuda.raw_dense(*a, activation="gelu", out_dtype=out_dtype))(*to_gpu(x, w, bias))
     ref = dense_reference(np.asarray(x, np.float64), np.asarray(w, np.float64), bias, "gelu")
     assert rel_err(np.asarray(out, np.float64), ref) < (2e-5 if out_dtype == jnp.float32 else 1e-2)
 
