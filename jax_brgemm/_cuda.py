@@ -1,8 +1,9 @@
 """The CUDA extension, when it was built: registers its XLA FFI handlers for platform CUDA.
 
 The handlers carry the same target names as the CPU ones (``jax_brgemm_brgemm``,
-``jax_brgemm_brgemm_indexed``), so ``jax.ffi.ffi_call`` runs them whenever the op's inputs
-live on a GPU; nothing in the ops changes. Without the extension (no nvcc at build time)
+``jax_brgemm_brgemm_indexed``, ``jax_brgemm_dense_fwd`` / ``_bwd``, ``jax_brgemm_conv2d_forward``
+/ ``_backward_data`` / ``_weight_update``), so ``jax.ffi.ffi_call`` runs them whenever the op's
+inputs live on a GPU; nothing in the ops changes. Without the extension (no nvcc at build time)
 or without a GPU this module does nothing else: ``built`` and ``gpu_available()`` say so.
 """
 
@@ -60,3 +61,15 @@ def raw_brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, bias=None, 
     return jax.ffi.ffi_call("jax_brgemm_brgemm_indexed", out)(
         a_blocks, b_blocks, a_index, b_index, none if c is None else c, none if bias is None else bias,
         alpha=np.float32(alpha), beta=np.float32(0.0 if c is None else beta), activation=activation)
+
+
+def raw_dense(x, kernel, bias=None, *, activation="none", out_dtype=jnp.float32):
+    """The ``jax_brgemm_dense_fwd`` FFI target called directly, without the op's checks or
+    gradient: x ``(n, c)`` and kernel ``(c, k)`` both float32 or both bfloat16 (the CUDA
+    handler takes either), bias ``(k,)`` float32. Returns ``activation(x @ kernel + bias)``,
+    ``(n, k)`` in ``out_dtype`` (float32 or bfloat16). For GPU tests and benchmarks."""
+    outs = (jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), out_dtype),
+            jax.ShapeDtypeStruct((0,), jnp.float32))
+    none = jnp.zeros((0,), jnp.float32)
+    return jax.ffi.ffi_call("jax_brgemm_dense_fwd", outs)(
+        x, kernel, none if bias is None else bias, activation=activation)[0]

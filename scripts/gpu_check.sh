@@ -35,9 +35,12 @@ PY
 status=0
 # -rs lists skips: on a GPU machine no test of tests/test_cuda.py may be skipped.
 "$PY" -m pytest tests/test_cuda.py -q -rs || status=1
-# The CPU suite twice: on the CPU (must be unchanged), then with the GPU as JAX's default
-# device, so the same op tests go through the CUDA handlers.
-JAX_PLATFORMS=cpu "$PY" -m pytest tests/test_brgemm.py -q || status=1
-"$PY" -m pytest tests/test_brgemm.py -q || status=1
+# The CPU op suites twice: on the CPU (must be unchanged), then with the GPU as JAX's default
+# device, so the same op tests go through the CUDA handlers (brgemm, dense, conv2d). A test
+# there may check something CPU-specific (an ISA path); read its failure before blaming CUDA.
+OP_TESTS="tests/test_brgemm.py tests/test_dense.py tests/test_conv.py"
+JAX_PLATFORMS=cpu "$PY" -m pytest $OP_TESTS -q || status=1
+"$PY" -m pytest $OP_TESTS -q || status=1
+# brgemm, dense (vs cuBLAS) and ResNet-50 conv forward (vs cuDNN), bfloat16 and float32.
 "$PY" -m jax_brgemm bench gpu || status=1
 exit $status

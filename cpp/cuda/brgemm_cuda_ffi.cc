@@ -5,43 +5,16 @@
 
 #include <string>
 
+#include "cuda/ffi_util.h"
 #include "cuda/kernels.h"
 #include "cuda/plan.h"
-#include "ffi/common.h"
 
 namespace jbr::cuda {
 namespace {
 
-namespace ffi = xla::ffi;
-using ffi_handlers::invalid;
-
 static_assert(static_cast<int>(Act::gelu) == static_cast<int>(Activation::gelu) &&
               static_cast<int>(Act::tanh) == static_cast<int>(Activation::tanh),
               "CUDA and CPU activations must be numbered alike");
-
-Dims dims_of(const ffi::AnyBuffer& x) {
-  auto d = x.dimensions();
-  return Dims(d.begin(), d.end());
-}
-
-ffi::Error checked(const std::string& error) {
-  return error.empty() ? ffi::Error::Success() : invalid(error);
-}
-
-ffi::Error cuda_error(cudaError_t code, const char* what) {
-  if (code == cudaSuccess) return ffi::Error::Success();
-  return ffi::Error::Internal(std::string("jax_brgemm: ") + what + ": " + cudaGetErrorString(code));
-}
-
-ffi::Error elem_type(const ffi::AnyBuffer& x, const char* name, ElemType* t) {
-  switch (x.element_type()) {
-    case ffi::DataType::F32: *t = ElemType::f32; break;
-    case ffi::DataType::BF16: *t = ElemType::bf16; break;
-    case ffi::DataType::F16: *t = ElemType::f16; break;
-    default: return invalid(std::string(name) + " must be float32, bfloat16 or float16");
-  }
-  return ffi::Error::Success();
-}
 
 // a and b (or their pools) share one element type.
 ffi::Error input_type(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, const char* a_name,
@@ -90,15 +63,12 @@ ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
 ffi::Error launch(const Decoded& d, Problem* pr, cudaStream_t stream, int32_t device) {
   pr->m = d.m, pr->n = d.n, pr->k = d.k, pr->count = d.count, pr->lead = d.dims;
   pr->a_blocks = d.a_blocks, pr->b_blocks = d.b_blocks;
-  int sm_count = 0;
-  if (auto e = cuda_error(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device),
-                          "cudaDeviceGetAttribute");
-      e.failure())
-    return e;
+  int sms = 0;
+  if (auto e = sm_count(device, &sms); e.failure()) return e;
   TilePlan plan;
-  if (auto e = checked(plan_tiles(pr->type, d.m, d.n, d.problems, sm_count, &plan)); e.failure())
+  if (auto e = checked(plan_tiles(pr->type, d.m, d.n, d.problems, sms, &plan)); e.failure())
     return e;
-  return cuda_error(static_cast<cudaError_t>(launch_brgemm(*pr, plan, stream)), "kernel launch");
+  return cuda_error(launch_brgemm(*pr, plan, stream), "kernel launch");
 }
 
 ffi::Error brgemm_impl(cudaStream_t stream, int32_t device, ffi::AnyBuffer a, ffi::AnyBuffer b,

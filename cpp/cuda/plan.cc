@@ -1,15 +1,16 @@
 #include "cuda/plan.h"
 
+#include <algorithm>
 #include <limits>
 
 namespace jbr::cuda {
-namespace {
-
 std::string dims_str(const std::vector<int64_t>& dims) {
   std::string s = "(";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
   return s + (dims.size() == 1 ? ",)" : ")");
 }
+
+namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -173,6 +174,17 @@ std::string plan_tiles(ElemType t, int64_t m, int64_t n, int64_t problems, int s
            " tiles";
   p.blocks = p.tiles_m * p.tiles_n * problems;
   *plan = p;
+  return "";
+}
+
+std::string plan_splits(int64_t steps, int sm_count, TilePlan* plan) {
+  if (plan->blocks <= 0 || plan->splits != 1) return "plan_splits needs a fresh plan from plan_tiles";
+  if (plan->blocks >= sm_count || steps < 2 * kMinStepsPerSplit) return "";
+  int64_t splits = std::min(ceil_div(2 * static_cast<int64_t>(sm_count), plan->blocks),
+                            steps / kMinStepsPerSplit);
+  // plan->blocks < sm_count, so blocks * splits < 2 * sm_count + blocks: far below 2^31.
+  plan->splits = std::max<int64_t>(splits, 1);
+  plan->blocks *= plan->splits;
   return "";
 }
 

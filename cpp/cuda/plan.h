@@ -20,6 +20,9 @@ namespace jbr::cuda {
 enum class ElemType : int { f32 = 0, bf16 = 1, f16 = 2 };
 const char* elem_type_name(ElemType t);
 
+// "(2, 3)", "(4,)": the CPU handlers' shape wording.
+std::string dims_str(const std::vector<int64_t>& dims);
+
 // Operands whose leading dims broadcast against the problems; index with these.
 enum Operand : int { kA = 0, kB = 1, kC = 2, kBias = 3, kNumOperands = 4 };
 
@@ -87,7 +90,9 @@ constexpr TileShape kTile16Large = {128, 128, 32, 256};  // WMMA, 8 warps of 32x
 struct TilePlan {
   TileShape tile{};
   int64_t tiles_m = 0, tiles_n = 0, problems = 0;
-  int64_t blocks = 0;  // tiles_m * tiles_n * problems: a 1-D grid, n-tiles fastest
+  int64_t splits = 1;  // the reduction's steps split over this many blocks (see plan_splits)
+  // tiles_m * tiles_n * problems * splits: a 1-D grid, n-tiles fastest, splits slowest
+  int64_t blocks = 0;
 };
 
 // Chooses the tile for an (m, n) output of `problems` problems of element type `t`. 16-bit
@@ -95,5 +100,12 @@ struct TilePlan {
 // at least one block. Errors when the grid would exceed CUDA's limit (2^31 - 1 blocks).
 std::string plan_tiles(ElemType t, int64_t m, int64_t n, int64_t problems, int sm_count,
                        TilePlan* plan);
+
+// Split-k for reductions whose results are summed atomically into a zeroed float32 output
+// (weight updates): when the grid gives fewer blocks than `sm_count`, the `steps` (count *
+// ceil(k / bk)) reduction steps of every tile are split over up to 2 * sm_count / blocks
+// blocks, each keeping at least kMinStepsPerSplit steps. Updates plan->splits and blocks.
+constexpr int64_t kMinStepsPerSplit = 4;
+std::string plan_splits(int64_t steps, int sm_count, TilePlan* plan);
 
 }  // namespace jbr::cuda
