@@ -98,8 +98,8 @@ def check_against_reference(rng, N, T, C, K, time_major, with_states):
     with jax.enable_x64(True):
         args64 = [jnp.asarray(a, jnp.float64) for a in args]
         w64 = [jnp.asarray(w, jnp.float64) for w in weights]
-        out_ref = ref(*args64)
-        grads_ref = jax.grad(loss_of(ref, w64), argnums=tuple(range(n_args)))(*args64)
+        out_ref = jax.jit(ref)(*args64)
+        grads_ref = jax.jit(jax.grad(loss_of(ref, w64), argnums=tuple(range(n_args))))(*args64)
         out_ref, grads_ref = jax.tree.map(np.asarray, (out_ref, grads_ref))
     assert out[0].shape == hs_shape and out[1][0].shape == (N, K) and out[1][1].shape == (N, K)
     for name, o, r in zip(("hs", "c_T", "h_T"), jax.tree.leaves(out), jax.tree.leaves(out_ref)):
@@ -290,8 +290,8 @@ def check_bf16_against_reference(rng, N, T, C, K, time_major, with_states, mixed
     with jax.enable_x64(True):
         args64 = [jnp.asarray(np.asarray(a, np.float64)) for a in args]
         w64 = [jnp.asarray(w, jnp.float64) for w in weights]
-        out_ref = ref(*args64)
-        grads_ref = jax.grad(loss_of(ref, w64), argnums=tuple(range(n_args)))(*args64)
+        out_ref = jax.jit(ref)(*args64)
+        grads_ref = jax.jit(jax.grad(loss_of(ref, w64), argnums=tuple(range(n_args))))(*args64)
         out_ref, grads_ref = jax.tree.map(np.asarray, (out_ref, grads_ref))
     errors = {}
     for name, o, r in zip(("hs", "c_T", "h_T"), jax.tree.leaves(out), jax.tree.leaves(out_ref)):
