@@ -77,6 +77,17 @@ class Gemm {
   std::string error_;
 };
 
+// dst (cols x rows, leading dimension ldd) = src (rows x cols, lds) transposed: the kernel
+// layer's vectorised transposes.
+void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                     int64_t ldd, Isa isa) {
+  transpose_f32(src, lds, rows, cols, dst, ldd, isa);
+}
+void transpose_block(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst,
+                     int64_t ldd, Isa isa) {
+  transpose_bf16(src, lds, rows, cols, dst, ldd, isa);
+}
+
 // Uninitialised scratch (std::vector would zero it first).
 template <typename T = float>
 using Scratch = std::unique_ptr<T[]>;
@@ -94,15 +105,17 @@ struct Panels {
 };
 
 template <typename T>
-Panels<T> pack_panels(const Executor* ex, const T* src, int64_t ld, bool transposed, int64_t k,
-                      int64_t n, int64_t width) {
+Panels<T> pack_panels(const Executor* ex, Isa isa, const T* src, int64_t ld, bool transposed,
+                      int64_t k, int64_t n, int64_t width) {
   Panels<T> p{scratch<T>(k * n + width * k), k, width, ceil_div(n, width)};
   parallel_for(ex, p.count, [&](int64_t j) {
     const int64_t j0 = j * width, w = std::min(width, n - j0);
     T* dst = p.data.get() + j * k * width;
-    for (int64_t r = 0; r < k; ++r)
-      for (int64_t c = 0; c < w; ++c)
-        dst[r * width + c] = transposed ? src[(j0 + c) * ld + r] : src[r * ld + j0 + c];
+    if (transposed) {
+      transpose_block(src + j0 * ld, ld, w, k, dst, width, isa);
+    } else {
+      for (int64_t r = 0; r < k; ++r) std::copy_n(src + r * ld + j0, w, dst + r * width);
+    }
   });
   return p;
 }
@@ -123,17 +136,20 @@ void parallel_gemm(Gemm& gemm, const Executor* ex, int64_t m, int64_t n, const T
   });
 }
 
-// dst (cols x rows, row-major) = transpose of the matrix whose row r is src_row(r)[0, cols).
+// dst (cols x rows, row-major) = transpose of the matrix whose row r is src_row(r)[0, cols),
+// in tiles; each run of rows that lie ld apart in memory is one vectorised transpose.
 template <typename T, class SrcRow>
-void transpose(const Executor* ex, int64_t rows, int64_t cols, const SrcRow& src_row, T* dst) {
+void transpose(const Executor* ex, Isa isa, int64_t rows, int64_t cols, int64_t ld,
+               const SrcRow& src_row, T* dst) {
   constexpr int64_t B = 64;
   const int64_t tiles_c = ceil_div(cols, B);
   parallel_for(ex, ceil_div(rows, B) * tiles_c, [&](int64_t item) {
     const int64_t r0 = item / tiles_c * B, c0 = item % tiles_c * B;
     const int64_t r1 = std::min(rows, r0 + B), c1 = std::min(cols, c0 + B);
-    for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t r = r0, end; r < r1; r = end) {
       const T* s = src_row(r);
-      for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = s[c];
+      for (end = r + 1; end < r1 && src_row(end) == s + (end - r) * ld;) ++end;
+      transpose_block(s + c0, ld, end - r, c1 - c0, dst + c0 * rows + r, rows, isa);
     }
   });
 }
@@ -169,14 +185,14 @@ std::string forward(const LstmForward& p, const Executor* ex) {
 
   // The input products of every step in one well-parallelised GEMM: gates = x W_ih + bias.
   parallel_gemm(gemm, ex, T_ * N, G, x, C,
-                pack_panels(ex, static_cast<const T*>(p.w_ih), G, false, C, G, kPanel), p.gates, G,
+                pack_panels(ex, p.isa, static_cast<const T*>(p.w_ih), G, false, C, G, kPanel), p.gates, G,
                 p.bias);
 
   // W_hh per gate in panels of one unit block, so that an item's four B blocks are linear.
   const StepBlocking blk(N, K, ex, min_units<T>());
   Panels<T> w_hh[4];
   for (int gate = 0; gate < 4; ++gate)
-    w_hh[gate] = pack_panels(ex, static_cast<const T*>(p.w_hh) + gate * K, G, false, K, K, blk.units);
+    w_hh[gate] = pack_panels(ex, p.isa, static_cast<const T*>(p.w_hh) + gate * K, G, false, K, K, blk.units);
 
   for (int64_t t = 0; t < T_; ++t) {
     const T* h_prev = t ? hs + rows.row(t - 1, 0) * K : h0;
@@ -227,7 +243,7 @@ std::string backward(const LstmBackward& p, const Executor* ex) {
   Scratch<> dbias_part = scratch(blk.row_blocks * G);
   std::fill(dbias_part.get(), dbias_part.get() + blk.row_blocks * G, 0.0f);
   const Panels<T> w_hh_t =
-      pack_panels(ex, static_cast<const T*>(p.w_hh), G, true, G, K, blk.units);  // W_hh^T
+      pack_panels(ex, p.isa, static_cast<const T*>(p.w_hh), G, true, G, K, blk.units);  // W_hh^T
   std::memcpy(p.dc0, p.d_cT, sizeof(float) * N * K);  // dc, carried back through time
 
   for (int64_t t = T_ - 1; t >= 0; --t) {
@@ -271,16 +287,16 @@ std::string backward(const LstmBackward& p, const Executor* ex) {
   // dh0 = dgates_0 W_hh^T; dx = dgates W_ih^T for every step at once.
   parallel_gemm(gemm, ex, N, K, dgates.get() + rows.row(0, 0) * G, ldn * G, w_hh_t, p.dh0, K);
   parallel_gemm(gemm, ex, R, C, dgates.get(), G,
-                pack_panels(ex, static_cast<const T*>(p.w_ih), G, true, G, C, kPanel), p.dx, C);
+                pack_panels(ex, p.isa, static_cast<const T*>(p.w_ih), G, true, G, C, kPanel), p.dx, C);
   // Weight gradients reduce over every (step, batch) row: dW = A^T dgates with A = x for
   // W_ih and A = h_{t-1} (h0 at t = 0) for W_hh, the transposes packed once.
   {
-    const Panels<T> d_panels = pack_panels(ex, static_cast<const T*>(dgates.get()), G, false, R, G, kPanel);
+    const Panels<T> d_panels = pack_panels(ex, p.isa, static_cast<const T*>(dgates.get()), G, false, R, G, kPanel);
     Scratch<T> a_t = scratch<T>(std::max(C, K) * R);
-    transpose(ex, R, C, [&](int64_t r) { return x + r * C; }, a_t.get());
+    transpose(ex, p.isa, R, C, C, [&](int64_t r) { return x + r * C; }, a_t.get());
     parallel_gemm(gemm, ex, C, G, a_t.get(), R, d_panels, p.dw_ih, G);
     const int64_t back = s.time_major ? N : 1;  // row distance to the previous step
-    transpose(ex, R, K, [&](int64_t r) {
+    transpose(ex, p.isa, R, K, K, [&](int64_t r) {
       const bool first = s.time_major ? r < N : r % T_ == 0;
       return first ? h0 + (s.time_major ? r : r / T_) * K : hs + (r - back) * K;
     }, a_t.get());
