@@ -291,7 +291,7 @@ std::string backward(const LstmBackward& p, const Executor* ex) {
   // Weight gradients reduce over every (step, batch) row: dW = A^T dgates with A = x for
   // W_ih and A = h_{t-1} (h0 at t = 0) for W_hh, the transposes packed once.
   {
-    const Panels<T> d_panels = pack_panels(ex, p.isa, static_cast<const T*>(dgates.get()), G, false, R, G, kPanel);
+    const Panels<T> d_panels = pack_panels<T>(ex, p.isa, dgates.get(), G, false, R, G, kPanel);
     Scratch<T> a_t = scratch<T>(std::max(C, K) * R);
     transpose(ex, p.isa, R, C, C, [&](int64_t r) { return x + r * C; }, a_t.get());
     parallel_gemm(gemm, ex, C, G, a_t.get(), R, d_panels, p.dw_ih, G);
