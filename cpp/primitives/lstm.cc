@@ -12,7 +12,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int64_t kPanel = 64;     // column panel width of packed B operands
 constexpr int64_t kMaxUnits = 64;  // hidden units per work item of a step
-constexpr int64_t kChunk = 512;    // longest reduction per kernel call
+constexpr int64_t kChunk = 512;    // longest float32 reduction per call (bfloat16: twice that)
 
 // Elements of the GEMM operands are float (float32) or uint16_t (bfloat16 bit patterns):
 // the loop nests are templates on that type, instantiated through with_type.
@@ -38,8 +38,9 @@ struct Rows {
 
 // Kernel calls C = act(beta * C + A @ B + bias) on one block, with the first validation
 // failure remembered (calls happen inside parallel loops). A long reduction is cut into
-// chunks of kChunk (beta = 1 after the first, bias and activation on the last) so that the
-// A rows and the B block of a chunk stay in L2 while the kernel sweeps the block's tiles.
+// chunks of at most 4 * kChunk bytes of an A row (beta = 1 after the first, bias and
+// activation on the last) so that the A rows and the B block of a chunk stay in L2 while
+// the kernel sweeps the block's tiles.
 class Gemm {
  public:
   explicit Gemm(Isa isa) : isa_(isa) {}
@@ -48,7 +49,7 @@ class Gemm {
   void operator()(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
                   int64_t ldb, float* c, int64_t ldc, float beta,
                   Activation act = Activation::none, const float* bias = nullptr) {
-    const int64_t chunks = ceil_div(k, kChunk), kc = ceil_div(k, chunks);
+    const int64_t chunks = ceil_div(k, kChunk * 4 / int64_t(sizeof(T))), kc = ceil_div(k, chunks);
     for (int64_t p0 = 0; p0 < k; p0 += kc) {
       const bool last = p0 + kc >= k;
       Desc d;
