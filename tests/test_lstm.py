@@ -349,3 +349,19 @@ def test_bf16_bad_dtypes(rng):
     for name, args in cases:
         with pytest.raises(TypeError, match=f"{name} must be float32 or bfloat16"):
             lstm(*args)
+
+
+def test_bf16_vmap_and_time_major_agree(rng):
+    # vmap folds into N and the time-major layout gives the same values, in bfloat16 too.
+    B, N, T, C, K = 2, 3, 4, 5, 33
+    per = [make_inputs(rng, N, T, C, K, False) for _ in range(B)]
+    xs = np.stack([p[0] for p in per]).astype(BF16)
+    w_ih, w_hh, bias = (a.astype(BF16) for a in per[0][1:4])
+    out = jax.jit(jax.vmap(lambda x: lstm(x, w_ih, w_hh, bias)))(xs)
+    for b in range(B):
+        expect = lstm(xs[b], w_ih, w_hh, bias)
+        tm = lstm(np.swapaxes(xs[b], 0, 1), w_ih, w_hh, bias, time_major=True)
+        # |h| < 1: at most one bfloat16 step (2^-8) apart, where float32 sums in another
+        # order land a rounding on the other neighbour.
+        for got in (out[0][b], np.swapaxes(tm[0], 0, 1)):
+            np.testing.assert_allclose(np.float32(got), np.float32(expect[0]), rtol=0, atol=2.0 ** -8)

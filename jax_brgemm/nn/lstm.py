@@ -41,8 +41,9 @@ def lstm(x, w_ih, w_hh, bias, h0=None, c0=None, *, time_major=False):
     product sums in float32. The bias, the gate pre-activations and activations, the cell
     state c and the update of c and h are float32 throughout; h_t is rounded to bfloat16 once
     per step, and that rounded value is both hs[t] and the next step's GEMM operand (Flax's
-    OptimizedLSTMCell rounds h the same way at its next matmul, but also rounds its two
-    matmul outputs, the bias add and the gates to bfloat16, which we do not). Backward: the
+    OptimizedLSTMCell with dtype=bfloat16 rounds h the same way at its next matmul, though
+    its returned h stays float32 with a float32 carry; it also rounds its two matmul
+    outputs, the bias add and the gates to bfloat16, which we do not). Backward: the
     cotangents of hs and c_T arrive in their dtypes and are summed in float32; the gate
     gradients are rounded to bfloat16 once before the products that consume them (the dh
     recurrence, dx, dw_ih, dw_hh, dh0), dbias sums them unrounded; dc and dh are float32;
