@@ -11,19 +11,44 @@ from conftest import rel_err
 from jax_brgemm.nn import lstm
 
 TOL = 1e-5
+BF16 = jnp.bfloat16
 
 
-def scan_lstm(x, w_ih, w_hh, bias, h0, c0, time_major=False):
-    """Plain-JAX reference (any float dtype), gate order i, f, g, o."""
+def round_value(v):
+    """v rounded to bfloat16 (kept in v's dtype), with an identity derivative: the rounding
+    of h_t that the bfloat16 op does when it stores hs."""
+    return v + jax.lax.stop_gradient(v.astype(BF16).astype(v.dtype) - v)
+
+
+@jax.custom_vjp
+def round_cotangent(v):
+    """Identity whose cotangent is rounded to bfloat16: where the bfloat16 op rounds a
+    gradient (an output's cotangent arriving in bfloat16, the gate gradients before the
+    products that consume them)."""
+    return v
+
+
+round_cotangent.defvjp(lambda v: (v, None), lambda _, g: (g.astype(BF16).astype(g.dtype),))
+
+
+def scan_lstm(x, w_ih, w_hh, bias, h0, c0, time_major=False, bf16_rounding=False):
+    """Plain-JAX reference (any float dtype), gate order i, f, g, o. bf16_rounding: round
+    where the bfloat16 op rounds (h_t between steps, the gate gradients before the
+    products); everything else stays in the reference's dtype."""
     K = w_hh.shape[0]
     xs = x if time_major else jnp.swapaxes(x, 0, 1)
 
     def step(carry, xt):
         h, c = carry
-        z = xt @ w_ih + h @ w_hh + bias
+        z = xt @ w_ih + h @ w_hh
+        if bf16_rounding:
+            z = round_cotangent(z)
+        z = z + bias
         i, f, o = (jax.nn.sigmoid(z[:, j * K:(j + 1) * K]) for j in (0, 1, 3))
         c = f * c + i * jnp.tanh(z[:, 2 * K:3 * K])
         h = o * jnp.tanh(c)
+        if bf16_rounding:
+            h = round_value(h)
         return (h, c), h
 
     (h, c), hs = jax.lax.scan(step, (h0, c0), xs)
@@ -46,6 +71,8 @@ def loss_of(fn, weights):
 
     def loss(*args):
         hs, (c, h) = fn(*args)
+        # float32 at least (bfloat16 outputs are widened, float64 references stay float64)
+        hs, c, h = (v.astype(jnp.promote_types(v.dtype, jnp.float32)) for v in (hs, c, h))
         return jnp.sum(jnp.sin(hs) * w_hs) + jnp.sum(c * w_c) + jnp.sum(h * h * w_h)
 
     return loss
@@ -71,8 +98,8 @@ def check_against_reference(rng, N, T, C, K, time_major, with_states):
     with jax.enable_x64(True):
         args64 = [jnp.asarray(a, jnp.float64) for a in args]
         w64 = [jnp.asarray(w, jnp.float64) for w in weights]
-        out_ref = ref(*args64)
-        grads_ref = jax.grad(loss_of(ref, w64), argnums=tuple(range(n_args)))(*args64)
+        out_ref = jax.jit(ref)(*args64)
+        grads_ref = jax.jit(jax.grad(loss_of(ref, w64), argnums=tuple(range(n_args))))(*args64)
         out_ref, grads_ref = jax.tree.map(np.asarray, (out_ref, grads_ref))
     assert out[0].shape == hs_shape and out[1][0].shape == (N, K) and out[1][1].shape == (N, K)
     for name, o, r in zip(("hs", "c_T", "h_T"), jax.tree.leaves(out), jax.tree.leaves(out_ref)):
@@ -153,7 +180,7 @@ def test_bad_input(rng):
     x, w_ih, w_hh, bias, h0, c0 = make_inputs(rng, 2, 3, 4, 5, False)
     cases = [
         (TypeError, "x", (x.astype(np.float64), w_ih, w_hh, bias)),
-        (TypeError, "x", (x.astype(jnp.bfloat16), w_ih, w_hh, bias)),
+        (TypeError, "x", (x.astype(np.float16), w_ih, w_hh, bias)),
         (TypeError, "x", (x.astype(np.int32), w_ih, w_hh, bias)),
         (TypeError, "w_hh", (x, w_ih, w_hh.astype(np.float16), bias)),
         (TypeError, "bias", (x, w_ih, w_hh, bias.astype(np.int8))),
@@ -214,3 +241,127 @@ def test_training_matches_plain_jax(rng):
     ours, ref = train(lstm), train(ref_fn)
     np.testing.assert_allclose(ours, ref, rtol=1e-4)
     assert ours[-1] < 0.8 * ours[0]  # it did learn
+
+
+# ------------------------------------------------------------------ bfloat16
+# The reference is the float64 scan on the same bfloat16-rounded inputs, with the op's own
+# roundings replayed (h_t rounded to bfloat16 between steps; the cotangents of bfloat16
+# outputs and the gate gradients rounded before the products that consume them). What it
+# cannot replay: float32 sums and float32 gate math (the float32 path's TOL), a rounding
+# landing on the other neighbour where those differ by a hair (rare; each such flip moves
+# one element by one bfloat16 step and propagates from there), and the final rounding of a
+# bfloat16 output (at most 2^-9 relative per element). So every output and gradient must be
+# within TOL + 2^-8 of the reference: the float32 path's error plus one bfloat16 rounding.
+BF16_TOL = TOL + 2.0 ** -8
+
+
+def check_bf16_against_reference(rng, N, T, C, K, time_major, with_states, mixed):
+    """mixed: float32 weights, bias and states with bfloat16 x (Flax's param_dtype =
+    float32, dtype = bfloat16); else every input bfloat16."""
+    args = make_inputs(rng, N, T, C, K, time_major)[:6 if with_states else 4]
+    args = [a.astype(BF16) if (i == 0 or not mixed) else a for i, a in enumerate(args)]
+    n_args = len(args)
+    hs_shape = (T, N, K) if time_major else (N, T, K)
+    weights = [rng.standard_normal(s).astype(np.float32) for s in (hs_shape, (N, K), (N, K))]
+
+    def ours(*a):
+        return lstm(*a, time_major=time_major)
+
+    out = jax.jit(ours)(*args)
+    grads = jax.jit(jax.grad(loss_of(ours, weights), argnums=tuple(range(n_args))))(*args)
+    # Output dtypes: hs in x's, c_T in c0's (float32 without c0), h_T in h0's (x's without).
+    c_dtype = args[5].dtype if with_states else np.float32
+    h_dtype = args[4].dtype if with_states else BF16
+    assert [o.dtype for o in jax.tree.leaves(out)] == [BF16, c_dtype, h_dtype]
+    assert [g.dtype for g in grads] == [a.dtype for a in args]
+
+    def ref(*a):
+        if not with_states:
+            a = a + (jnp.zeros((N, K), a[0].dtype),) * 2
+        # The op casts w_ih, w_hh and h0 to bfloat16 (the compute dtype); bias and c0 stay.
+        x, w_ih, w_hh, bias, h0, c0 = a
+        a = (x, round_value(w_ih), round_value(w_hh), bias, round_value(h0), c0)
+        hs, (c, h) = scan_lstm(*a, time_major=time_major, bf16_rounding=True)
+        # The op's outputs in bfloat16 get their cotangents in bfloat16.
+        c = round_cotangent(c) if c_dtype == BF16 else c
+        h = round_cotangent(h) if h_dtype == BF16 else h
+        return round_cotangent(hs), (c, h)
+
+    with jax.enable_x64(True):
+        args64 = [jnp.asarray(np.asarray(a, np.float64)) for a in args]
+        w64 = [jnp.asarray(w, jnp.float64) for w in weights]
+        out_ref = jax.jit(ref)(*args64)
+        grads_ref = jax.jit(jax.grad(loss_of(ref, w64), argnums=tuple(range(n_args))))(*args64)
+        out_ref, grads_ref = jax.tree.map(np.asarray, (out_ref, grads_ref))
+    errors = {}
+    for name, o, r in zip(("hs", "c_T", "h_T"), jax.tree.leaves(out), jax.tree.leaves(out_ref)):
+        errors[name] = rel_err(o, r)
+    for name, g, r in zip(("x", "w_ih", "w_hh", "bias", "h0", "c0"), grads, grads_ref):
+        assert g.shape == r.shape, name
+        errors["d" + name] = rel_err(g, r)
+    bad = {k: v for k, v in errors.items() if not v < BF16_TOL}
+    assert not bad, f"errors above {BF16_TOL:.2e}: {bad} (all: {errors})"
+    return errors
+
+
+@pytest.mark.parametrize(
+    "N, T, C, K, time_major, with_states, mixed",
+    [
+        (1, 1, 1, 1, False, False, False),
+        (5, 7, 17, 33, True, True, True),
+        (5, 50, 3, 17, False, True, False),
+        (64, 7, 100, 64, True, False, True),
+        (3, 2, 65, 100, False, True, False),
+    ],
+)
+def test_bf16_matches_reference(rng, N, T, C, K, time_major, with_states, mixed):
+    check_bf16_against_reference(rng, N, T, C, K, time_major, with_states, mixed)
+
+
+def test_bf16_every_isa(isa_bf16, rng):
+    check_bf16_against_reference(rng, 5, 7, 17, 40, True, True, False)
+
+
+def test_bf16_mixed_states(rng):
+    # bfloat16 x and weights with a float32 cell state and a bfloat16 hidden state (and the
+    # reverse): each state's gradient and carried-out value keep its dtype.
+    x, w_ih, w_hh, bias, h0, c0 = make_inputs(rng, 3, 4, 5, 7, False)
+    for h_dtype, c_dtype in ((BF16, np.float32), (np.float32, BF16)):
+        args = (x.astype(BF16), w_ih.astype(BF16), w_hh.astype(BF16), bias, h0.astype(h_dtype),
+                c0.astype(c_dtype))
+        _, (c, h) = lstm(*args)
+        assert (c.dtype, h.dtype) == (c_dtype, h_dtype)
+        grads = jax.grad(lambda *a: jnp.sum(lstm(*a)[1][0].astype(np.float32) ** 2),
+                         argnums=(0, 1, 2, 3, 4, 5))(*args)
+        assert [g.dtype for g in grads] == [a.dtype for a in args]
+
+
+def test_bf16_bad_dtypes(rng):
+    x, w_ih, w_hh, bias, h0, c0 = (a.astype(BF16) for a in make_inputs(rng, 2, 3, 4, 5, False))
+    cases = [
+        ("x", (x.astype(np.float16), w_ih, w_hh, bias)),
+        ("w_ih", (x, w_ih.astype(np.int32), w_hh, bias)),
+        ("w_hh", (x, w_ih, w_hh.astype(np.float64), bias)),
+        ("bias", (x, w_ih, w_hh, bias.astype(np.float16))),
+        ("h0", (x, w_ih, w_hh, bias, h0.astype(np.float16))),
+        ("c0", (x, w_ih, w_hh, bias, h0, c0.astype(np.int8))),
+    ]
+    for name, args in cases:
+        with pytest.raises(TypeError, match=f"{name} must be float32 or bfloat16"):
+            lstm(*args)
+
+
+def test_bf16_vmap_and_time_major_agree(rng):
+    # vmap folds into N and the time-major layout gives the same values, in bfloat16 too.
+    B, N, T, C, K = 2, 3, 4, 5, 33
+    per = [make_inputs(rng, N, T, C, K, False) for _ in range(B)]
+    xs = np.stack([p[0] for p in per]).astype(BF16)
+    w_ih, w_hh, bias = (a.astype(BF16) for a in per[0][1:4])
+    out = jax.jit(jax.vmap(lambda x: lstm(x, w_ih, w_hh, bias)))(xs)
+    for b in range(B):
+        expect = lstm(xs[b], w_ih, w_hh, bias)
+        tm = lstm(np.swapaxes(xs[b], 0, 1), w_ih, w_hh, bias, time_major=True)
+        # |h| < 1: at most one bfloat16 step (2^-8) apart, where float32 sums in another
+        # order land a rounding on the other neighbour.
+        for got in (out[0][b], np.swapaxes(tm[0], 0, 1)):
+            np.testing.assert_allclose(np.float32(got), np.float32(expect[0]), rtol=0, atol=2.0 ** -8)

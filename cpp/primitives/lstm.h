@@ -23,28 +23,40 @@ struct LstmShape {
   bool time_major = false;
 };
 
+// Element types. The GEMM operands (x, w_ih, w_hh, h0 and the hidden states hs) are all
+// float32 or all bfloat16 (`dtype`; bfloat16 as uint16_t bit patterns), multiplied with
+// float32 accumulation. Everything else is float32: bias, the cell states (c0, cs), the
+// activated gates, the gate math, the incoming gradients and every gradient written (the
+// weight gradients are sums over all steps and batch rows; callers round them once).
+// In bfloat16, h_t is rounded once when stored into hs, and that rounded value is what the
+// next step multiplies; backward rounds the gate gradients once before the products that
+// consume them (dh recurrence, dx, dW), while dbias sums them unrounded.
+
 // Forward. Kept for backward: gates (the activated i, f, g, o: 4K floats per step and batch
 // row) and cs (the cell states: K floats), besides the output hs itself.
 struct LstmForward {
   LstmShape shape;
-  const float* x = nullptr;     // rows x C
-  const float* w_ih = nullptr;  // C x 4K
-  const float* w_hh = nullptr;  // K x 4K
-  const float* bias = nullptr;  // 4K
-  const float* h0 = nullptr;    // N x K
-  const float* c0 = nullptr;    // N x K
-  float* hs = nullptr;          // rows x K
-  float* cs = nullptr;          // rows x K
-  float* gates = nullptr;       // rows x 4K
+  DType dtype = DType::f32;       // of x, w_ih, w_hh, h0, hs
+  const void* x = nullptr;        // rows x C
+  const void* w_ih = nullptr;     // C x 4K
+  const void* w_hh = nullptr;     // K x 4K
+  const float* bias = nullptr;    // 4K
+  const void* h0 = nullptr;       // N x K
+  const float* c0 = nullptr;      // N x K
+  void* hs = nullptr;             // rows x K
+  float* cs = nullptr;            // rows x K
+  float* gates = nullptr;         // rows x 4K
   Isa isa = Isa::ref;
 };
 
-// Backward through time from the forward's residuals and the cotangents of hs, c_T, h_T.
+// Backward through time from the forward's residuals and the cotangents of hs and c_T
+// (a cotangent of h_T is the caller's to add into d_hs's last step).
 struct LstmBackward {
   LstmShape shape;
-  const float *x = nullptr, *w_ih = nullptr, *w_hh = nullptr, *h0 = nullptr, *c0 = nullptr;
-  const float *hs = nullptr, *cs = nullptr, *gates = nullptr;
-  const float *d_hs = nullptr, *d_cT = nullptr, *d_hT = nullptr;  // rows x K, N x K, N x K
+  DType dtype = DType::f32;  // of x, w_ih, w_hh, h0, hs
+  const void *x = nullptr, *w_ih = nullptr, *w_hh = nullptr, *h0 = nullptr, *hs = nullptr;
+  const float *c0 = nullptr, *cs = nullptr, *gates = nullptr;
+  const float *d_hs = nullptr, *d_cT = nullptr;  // rows x K, N x K
   float *dx = nullptr, *dw_ih = nullptr, *dw_hh = nullptr, *dbias = nullptr;
   float *dh0 = nullptr, *dc0 = nullptr;
   Isa isa = Isa::ref;

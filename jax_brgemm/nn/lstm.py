@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _ext  # noqa: F401  (registers the FFI targets)
 from .._sharding import align_to_batch, batch_partitioned
-from .._checks import check_float32
+from .._checks import check_kernel_dtype
 
 __all__ = ["lstm"]
 
@@ -27,18 +27,36 @@ def lstm(x, w_ih, w_hh, bias, h0=None, c0=None, *, time_major=False):
     ``h' = sigmoid(z_o) * tanh(c')``.
 
     Args:
-      x: ``(N, T, C)`` float32, or ``(T, N, C)`` with ``time_major=True``.
-      w_ih: ``(C, 4K)``; w_hh: ``(K, 4K)``; bias: ``(4K,)`` (all float32).
-      h0, c0: optional ``(N, K)`` initial states (zeros when None).
+      x: ``(N, T, C)``, or ``(T, N, C)`` with ``time_major=True``; float32 or bfloat16. Its
+        dtype is the compute dtype.
+      w_ih: ``(C, 4K)``; w_hh: ``(K, 4K)``; bias: ``(4K,)``; float32 or bfloat16 each
+        (float32 params with bfloat16 x work like Flax's ``param_dtype`` / ``dtype``).
+      h0, c0: optional ``(N, K)`` initial states, float32 or bfloat16 (zeros when None).
 
-    Returns ``(hs, (c_T, h_T))``: hs ``(N, T, K)`` (``(T, N, K)`` if time-major), the final
-    cell and hidden states ``(N, K)``. Works under jit, grad (to every input) and vmap (extra
-    leading dims of x, h0, c0 fold into N; vmapped weights run one call per element).
-    Memory kept for backward: the activated gates and the cell state, 5K floats per step
-    and batch row, besides hs itself.
+    Returns ``(hs, (c_T, h_T))``: hs ``(N, T, K)`` (``(T, N, K)`` if time-major) in x's
+    dtype, the final cell state in c0's dtype (float32 when c0 is None) and the final hidden
+    state in h0's dtype (x's when h0 is None), so a carried state keeps its dtypes.
+
+    Precision in bfloat16 (x bfloat16): w_ih, w_hh and h0 are rounded to bfloat16 and every
+    product sums in float32. The bias, the gate pre-activations and activations, the cell
+    state c and the update of c and h are float32 throughout; h_t is rounded to bfloat16 once
+    per step, and that rounded value is both hs[t] and the next step's GEMM operand (Flax's
+    OptimizedLSTMCell with dtype=bfloat16 rounds h the same way at its next matmul, though
+    its returned h stays float32 with a float32 carry; it also rounds its two matmul
+    outputs, the bias add and the gates to bfloat16, which we do not). Backward: the
+    cotangents of hs and c_T arrive in their dtypes and are summed in float32; the gate
+    gradients are rounded to bfloat16 once before the products that consume them (the dh
+    recurrence, dx, dw_ih, dw_hh, dh0), dbias sums them unrounded; dc and dh are float32;
+    the weight gradients are float32 sums over every step and batch row. Each gradient is
+    rounded once, to its input's own dtype.
+
+    Works under jit, grad (to every input) and vmap (extra leading dims of x, h0, c0 fold
+    into N; vmapped weights run one call per element). Memory kept for backward: the
+    activated gates and the cell state, 5K float32 per step and batch row, besides hs.
     """
-    for name, value in (("x", x), ("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)):
-        check_float32(name, value)
+    dtype = check_kernel_dtype("x", x)
+    for name, value in (("w_ih", w_ih), ("w_hh", w_hh), ("bias", bias)):
+        check_kernel_dtype(name, value)
     x, w_ih, w_hh, bias = map(jnp.asarray, (x, w_ih, w_hh, bias))
     layout = "(T, N, C)" if time_major else "(N, T, C)"
     if x.ndim != 3:
@@ -57,20 +75,21 @@ def lstm(x, w_ih, w_hh, bias, h0=None, c0=None, *, time_major=False):
     if bias.shape != (4 * hidden,):
         raise ValueError(f"bias must have shape (4K,) = ({4 * hidden},), got {bias.shape}")
     states = []
-    for name, state in (("h0", h0), ("c0", c0)):
+    for name, state, default in (("h0", h0, dtype), ("c0", c0, jnp.float32)):
         if state is None:
-            state = jnp.zeros((batch, hidden), jnp.float32)
+            state = jnp.zeros((batch, hidden), default)
         else:
-            check_float32(name, state)
+            check_kernel_dtype(name, state)
             state = jnp.asarray(state)
             if state.shape != (batch, hidden):
                 raise ValueError(f"{name} must have shape (N, K) = {(batch, hidden)}, got {state.shape}")
         states.append(state)
+    h0, c0 = states
     time_major = bool(time_major)
-    x, w_ih, w_hh, bias, *states = align_to_batch((x, w_ih, w_hh, bias, *states),
-                                                  (int(time_major), None, None, None, 0, 0))
-    hs, c_last = _lstm(x, w_ih, w_hh, bias, *states, time_major)
-    return hs, (c_last, _last(hs, time_major))
+    x, w_ih, w_hh, bias, h0, c0 = align_to_batch((x, w_ih, w_hh, bias, h0, c0),
+                                                 (int(time_major), None, None, None, 0, 0))
+    hs, c_last = _lstm(x, w_ih, w_hh, bias, h0, c0, time_major)
+    return hs, (c_last.astype(c0.dtype), _last(hs, time_major).astype(h0.dtype))
 
 
 def _last(seq, time_major):
@@ -81,8 +100,11 @@ def _last(seq, time_major):
 
 
 def _forward_raw(x, w_ih, w_hh, bias, h0, c0, time_major):
+    """hs (x's dtype), cs and the activated gates (float32); w_ih, w_hh, h0 in x's dtype,
+    bias and c0 float32."""
     hidden = w_hh.shape[0]
-    out = [jax.ShapeDtypeStruct(x.shape[:2] + (w,), jnp.float32) for w in (hidden, hidden, 4 * hidden)]
+    out = [jax.ShapeDtypeStruct(x.shape[:2] + (w,), d)
+           for w, d in ((hidden, x.dtype), (hidden, jnp.float32), (4 * hidden, jnp.float32))]
     return tuple(jax.ffi.ffi_call("jax_brgemm_lstm_forward", out)(
         x, w_ih, w_hh, bias, h0, c0, time_major=np.int32(time_major)))
 
@@ -132,6 +154,8 @@ def _forward_call(time_major):
 
 
 def _backward_raw(x, w_ih, w_hh, h0, c0, hs, cs, gates, d_hs, d_cT, time_major):
+    """Every gradient in float32 (callers round once); x, w_ih, w_hh, h0, hs in the compute
+    dtype, the rest float32."""
     out = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, w_ih, w_hh)]
     out += [jax.ShapeDtypeStruct((w_ih.shape[1],), jnp.float32)]
     out += [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (h0, c0)]
@@ -167,20 +191,30 @@ def _backward_call(time_major):
 # ------------------------------------------------------------------ differentiation
 
 
+def _compute_operands(x, w_ih, w_hh, bias, h0, c0):
+    """The FFI's operands: weights and h0 in the compute dtype (x's), bias and c0 float32."""
+    ct = x.dtype
+    return x, w_ih.astype(ct), w_hh.astype(ct), bias.astype(jnp.float32), h0.astype(ct), c0.astype(jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _lstm(x, w_ih, w_hh, bias, h0, c0, time_major):
-    hs, cs, _ = _forward_call(time_major)(x, w_ih, w_hh, bias, h0, c0)
+    hs, cs, _ = _forward_call(time_major)(*_compute_operands(x, w_ih, w_hh, bias, h0, c0))
     return hs, _last(cs, time_major)
 
 
 def _lstm_fwd(x, w_ih, w_hh, bias, h0, c0, time_major):
-    hs, cs, gates = _forward_call(time_major)(x, w_ih, w_hh, bias, h0, c0)
-    return (hs, _last(cs, time_major)), (x, w_ih, w_hh, h0, c0, hs, cs, gates)
+    hs, cs, gates = _forward_call(time_major)(*_compute_operands(x, w_ih, w_hh, bias, h0, c0))
+    return (hs, _last(cs, time_major)), (x, w_ih, w_hh, bias, h0, c0, hs, cs, gates)
 
 
 def _lstm_bwd(time_major, res, cotangents):
+    x, w_ih, w_hh, bias, h0, c0, hs, cs, gates = res
     d_hs, d_cT = cotangents
-    return _backward_call(time_major)(*res, d_hs, d_cT)
+    x, w_ih_c, w_hh_c, _, h0_c, c0_c = _compute_operands(x, w_ih, w_hh, bias, h0, c0)
+    grads = _backward_call(time_major)(x, w_ih_c, w_hh_c, h0_c, c0_c, hs, cs, gates,
+                                       d_hs.astype(jnp.float32), d_cT.astype(jnp.float32))
+    return tuple(g.astype(a.dtype) for g, a in zip(grads, (x, w_ih, w_hh, bias, h0, c0)))
 
 
 _lstm.defvjp(_lstm_fwd, _lstm_bwd)
