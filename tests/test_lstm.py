@@ -365,3 +365,12 @@ def test_bf16_vmap_and_time_major_agree(rng):
         # order land a rounding on the other neighbour.
         for got in (out[0][b], np.swapaxes(tm[0], 0, 1)):
             np.testing.assert_allclose(np.float32(got), np.float32(expect[0]), rtol=0, atol=2.0 ** -8)
+
+
+def test_second_order_derivatives_are_a_clear_error(rng):
+    x = jnp.asarray(rng.standard_normal((2, 3, 4)), jnp.float32)
+    w_ih, w_hh, bias = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(4, 8), (2, 8), (8,)])
+    grad = jax.grad(lambda x: jnp.sum(lstm(x, w_ih, w_hh, bias)[0] ** 2))
+    assert grad(x).shape == x.shape  # first order works
+    with pytest.raises(NotImplementedError, match="lstm: second-order"):
+        jax.grad(lambda x: jnp.sum(grad(x)))(x)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _ext  # noqa: F401  (registers the FFI targets)
+from .._autodiff import first_order_only, without_derivative
 from .._sharding import align_to_batch, batch_partitioned
 from .._checks import check_kernel_dtype
 
@@ -204,10 +205,12 @@ def _lstm(x, w_ih, w_hh, bias, h0, c0, time_major):
 
 
 def _lstm_fwd(x, w_ih, w_hh, bias, h0, c0, time_major):
-    hs, cs, gates = _forward_call(time_major)(*_compute_operands(x, w_ih, w_hh, bias, h0, c0))
+    forward = without_derivative("jax_brgemm.nn.lstm", _forward_call(time_major))  # grad of grad: a clear error
+    hs, cs, gates = forward(*_compute_operands(x, w_ih, w_hh, bias, h0, c0))
     return (hs, _last(cs, time_major)), (x, w_ih, w_hh, bias, h0, c0, hs, cs, gates)
 
 
+@first_order_only("jax_brgemm.nn.lstm")
 def _lstm_bwd(time_major, res, cotangents):
     x, w_ih, w_hh, bias, h0, c0, hs, cs, gates = res
     d_hs, d_cT = cotangents
