@@ -18,7 +18,7 @@ _F32 = jnp.dtype(jnp.float32)
 _BF16 = jnp.dtype(jnp.bfloat16)
 
 # The compute dtypes each jax_brgemm.nn op takes; other computations run the stock Flax math.
-SERVED_DTYPES = {"dense": (_F32,), "conv": (_F32, _BF16), "lstm": (_F32,)}
+SERVED_DTYPES = {"dense": (_F32,), "conv": (_F32, _BF16), "lstm": (_F32, _BF16)}
 
 
 def activation_name(activation) -> str:
@@ -124,15 +124,19 @@ def conv(plan: ConvPlan, inputs, kernel, bias, feature_group_count, activation):
 
 def lstm(x, w_ih, w_hh, bias, c, h, *, time_major=False):
     """The LSTM over x ``(*batch, T, C)`` (``(T, *batch, C)`` when time-major) from the
-    carry ``(c, h)`` of shape ``(*batch, K)``; returns ``(hs, (c_T, h_T))`` shaped alike."""
+    carry ``(c, h)`` of shape ``(*batch, K)``; returns ``(hs, (c_T, h_T))`` shaped alike.
+    Like the stock cell, whose ``h' = o * tanh(c')`` promotes the gates' dtype with c's,
+    hs and h_T come back in ``promote_types(h, c)`` (float32 for a bfloat16 cell with a
+    float32 carry), c_T in c's dtype."""
     batch = x.shape[1:-1] if time_major else x.shape[:-2]
     steps, features, hidden = x.shape[0 if time_major else -2], x.shape[-1], w_hh.shape[0]
     n = math.prod(batch)
     x = x.reshape((steps, n, features) if time_major else (n, steps, features))
     hs, (c, h) = jb.nn.lstm(x, w_ih, w_hh, bias, h.reshape(n, hidden), c.reshape(n, hidden),
                             time_major=time_major)
-    hs = hs.reshape(((steps,) + batch if time_major else batch + (steps,)) + (hidden,))
-    return hs, (c.reshape(batch + (hidden,)), h.reshape(batch + (hidden,)))
+    out_dtype = jnp.promote_types(h.dtype, c.dtype)
+    hs = hs.astype(out_dtype).reshape(((steps,) + batch if time_major else batch + (steps,)) + (hidden,))
+    return hs, (c.reshape(batch + (hidden,)), h.astype(out_dtype).reshape(batch + (hidden,)))
 
 
 def lstm_step(x, w_ih, w_hh, bias, c, h):

@@ -94,7 +94,8 @@ class OptimizedLSTMCell(linen.OptimizedLSTMCell):
         c_side = jax.ShapeDtypeStruct(c.shape, jnp.promote_types(c.dtype, h_side[1].dtype))
         if not (_common.is_sigmoid(self.gate_fn) and _common.is_tanh(self.activation_fn)
                 and c.shape == h.shape == inputs.shape[:-1] + (hidden,)
-                and _common.served_dtype("lstm", *x_side, *h_side, c_side)):
+                and _common.served_dtype("lstm", *x_side, *h_side)
+                and _common.served_dtype("lstm", c_side)):  # the op takes c in either dtype
             return super().__call__(carry, inputs)
         w_ih, w_hh, bias = [], [], []
         for gate in "ifgo":  # the stock cell's parameters, in its order

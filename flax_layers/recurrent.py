@@ -35,8 +35,11 @@ def _kernel_weights(cell, x, carry, batch):
     h, w_hh, bias = dense_h.promote_dtype((h, dense_h.kernel[...], dense_h.bias[...]), dtype=dense_h.dtype)
     if c is not None:  # the stock cell's f * c promotes c to the gates' dtype
         c = c.astype(jnp.promote_types(c.dtype, w_hh.dtype))
+    # The op takes a cell state of either dtype beside its compute dtype.
+    if c is not None and _common.served_dtype("lstm", c) is None:
+        return None
     for layer in (dense_i, dense_h):
-        if _common.served_dtype("lstm", x, w_ih, w_hh, bias, c, h,
+        if _common.served_dtype("lstm", x, w_ih, w_hh, bias, h,
                                 preferred_element_type=layer.preferred_element_type) is None:
             return None
     return x, w_ih, w_hh, bias, c, h

@@ -261,6 +261,22 @@ def test_lstm_cell_stock_fallback(rng):
     assert_trees_close(ours(*args), stock(*args), tol=0)
 
 
+def test_lstm_cell_bfloat16(rng):
+    ours = fl.OptimizedLSTMCell(6, 36, dtype=jnp.bfloat16, rngs=nnx.Rngs(4))
+    stock = nnx.OptimizedLSTMCell(6, 36, dtype=jnp.bfloat16, rngs=nnx.Rngs(4))
+    args = carry(rng, 3, 36), normal(rng, 3, 6)
+    (c, h), _ = ours(*args)
+    assert c.dtype == h.dtype == jnp.float32  # as the stock cell with a float32 carry
+    check_bfloat16_against_stock(ours, stock, *args)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(return_carry=True, time_major=True)])
+def test_lstm_bfloat16(rng, kwargs):
+    ours = fl.LSTM(5, 40, dtype=jnp.bfloat16, rngs=nnx.Rngs(7), **kwargs)
+    stock = nnx.RNN(nnx.OptimizedLSTMCell(5, 40, dtype=jnp.bfloat16, rngs=nnx.Rngs(7)), **kwargs)
+    check_bfloat16_against_stock(ours, stock, normal(rng, 3, 6, 5))
+
+
 LSTM_CASES = [
     dict(),
     dict(reverse=True),
@@ -460,6 +476,17 @@ def test_linen_conv_bfloat16(rng):
     out, ref = ours.apply(v, x), stock.apply(v, x)
     assert out.dtype == ref.dtype == jnp.bfloat16
     assert rel_err(out.astype(jnp.float32), ref.astype(jnp.float32)) < 2.0 ** -7
+
+
+def test_linen_lstm_cell_bfloat16(rng):
+    args = carry(rng, 3, 33), normal(rng, 3, 5)
+    ours, stock = fll.OptimizedLSTMCell(33, dtype=jnp.bfloat16), nn.OptimizedLSTMCell(33, dtype=jnp.bfloat16)
+    v = stock.init(jax.random.key(0), *args)
+    assert len(ffi_targets(ours.apply, v, *args)) == 1
+    out, ref = ours.apply(v, *args), stock.apply(v, *args)
+    assert jax.tree.map(lambda a: a.dtype, out) == jax.tree.map(lambda a: a.dtype, ref)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+        assert rel_err(a.astype(jnp.float32), b.astype(jnp.float32)) < 2.0 ** -7
 
 
 def test_linen_lstm_cell(rng):
