@@ -182,9 +182,14 @@ std::string run_gemm(const GemmNest<T>& g, const Executor* executor) {
   if (std::string e = validate(probe); !e.empty()) return e;
   // Row blocks of about kRowTarget rows, a multiple of the register block where that
   // splits m evenly, else m split evenly (the kernel picks the register blocking per m).
+  // bfloat16's register blocks (6 rows of 64 columns) never split a power of two evenly:
+  // there the blocks are whole register blocks and the last one is short.
   const int64_t tile_rows = get_kernel(probe).rows_per_block;
   int64_t bm = tile_rows * std::max<int64_t>(1, kRowTarget / tile_rows);
-  if (g.m % bm != 0) bm = ceil_div(g.m, ceil_div(g.m, bm));
+  if (g.m % bm != 0) {
+    bm = ceil_div(g.m, ceil_div(g.m, bm));
+    if (!std::is_same_v<T, float>) bm = ceil_div(bm, tile_rows) * tile_rows;
+  }
 
   // Row groups of about kGroupRows rows keep an item's A block (group x chunk) in L2 while
   // the strips go by; smaller groups where there would be too few items for the threads.
