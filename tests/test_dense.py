@@ -359,3 +359,16 @@ def test_bf16_bad_dtypes():
         dense(x, w, jnp.ones((3,), jnp.float16))
     with pytest.raises(TypeError, match="x must be float32 or bfloat16, got float64"):
         dense(np.ones((4, 8)), w)
+
+
+def test_bf16_empty_reduction():
+    b = jnp.asarray([1.0, -2.0, 3.0], BF16)
+    x, w = jnp.zeros((5, 0), BF16), jnp.zeros((0, 3), F32)
+    y = dense(x, w, b, activation="relu")
+    assert y.dtype == BF16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.broadcast_to([1, 0, 3], (5, 3)))
+    loss = lambda x, w, b: jnp.sum(dense(x, w, b, activation="relu").astype(F32))
+    dx, dw, db = jax.grad(loss, (0, 1, 2))(x, w, b)
+    assert (dx.dtype, dw.dtype, db.dtype) == (BF16, F32, BF16)
+    np.testing.assert_array_equal(np.asarray(db, np.float32), [5, 0, 5])
+    assert dense(jnp.zeros((0, 4), BF16), jnp.ones((4, 3), F32)).dtype == BF16
