@@ -171,17 +171,21 @@ template <typename T>
 std::string run_gemm(const GemmNest<T>& g, const Executor* executor);
 
 // bfloat16: A rows a multiple of 4 KB apart all fall in the same L1 sets (8 KB for x of a
-// 4096-wide layer: ~8 % of the forward). Where several strips read A, it is copied once
-// with its rows 64 bytes further apart. (Float32 runs A as it is: tuned and measured so.)
+// 4096-wide layer: ~5-8 % of the forward). Where at least kPadStrips strips read A (so the
+// copy costs a few % at most), it is copied once with its rows 64 bytes further apart.
+// (Float32 runs A as it is: tuned and measured so.)
+constexpr int64_t kPadStrips = 16;
 template <typename T>
 bool pad_a(const GemmNest<T>& g) {
-  return !std::is_same_v<T, float> && (g.lda * int64_t{sizeof(T)}) % 4096 == 0 && g.n > kStripCols;
+  return !std::is_same_v<T, float> && (g.lda * int64_t{sizeof(T)}) % 4096 == 0 &&
+         g.n >= kPadStrips * kStripCols;
 }
 
 template <typename T>
 std::string run_padded(const GemmNest<T>& g, const Executor* executor) {
   GemmNest<T> h = g;
   h.lda = g.r + 64 / sizeof(T);
+  if (pad_a(h)) h.lda += 64 / sizeof(T);  // (r itself 64 bytes short of a 4 KB multiple)
   std::unique_ptr<T[]> a(new T[g.m * h.lda]);
   constexpr int64_t rows = 64;
   parallel_for(executor, ceil_div(g.m, rows), [&](int64_t b) {
