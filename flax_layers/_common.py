@@ -18,7 +18,7 @@ _F32 = jnp.dtype(jnp.float32)
 _BF16 = jnp.dtype(jnp.bfloat16)
 
 # The compute dtypes each jax_brgemm.nn op takes; other computations run the stock Flax math.
-SERVED_DTYPES = {"dense": (_F32,), "conv": (_F32, _BF16), "lstm": (_F32, _BF16)}
+SERVED_DTYPES = {"dense": (_F32, _BF16), "conv": (_F32, _BF16), "lstm": (_F32, _BF16)}
 
 
 def activation_name(activation) -> str:

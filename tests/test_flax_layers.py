@@ -145,9 +145,9 @@ def test_dense_float32_compute_from_bfloat16_params(rng, kw):
                         normal(rng, 3, 5))
 
 
-@pytest.mark.parametrize("kwargs", [dict(dtype=jnp.bfloat16),
+@pytest.mark.parametrize("kwargs", [dict(dtype=jnp.float16),
                                     dict(dot_general=lambda *a, **k: jax.lax.dot_general(*a, **k)),
-                                    dict(preferred_element_type=jnp.bfloat16, dtype=jnp.bfloat16)])
+                                    dict(preferred_element_type=jnp.float32, dtype=jnp.bfloat16)])
 def test_dense_stock_fallback(rng, kwargs):
     """What the kernel does not serve runs the stock computation: identical results."""
     ours, stock = fl.Dense(5, 4, rngs=nnx.Rngs(0), **kwargs), nnx.Linear(5, 4, rngs=nnx.Rngs(0), **kwargs)
@@ -157,9 +157,16 @@ def test_dense_stock_fallback(rng, kwargs):
     assert ours(x).dtype == stock(x).dtype
 
 
+@pytest.mark.parametrize("kwargs", [dict(dtype=jnp.bfloat16), dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)])
+def test_dense_bfloat16(rng, kwargs):
+    ours = fl.Dense(20, 40, rngs=nnx.Rngs(0), **kwargs)
+    stock = nnx.Linear(20, 40, rngs=nnx.Rngs(0), **kwargs)
+    check_bfloat16_against_stock(ours, stock, normal(rng, 7, 20))
+
+
 def test_dense_fallback_keeps_activation(rng):
-    ours = fl.Dense(5, 4, dtype=jnp.bfloat16, activation="relu", rngs=nnx.Rngs(0))
-    stock = nnx.Linear(5, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    ours = fl.Dense(5, 4, dtype=jnp.float16, activation="relu", rngs=nnx.Rngs(0))
+    stock = nnx.Linear(5, 4, dtype=jnp.float16, rngs=nnx.Rngs(0))
     x = normal(rng, 3, 5)
     np.testing.assert_array_equal(ours(x), nnx.relu(stock(x)))
 
@@ -495,7 +502,7 @@ def test_linen_lstm_cell(rng):
 
 
 @pytest.mark.parametrize("ours,stock,shape", [
-    (fll.Dense(4, dtype=jnp.bfloat16), nn.Dense(4, dtype=jnp.bfloat16), (2, 5)),
+    (fll.Dense(4, dtype=jnp.float16), nn.Dense(4, dtype=jnp.float16), (2, 5)),
     (fll.Conv(4, (3,)), nn.Conv(4, (3,)), (2, 6, 5)),
     (fll.Conv(4, (3, 3), input_dilation=2, padding=1), nn.Conv(4, (3, 3), input_dilation=2, padding=1),
      (2, 6, 6, 5)),

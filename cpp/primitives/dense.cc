@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace jbr::prim {
@@ -20,7 +21,7 @@ int64_t threads_of(const Executor* executor) {
 // the item's rows uses it, and each brgemm call reduces kReduceBlock-deep blocks.
 constexpr int64_t kStripCols = 64;
 constexpr int64_t kRowTarget = 64;
-constexpr int64_t kReduceChunk = 512;
+constexpr int64_t kReduceChunk = 512;  // float32; bfloat16 chunks hold the same bytes
 constexpr int64_t kReduceBlock = 64;
 constexpr int64_t kGroupRows = 256;
 // Plain B panels are copied contiguous when their rows lie at least kPackLdb floats apart
@@ -29,42 +30,69 @@ constexpr int64_t kGroupRows = 256;
 constexpr int64_t kPackLdb = 2048;
 constexpr int64_t kPackBlocks = 3;
 
-// One GEMM as a loop nest of brgemm calls:
-//   out[m x n] (ldo) = epilogue(A[m x r] (lda) @ B[r x n])
-// where B is either plain (b, ldb) or, with b_transposed, the transpose of b (n x r, ldb).
-// Work items are (column strip, row group); each walks the reduction in chunks, and packs
-// the strip's (chunk x strip) B panel into per-thread scratch just before its row blocks
-// use it: always when transposed, when plain only where enough rows share the copy.
-struct GemmNest {
-  int64_t m = 0, n = 0, r = 0;
-  const float* a = nullptr;
-  int64_t lda = 0;
-  const float* b = nullptr;
-  int64_t ldb = 0;
-  bool b_transposed = false;
-  float* out = nullptr;
-  int64_t ldo = 0;
-  const float* bias = nullptr;  // epilogue, on the last reduction chunk
-  Activation activation = Activation::none;
-  // When set: `out` gets the pre-activation (bias only in the epilogue) and act_out
-  // (ldo) gets activation(out), computed from the hot block.
-  float* act_out = nullptr;
-  // When set: each finished out block is also written transposed here (ld ldt), from cache.
-  float* out_t = nullptr;
-  int64_t ldt = 0;
-  Isa isa = Isa::ref;
-};
+// Elements are float (float32) or uint16_t (bfloat16 bit patterns); the loop nests are
+// templates on the inputs' type, instantiated through with_type.
+int64_t size_of(DType d) { return d == DType::bf16 ? 2 : 4; }
+template <typename T>
+constexpr DType dtype_of() { return std::is_same_v<T, float> ? DType::f32 : DType::bf16; }
+
+// f(T{}) with T the element type of `d`.
+template <typename F>
+auto with_type(DType d, F f) {
+  return d == DType::bf16 ? f(uint16_t{}) : f(float{});
+}
+
+// Conversions as plain C++ so that loops over rows vectorise; the rounding is the kernel
+// layer's round_to_bf16 (nearest even, NaN stays a quiet NaN).
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t h) {
+  const uint32_t bits = uint32_t{h} << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline void store(float v, float* dst) { *dst = v; }
+inline void store(float v, uint16_t* dst) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  *dst = static_cast<uint16_t>((bits & 0x7FFFFFFF) > 0x7F800000 ? (bits >> 16) | 0x40 : rounded);
+}
+
+// dst[0..size) = src[0..size), rounded to dst's dtype.
+void store_row(const float* __restrict src, void* __restrict dst, DType dtype, int64_t size) {
+  with_type(dtype, [&](auto zero) {
+    auto* d = static_cast<decltype(zero)*>(dst);
+    for (int64_t i = 0; i < size; ++i) store(src[i], d + i);
+    return 0;
+  });
+}
+
+// dst[0..size) = act(src[0..size)) in dst's dtype.
+void activate_row(Activation act, const float* src, void* dst, DType dtype, int64_t size, Isa isa) {
+  thread_local std::vector<float> row;
+  float* f = static_cast<float*>(dst);
+  if (dtype != DType::f32) row.resize(size), f = row.data();
+  std::memcpy(f, src, sizeof(float) * size);
+  apply_activation(act, f, size, isa);
+  if (dtype != DType::f32) store_row(f, dst, dtype, size);
+}
 
 // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (the kernel layer's
-// vectorised transpose).
+// vectorised transposes).
 void transpose_block(const float* __restrict src, int64_t lds, int64_t rows, int64_t cols,
                      float* __restrict dst, int64_t ldd) {
   transpose_f32(src, lds, rows, cols, dst, ldd, active_isa());
 }
+void transpose_block(const uint16_t* __restrict src, int64_t lds, int64_t rows, int64_t cols,
+                     uint16_t* __restrict dst, int64_t ldd) {
+  transpose_bf16(src, lds, rows, cols, dst, ldd, active_isa());
+}
 
 // dst (cols x rows, ldd) = src (rows x cols, lds)^T, in parallel over column slabs of src.
-void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
-               int64_t ldd, const Executor* executor) {
+template <typename T>
+void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, int64_t ldd,
+               const Executor* executor) {
   constexpr int64_t slab = 64;
   parallel_for(executor, ceil_div(cols, slab), [&](int64_t s) {
     const int64_t j0 = s * slab;
@@ -72,44 +100,126 @@ void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float*
   });
 }
 
-// A (rows x depth, lda) @ B (depth x cols, ldb) into out (ldo), as full kReduceBlock-deep
-// blocks in one batch-reduce call plus a tail call. first: overwrite out (beta 0), else
-// accumulate; last: apply the epilogue (bias: this block's columns).
-void reduce_into(const GemmNest& g, const float* a, const float* b, int64_t ldb, int64_t rows,
-                 int64_t cols, int64_t depth, float* out, const float* bias, bool first,
-                 bool last) {
+// A float32 block (rows x cols, lds) transposed into dst (ldd) of dtype `dtype`.
+void transpose_out(const float* src, int64_t lds, int64_t rows, int64_t cols, void* dst,
+                   DType dtype, int64_t ldd) {
+  if (dtype == DType::f32) return transpose_block(src, lds, rows, cols, static_cast<float*>(dst), ldd);
+  thread_local std::vector<uint16_t> tile;
+  tile.resize(rows * cols);
+  for (int64_t i = 0; i < rows; ++i) store_row(src + i * lds, tile.data() + i * cols, dtype, cols);
+  transpose_block(tile.data(), cols, rows, cols, static_cast<uint16_t*>(dst), ldd);
+}
+
+// One GEMM as a loop nest of brgemm calls:
+//   out[m x n] (ldo) = epilogue(A[m x r] (lda) @ B[r x n])
+// where B is either plain (b, ldb) or, with b_transposed, the transpose of b (n x r, ldb).
+// Work items are (column strip, row group); each walks the reduction in chunks, and packs
+// the strip's (chunk x strip) B panel into per-thread scratch just before its row blocks
+// use it: always when transposed, when plain only where enough rows share the copy.
+// A and B have element type T; out is float32 or bfloat16 (out_dtype).
+template <typename T>
+struct GemmNest {
+  int64_t m = 0, n = 0, r = 0;
+  const T* a = nullptr;
+  int64_t lda = 0;
+  const T* b = nullptr;
+  int64_t ldb = 0;
+  bool b_transposed = false;
+  void* out = nullptr;
+  DType out_dtype = DType::f32;
+  int64_t ldo = 0;
+  const float* bias = nullptr;  // epilogue, on the last reduction chunk
+  Activation activation = Activation::none;
+  // When set (out must then be float32): `out` gets the pre-activation (bias only in the
+  // epilogue) and act_out (ldo) gets activation(out), computed from the hot block.
+  void* act_out = nullptr;
+  // When set (out float32): each finished out block is also written transposed here (ld
+  // ldt), from cache.
+  void* out_t = nullptr;
+  int64_t ldt = 0;
+  DType side_dtype = DType::f32;  // of act_out and out_t
+  Isa isa = Isa::ref;
+};
+
+// A (rows x depth, lda) @ B (depth x cols, ldb) into c (ldc, c_dtype), as full
+// kReduceBlock-deep blocks in one batch-reduce call plus a tail call. first: overwrite c
+// (beta 0), else accumulate; last: apply the epilogue (bias: this block's columns).
+template <typename T>
+void reduce_into(const GemmNest<T>& g, const T* a, const T* b, int64_t ldb, int64_t rows,
+                 int64_t cols, int64_t depth, void* c, int64_t ldc, DType c_dtype,
+                 const float* bias, bool first, bool last) {
   const int64_t kb = std::min(kReduceBlock, depth);
   const int64_t full = depth / kb, tail = depth - full * kb;
   Desc d;
-  d.m = rows, d.n = cols, d.lda = g.lda, d.ldb = ldb, d.ldc = g.ldo, d.isa = g.isa;
+  d.m = rows, d.n = cols, d.lda = g.lda, d.ldb = ldb, d.ldc = ldc, d.isa = g.isa;
+  d.a_dtype = d.b_dtype = dtype_of<T>(), d.c_dtype = c_dtype;
   const Activation epilogue_act = g.act_out ? Activation::none : g.activation;
-  auto call = [&](const float* ab, const float* bb, int64_t k, int64_t count, bool beta0,
+  auto call = [&](const T* ab, const T* bb, int64_t k, int64_t count, bool beta0,
                   bool epilogue) {
     d.k = k;
     d.beta = beta0 ? 0.0f : 1.0f;
     d.has_bias = epilogue && bias != nullptr;
     d.activation = epilogue ? epilogue_act : Activation::none;
-    get_kernel(d)(Batch::strided(ab, k, bb, k * ldb, count), out, 1.0f,
+    get_kernel(d)(Batch::strided(ab, k, bb, k * ldb, count), c, 1.0f,
                   d.has_bias ? bias : nullptr);
   };
   call(a, b, kb, full, first, last && tail == 0);
   if (tail > 0) call(a + full * kb, b + full * kb * ldb, tail, 1, false, last);
 }
 
-std::string run_gemm(const GemmNest& g, const Executor* executor) {
+template <typename T>
+std::string run_gemm(const GemmNest<T>& g, const Executor* executor);
+
+// bfloat16: A rows a multiple of 4 KB apart all fall in the same L1 sets (8 KB for x of a
+// 4096-wide layer: ~5-8 % of the forward). Where at least kPadStrips strips read A (so the
+// copy costs a few % at most), it is copied once with its rows 64 bytes further apart.
+// (Float32 runs A as it is: tuned and measured so.)
+constexpr int64_t kPadStrips = 16;
+template <typename T>
+bool pad_a(const GemmNest<T>& g) {
+  return !std::is_same_v<T, float> && (g.lda * int64_t{sizeof(T)}) % 4096 == 0 &&
+         g.n >= kPadStrips * kStripCols;
+}
+
+template <typename T>
+std::string run_padded(const GemmNest<T>& g, const Executor* executor) {
+  GemmNest<T> h = g;
+  h.lda = g.r + 64 / sizeof(T);
+  if (pad_a(h)) h.lda += 64 / sizeof(T);  // (r itself 64 bytes short of a 4 KB multiple)
+  std::unique_ptr<T[]> a(new T[g.m * h.lda]);
+  constexpr int64_t rows = 64;
+  parallel_for(executor, ceil_div(g.m, rows), [&](int64_t b) {
+    for (int64_t i = b * rows; i < std::min(g.m, (b + 1) * rows); ++i)
+      std::memcpy(a.get() + i * h.lda, g.a + i * g.lda, sizeof(T) * g.r);
+  });
+  h.a = a.get();
+  return run_gemm(h, executor);
+}
+
+template <typename T>
+std::string run_gemm(const GemmNest<T>& g, const Executor* executor) {
   if (g.m == 0 || g.n == 0) return "";
+  if (pad_a(g)) return run_padded(g, executor);
+  if (g.out_dtype != DType::f32 && (g.act_out || g.out_t))
+    return "dense: an output with side outputs must be float32";
   // Validate the shapes the nest will ask for (they differ only in m, n, k, beta, epilogue).
   Desc probe;
   probe.m = std::min(g.m, kRowTarget), probe.n = std::min(g.n, kStripCols);
   probe.k = std::min(g.r, kReduceBlock);
   probe.lda = g.lda, probe.ldb = g.b_transposed ? probe.n : g.ldb, probe.ldc = g.ldo;
+  probe.a_dtype = probe.b_dtype = dtype_of<T>(), probe.c_dtype = g.out_dtype;
   probe.isa = g.isa;
   if (std::string e = validate(probe); !e.empty()) return e;
   // Row blocks of about kRowTarget rows, a multiple of the register block where that
   // splits m evenly, else m split evenly (the kernel picks the register blocking per m).
+  // bfloat16's register blocks (6 rows of 64 columns) never split a power of two evenly:
+  // there the blocks are whole register blocks and the last one is short.
   const int64_t tile_rows = get_kernel(probe).rows_per_block;
   int64_t bm = tile_rows * std::max<int64_t>(1, kRowTarget / tile_rows);
-  if (g.m % bm != 0) bm = ceil_div(g.m, ceil_div(g.m, bm));
+  if (g.m % bm != 0) {
+    bm = ceil_div(g.m, ceil_div(g.m, bm));
+    if (!std::is_same_v<T, float>) bm = ceil_div(bm, tile_rows) * tile_rows;
+  }
 
   // Row groups of about kGroupRows rows keep an item's A block (group x chunk) in L2 while
   // the strips go by; smaller groups where there would be too few items for the threads.
@@ -123,90 +233,211 @@ std::string run_gemm(const GemmNest& g, const Executor* executor) {
   const int64_t groups = ceil_div(row_blocks, group_blocks);
   group_blocks = ceil_div(row_blocks, groups);  // balanced: no runt group at the end
   const int64_t group_rows = group_blocks * bm;
-  const int64_t chunk = std::min(g.r, kReduceChunk);
+  const int64_t chunk = std::min<int64_t>(g.r, kReduceChunk * sizeof(float) / sizeof(T));
   const bool pack = g.b_transposed || (g.ldb >= kPackLdb && group_blocks >= kPackBlocks);
+  // A bfloat16 out block that takes several kernel calls (several chunks, or a tail block)
+  // is summed in float32 scratch and rounded into out once, after the last.
+  const bool accumulate = g.out_dtype != DType::f32 &&
+                          (g.r > chunk || (g.r > kReduceBlock && g.r % kReduceBlock != 0));
+  const int64_t out_size = size_of(g.out_dtype), side_size = size_of(g.side_dtype);
 
   // Strips vary fastest, so items running at the same time share their A block.
   parallel_for(executor, strips * groups, [&](int64_t item) {
     const int64_t strip = item % strips, group = item / strips;
     const int64_t col0 = strip * kStripCols, cols = std::min(kStripCols, g.n - col0);
     const int64_t row_begin = group * group_rows, row_end = std::min(g.m, row_begin + group_rows);
-    thread_local std::vector<float> panel;
+    thread_local std::vector<T> panel;
+    thread_local std::vector<float> sums;
     if (pack && panel.size() < static_cast<size_t>(chunk * cols))
       panel.resize(chunk * cols);
+    if (accumulate && sums.size() < static_cast<size_t>(group_rows * cols))
+      sums.resize(group_rows * cols);
     for (int64_t r0 = 0; r0 < g.r; r0 += chunk) {
       const int64_t depth = std::min(chunk, g.r - r0);
-      const float* b = g.b + r0 * g.ldb + col0;
+      const T* b = g.b + r0 * g.ldb + col0;
       int64_t ldb = g.ldb;
       if (g.b_transposed) {
         transpose_block(g.b + col0 * g.ldb + r0, g.ldb, cols, depth, panel.data(), cols);
         b = panel.data(), ldb = cols;
       } else if (pack) {
         for (int64_t i = 0; i < depth; ++i)
-          std::memcpy(panel.data() + i * cols, b + i * g.ldb, sizeof(float) * cols);
+          std::memcpy(panel.data() + i * cols, b + i * g.ldb, sizeof(T) * cols);
         b = panel.data(), ldb = cols;
       }
       const bool first = r0 == 0, last = r0 + depth == g.r;
       for (int64_t row0 = row_begin; row0 < row_end; row0 += bm) {
         const int64_t rows = std::min(bm, row_end - row0);
-        float* out = g.out + row0 * g.ldo + col0;
-        reduce_into(g, g.a + row0 * g.lda + r0, b, ldb, rows, cols, depth, out,
-                    g.bias ? g.bias + col0 : nullptr, first, last);
-        if (last && g.act_out) {
-          for (int64_t i = 0; i < rows; ++i) {
-            float* dst = g.act_out + (row0 + i) * g.ldo + col0;
-            std::memcpy(dst, out + i * g.ldo, sizeof(float) * cols);
-            apply_activation(g.activation, dst, cols, g.isa);
-          }
-        }
-        if (last && g.out_t)
-          transpose_block(out, g.ldo, rows, cols, g.out_t + col0 * g.ldt + row0, g.ldt);
+        char* out = static_cast<char*>(g.out) + (row0 * g.ldo + col0) * out_size;
+        void* c = out;
+        int64_t ldc = g.ldo;
+        if (accumulate) c = sums.data() + (row0 - row_begin) * cols, ldc = cols;
+        reduce_into(g, g.a + row0 * g.lda + r0, b, ldb, rows, cols, depth, c, ldc,
+                    accumulate ? DType::f32 : g.out_dtype, g.bias ? g.bias + col0 : nullptr,
+                    first, last);
+        if (!last) continue;
+        const float* block = static_cast<const float*>(c);  // float32 from here on
+        if (accumulate)
+          for (int64_t i = 0; i < rows; ++i)
+            store_row(block + i * ldc, out + i * g.ldo * out_size, g.out_dtype, cols);
+        if (g.act_out)
+          for (int64_t i = 0; i < rows; ++i)
+            activate_row(g.activation, block + i * ldc,
+                         static_cast<char*>(g.act_out) + ((row0 + i) * g.ldo + col0) * side_size,
+                         g.side_dtype, cols, g.isa);
+        if (g.out_t)
+          transpose_out(block, ldc, rows, cols,
+                        static_cast<char*>(g.out_t) + (col0 * g.ldt + row0) * side_size,
+                        g.side_dtype, g.ldt);
       }
     }
   });
   return "";
 }
 
-// Fills out (n x k) with bias (or zeros) then the activation: the forward of c == 0.
+// Fills y (n x k) with act(bias or 0) (and preact with bias or 0): the forward of c == 0.
 void bias_only(const DenseForward& p) {
+  std::vector<float> row(p.k);
+  for (int64_t j = 0; j < p.k; ++j) row[j] = p.bias ? p.bias[j] : 0.0f;
   for (int64_t i = 0; i < p.n; ++i) {
-    float* row = p.y + i * p.k;
-    for (int64_t j = 0; j < p.k; ++j) row[j] = p.bias ? p.bias[j] : 0.0f;
-    if (p.preact) std::memcpy(p.preact + i * p.k, row, sizeof(float) * p.k);
-    apply_activation(p.activation, row, p.k, p.isa);
+    if (p.preact) std::memcpy(p.preact + i * p.k, row.data(), sizeof(float) * p.k);
+    activate_row(p.activation, row.data(), static_cast<char*>(p.y) + i * p.k * size_of(p.out),
+                 p.out, p.k, p.isa);
   }
 }
 
-// d act(z) / dz * dy, from y (relu, sigmoid, tanh) or z (gelu, tanh form).
-void activation_grad(Activation act, const float* __restrict dy,
-                     const float* __restrict saved, float* __restrict dz, int64_t size) {
+// d act(z) / dz * dy in float32, from y (relu, sigmoid, tanh) or z (gelu, tanh form);
+// dy and saved are float or uint16_t (bfloat16).
+template <typename G, typename S>
+void activation_grad(Activation act, const G* __restrict dy, const S* __restrict saved,
+                     float* __restrict dz, int64_t size) {
   switch (act) {
-    case Activation::none: std::memcpy(dz, dy, sizeof(float) * size); return;
+    case Activation::none:
+      for (int64_t i = 0; i < size; ++i) dz[i] = to_float(dy[i]);
+      return;
     case Activation::relu:  // select by bit mask: vectorises, and a branch would mispredict
       for (int64_t i = 0; i < size; ++i) {
+        const float g = to_float(dy[i]);
         uint32_t bits;
-        std::memcpy(&bits, dy + i, sizeof bits);
-        bits &= 0u - static_cast<uint32_t>(saved[i] > 0.0f);
+        std::memcpy(&bits, &g, sizeof bits);
+        bits &= 0u - static_cast<uint32_t>(to_float(saved[i]) > 0.0f);
         std::memcpy(dz + i, &bits, sizeof bits);
       }
       return;
     case Activation::sigmoid:
-      for (int64_t i = 0; i < size; ++i) dz[i] = dy[i] * saved[i] * (1.0f - saved[i]);
+      for (int64_t i = 0; i < size; ++i) {
+        const float s = to_float(saved[i]);
+        dz[i] = to_float(dy[i]) * s * (1.0f - s);
+      }
       return;
     case Activation::tanh:
-      for (int64_t i = 0; i < size; ++i) dz[i] = dy[i] * (1.0f - saved[i] * saved[i]);
+      for (int64_t i = 0; i < size; ++i) {
+        const float t = to_float(saved[i]);
+        dz[i] = to_float(dy[i]) * (1.0f - t * t);
+      }
       return;
     case Activation::gelu:
       for (int64_t i = 0; i < size; ++i) {
         // gelu(z) = 0.5 z (1 + tanh(u)), u = s (z + 0.044715 z^3)
         constexpr float s = 0.7978845608028654f, a = 0.044715f;
-        const float z = saved[i];
+        const float z = to_float(saved[i]);
         const float t = std::tanh(s * (z + a * z * z * z));
         const float du = s * (1.0f + 3.0f * a * z * z);
-        dz[i] = dy[i] * (0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du);
+        dz[i] = to_float(dy[i]) * (0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du);
       }
       return;
   }
+}
+
+template <typename T>
+std::string forward(const DenseForward& p, const Executor* executor) {
+  GemmNest<T> g;
+  g.m = p.n, g.n = p.k, g.r = p.c;
+  g.a = static_cast<const T*>(p.x), g.lda = p.c;
+  g.b = static_cast<const T*>(p.w), g.ldb = p.k;
+  g.bias = p.bias, g.activation = p.activation, g.isa = p.isa;
+  g.ldo = p.k;
+  if (p.preact) {
+    g.out = p.preact, g.act_out = p.y, g.side_dtype = p.out;
+  } else {
+    g.out = p.y, g.out_dtype = p.out;
+  }
+  return run_gemm(g, executor);
+}
+
+template <typename T>
+std::string backward(const DenseBackward& p, const Executor* executor) {
+  const int64_t n = p.n, c = p.c, k = p.k;
+  const T* dy = static_cast<const T*>(p.dy);
+  // dz = dy * act'(...) (in float32, then rounded to T), and dbias = the column sums of the
+  // float32 dz, in one pass over column slabs.
+  std::unique_ptr<T[]> dz_store;
+  const T* dz = dy;
+  if (p.activation != Activation::none) dz_store.reset(new T[n * k]), dz = dz_store.get();
+  if (p.activation != Activation::none || p.dbias) {
+    constexpr int64_t slab = 256;
+    parallel_for(executor, ceil_div(k, slab), [&](int64_t s) {
+      const int64_t j0 = s * slab, cols = std::min(slab, k - j0);
+      float sums[slab] = {};
+      thread_local std::vector<float> scratch;  // a float32 row of dz, where T is not float
+      scratch.resize(slab);
+      for (int64_t i = 0; i < n; ++i) {
+        if (p.activation == Activation::none) {
+          for (int64_t j = 0; j < cols; ++j) sums[j] += to_float(dy[i * k + j0 + j]);
+          continue;
+        }
+        T* dz_row = dz_store.get() + i * k + j0;
+        float* row = scratch.data();
+        if constexpr (std::is_same_v<T, float>) row = dz_row;
+        with_type(p.saved_dtype, [&](auto zero) {
+          using S = decltype(zero);
+          activation_grad(p.activation, dy + i * k + j0, static_cast<const S*>(p.saved) + i * k + j0,
+                          row, cols);
+          return 0;
+        });
+        if constexpr (!std::is_same_v<T, float>) store_row(row, dz_row, dtype_of<T>(), cols);
+        for (int64_t j = 0; j < cols; ++j) sums[j] += row[j];
+      }
+      if (p.dbias) store_row(sums, static_cast<char*>(p.dbias) + j0 * size_of(p.dbias_dtype), p.dbias_dtype, cols);
+    });
+  }
+
+  if (p.dx && c > 0) {
+    const T* w = static_cast<const T*>(p.w);
+    if (2 * n * (c + k) < c * k) {
+      // Few rows: transposing dz and the result (n (c + k) elements) is cheaper than w
+      // (c k): dx^T (c x n, float32) = w (c x k, as it is) @ dz^T, each finished block of
+      // it transposed into dx while hot.
+      std::unique_ptr<T[]> dzt(new T[k * n]);
+      std::unique_ptr<float[]> dxt(new float[c * n]);
+      transpose(dz, k, n, k, dzt.get(), n, executor);
+      GemmNest<T> g;
+      g.m = c, g.n = n, g.r = k;
+      g.a = w, g.lda = k;
+      g.b = dzt.get(), g.ldb = n;
+      g.out = dxt.get(), g.ldo = n, g.isa = p.isa;
+      g.out_t = p.dx, g.ldt = c, g.side_dtype = p.dx_dtype;
+      if (std::string e = run_gemm(g, executor); !e.empty()) return e;
+    } else {
+      // dx (n x c) = dz (n x k) @ w^T, each w^T panel packed just before its use.
+      GemmNest<T> g;
+      g.m = n, g.n = c, g.r = k;
+      g.a = dz, g.lda = k;
+      g.b = w, g.ldb = k, g.b_transposed = true;
+      g.out = p.dx, g.out_dtype = p.dx_dtype, g.ldo = c, g.isa = p.isa;
+      if (std::string e = run_gemm(g, executor); !e.empty()) return e;
+    }
+  }
+  if (p.dw && c > 0) {  // weight-update: dw (c x k) = x^T (c x n, packed once) @ dz
+    std::unique_ptr<T[]> xt(new T[c * n]);  // not zeroed: fully written
+    transpose(static_cast<const T*>(p.x), c, n, c, xt.get(), n, executor);
+    GemmNest<T> g;
+    g.m = c, g.n = k, g.r = n;
+    g.a = xt.get(), g.lda = n;
+    g.b = dz, g.ldb = k;
+    g.out = p.dw, g.out_dtype = p.dw_dtype, g.ldo = k, g.isa = p.isa;
+    if (std::string e = run_gemm(g, executor); !e.empty()) return e;
+  }
+  return "";
 }
 
 }  // namespace
@@ -214,83 +445,16 @@ void activation_grad(Activation act, const float* __restrict dy,
 std::string dense_forward(const DenseForward& p, const Executor* executor) {
   if (p.n == 0 || p.k == 0) return "";
   if (p.c == 0) return bias_only(p), "";
-  GemmNest g;
-  g.m = p.n, g.n = p.k, g.r = p.c;
-  g.a = p.x, g.lda = p.c;
-  g.b = p.w, g.ldb = p.k;
-  g.bias = p.bias, g.activation = p.activation, g.isa = p.isa;
-  g.ldo = p.k;
-  if (p.preact) {
-    g.out = p.preact, g.act_out = p.y;
-  } else {
-    g.out = p.y;
-  }
-  return run_gemm(g, executor);
+  return with_type(p.in, [&](auto zero) { return forward<decltype(zero)>(p, executor); });
 }
 
 std::string dense_backward(const DenseBackward& p, const Executor* executor) {
   const int64_t n = p.n, c = p.c, k = p.k;
-  if (p.dx && n * c > 0 && k == 0) std::memset(p.dx, 0, sizeof(float) * n * c);
-  if (p.dw && c * k > 0 && n == 0) std::memset(p.dw, 0, sizeof(float) * c * k);
-  if (p.dbias && k > 0 && n == 0) std::memset(p.dbias, 0, sizeof(float) * k);
+  if (p.dx && n * c > 0 && k == 0) std::memset(p.dx, 0, size_of(p.dx_dtype) * n * c);
+  if (p.dw && c * k > 0 && n == 0) std::memset(p.dw, 0, size_of(p.dw_dtype) * c * k);
+  if (p.dbias && k > 0 && n == 0) std::memset(p.dbias, 0, size_of(p.dbias_dtype) * k);
   if (n == 0 || k == 0) return "";
-
-  // dz = dy * act'(...), and dbias = its column sums, in one pass over column slabs.
-  std::unique_ptr<float[]> dz_store;
-  const float* dz = p.dy;
-  if (p.activation != Activation::none) dz_store.reset(new float[n * k]), dz = dz_store.get();
-  if (p.activation != Activation::none || p.dbias) {
-    constexpr int64_t slab = 256;
-    parallel_for(executor, ceil_div(k, slab), [&](int64_t s) {
-      const int64_t j0 = s * slab, cols = std::min(slab, k - j0);
-      float sums[slab] = {};
-      for (int64_t i = 0; i < n; ++i) {
-        const float* row = dz + i * k + j0;
-        if (p.activation != Activation::none) {
-          activation_grad(p.activation, p.dy + i * k + j0, p.saved + i * k + j0,
-                          dz_store.get() + i * k + j0, cols);
-        }
-        for (int64_t j = 0; j < cols; ++j) sums[j] += row[j];
-      }
-      if (p.dbias) std::memcpy(p.dbias + j0, sums, sizeof(float) * cols);
-    });
-  }
-
-  if (p.dx && c > 0) {
-    if (2 * n * (c + k) < c * k) {
-      // Few rows: transposing dz and the result (n (c + k) elements) is cheaper than w
-      // (c k): dx^T (c x n) = w (c x k, as it is) @ dz^T, each finished block of it
-      // transposed into dx while hot.
-      std::unique_ptr<float[]> dzt(new float[k * n]), dxt(new float[c * n]);
-      transpose(dz, k, n, k, dzt.get(), n, executor);
-      GemmNest g;
-      g.m = c, g.n = n, g.r = k;
-      g.a = p.w, g.lda = k;
-      g.b = dzt.get(), g.ldb = n;
-      g.out = dxt.get(), g.ldo = n, g.isa = p.isa;
-      g.out_t = p.dx, g.ldt = c;
-      if (std::string e = run_gemm(g, executor); !e.empty()) return e;
-    } else {
-      // dx (n x c) = dz (n x k) @ w^T, each w^T panel packed just before its use.
-      GemmNest g;
-      g.m = n, g.n = c, g.r = k;
-      g.a = dz, g.lda = k;
-      g.b = p.w, g.ldb = k, g.b_transposed = true;
-      g.out = p.dx, g.ldo = c, g.isa = p.isa;
-      if (std::string e = run_gemm(g, executor); !e.empty()) return e;
-    }
-  }
-  if (p.dw && c > 0) {  // weight-update: dw (c x k) = x^T (c x n, packed once) @ dz
-    std::unique_ptr<float[]> xt(new float[c * n]);  // not zeroed: fully written
-    transpose(p.x, c, n, c, xt.get(), n, executor);
-    GemmNest g;
-    g.m = c, g.n = k, g.r = n;
-    g.a = xt.get(), g.lda = n;
-    g.b = dz, g.ldb = k;
-    g.out = p.dw, g.ldo = k, g.isa = p.isa;
-    if (std::string e = run_gemm(g, executor); !e.empty()) return e;
-  }
-  return "";
+  return with_type(p.in, [&](auto zero) { return backward<decltype(zero)>(p, executor); });
 }
 
 }  // namespace jbr::prim

@@ -7,6 +7,12 @@
 //
 // Blocks of the plain arrays are addressed through leading dimensions; only operands the
 // kernel needs transposed (w^T panels, x^T) are packed, into per-call scratch.
+//
+// Element types: the inputs of a pass (x, w, dy) share one dtype, float32 or bfloat16
+// (uint16_t bit patterns); every sum is float32 (the kernel's accumulators, and float32
+// scratch where a block takes several kernel calls) and each output is rounded to its own
+// dtype once. bias and the pre-activation are float32; the activation's derivative is
+// computed in float32 and dz rounded to the input dtype for the two products.
 #pragma once
 
 #include <cstdint>
@@ -19,10 +25,12 @@ namespace jbr::prim {
 
 struct DenseForward {
   int64_t n = 0, c = 0, k = 0;  // minibatch rows, input features, output features
-  const float* x = nullptr;     // (n, c)
-  const float* w = nullptr;     // (c, k)
+  DType in = DType::f32;        // x and w
+  const void* x = nullptr;      // (n, c)
+  const void* w = nullptr;      // (c, k)
   const float* bias = nullptr;  // (k,) or null
-  float* y = nullptr;           // (n, k)
+  DType out = DType::f32;       // y
+  void* y = nullptr;            // (n, k)
   // Optional (n, k): when set, receives the pre-activation x @ w + bias (gelu's backward
   // needs it) and y = act(preact) is written from the hot block.
   float* preact = nullptr;
@@ -32,17 +40,20 @@ struct DenseForward {
 
 struct DenseBackward {
   int64_t n = 0, c = 0, k = 0;
-  const float* dy = nullptr;     // (n, k) gradient of the layer's output
-  const float* x = nullptr;      // (n, c)  (needed for dw)
-  const float* w = nullptr;      // (c, k)  (needed for dx)
+  DType in = DType::f32;         // dy, x and w
+  const void* dy = nullptr;      // (n, k) gradient of the layer's output
+  const void* x = nullptr;       // (n, c)  (needed for dw)
+  const void* w = nullptr;       // (c, k)  (needed for dx)
   // What the activation's derivative is computed from: the output y for relu, sigmoid
   // and tanh, the pre-activation for gelu; unused (may be null) for no activation.
-  const float* saved = nullptr;  // (n, k)
+  DType saved_dtype = DType::f32;
+  const void* saved = nullptr;   // (n, k)
   Activation activation = Activation::none;
   Isa isa = Isa::ref;
-  float* dx = nullptr;     // (n, c) or null: skip backward-data
-  float* dw = nullptr;     // (c, k) or null: skip weight-update
-  float* dbias = nullptr;  // (k,) or null
+  DType dx_dtype = DType::f32, dw_dtype = DType::f32, dbias_dtype = DType::f32;
+  void* dx = nullptr;     // (n, c) or null: skip backward-data
+  void* dw = nullptr;     // (c, k) or null: skip weight-update
+  void* dbias = nullptr;  // (k,) or null
 };
 
 // Empty on success, else a message naming what could not be run.

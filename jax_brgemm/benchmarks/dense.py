@@ -1,11 +1,15 @@
-"""Dense layer and MLP benchmark: ``python -m jax_brgemm bench dense [--json] [--quick]``.
+"""Dense layer and MLP benchmark:
+``python -m jax_brgemm bench dense [--json] [--quick] [--dtype float32|bfloat16|all]``.
 
 Per shape and pass (forward, backward-data, weight-update, and the whole forward+backward of
-a loss that depends on the output), float32, relu, side by side in one run:
+a loss that depends on the output), relu, side by side in one run, in float32 (default)
+and/or bfloat16 (x, kernel, bias and dy all bfloat16 for every implementation; %peak then of
+the measured bfloat16 dot-product loop):
   ours:  jax_brgemm.nn.dense (the passes are its FFI calls, as its custom_vjp makes them)
   xla:   relu(x @ w + b) in jnp under jit, and the matching jnp backward expressions
   torch: nn.functional.linear + relu (oneDNN), and the matmuls its autograd runs
-Then a 4-layer MLP (1024 wide, batch 256) optax training step, ours vs plain jnp (vs torch).
+Then a 4-layer MLP (1024 wide, batch 256) optax training step, ours vs plain jnp (vs torch);
+in bfloat16 as mixed precision: float32 params, bfloat16 activations (torch: autocast).
 Timings are medians over interleaved rounds, so a noisy shared machine hits every column.
 """
 
@@ -23,8 +27,9 @@ import optax
 
 from ..nn import mlp, mlp_init
 from ..nn.dense import _backward_call, _forward_call, dense
-from .common import (gflops, machine_peak_gflops, median_seconds,
+from .common import (gflops, machine_peak_gflops, median_seconds, num_cores,
                      print_records, torch_module)
+from .kernel import machine_core_peak
 
 BATCHES = (64, 256, 1024)
 FEATURES = ((1024, 1024), (2048, 512), (512, 1024), (4096, 4096))
@@ -55,18 +60,21 @@ def _cpu_seconds(fn, repeats=3, min_seconds=0.03):
     return statistics.median(samples)
 
 
-def _cpu_core_peak() -> float:
-    """The packaged FMA loop's single-core GFLOP/s, rescaled from its wall time to the CPU
-    time it got (best of 3), to match --cpu-time measurements."""
+def _cpu_core_peak(dtype="float32") -> float:
+    """The packaged FMA loop's single-core GFLOP/s (for bfloat16, the best ISA's native
+    dot-product loop where there is one), best of 3. The loops time themselves by the
+    thread's CPU time already, matching --cpu-time measurements."""
     from .._ext import ext
 
-    best = 0.0
-    for _ in range(3):
-        wall, cpu = time.perf_counter(), time.process_time()
-        rate = ext.fma_peak_gflops("", 0.2)
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        best = max(best, rate * wall / cpu)
-    return best
+    rates = [ext.fma_peak_gflops("", 0.2) for _ in range(3)]
+    if dtype == "bfloat16":
+        rates += [ext.bf16_peak_gflops(isa, 0.2) for isa in ext.supported_isas() for _ in range(3)]
+    return max(rates)
+
+
+def _machine_peak(dtype) -> float:
+    """All cores, wall time: the FMA loop for float32, the bfloat16 dot-product loop."""
+    return machine_peak_gflops() if dtype == "float32" else machine_core_peak(dtype) * num_cores()
 
 
 def _interleaved(fns: dict, rounds: int) -> dict:
@@ -84,13 +92,13 @@ def _ready(fn, *args):
     return lambda: jax.block_until_ready(fn(*args))
 
 
-def _layer_cases(n, c, k, torch):
-    """{pass: {impl: fn}} for one shape."""
+def _layer_cases(n, c, k, torch, dtype="float32"):
+    """{pass: {impl: fn}} for one shape, every array in `dtype`."""
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((n, c)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((c, k)) / np.sqrt(c), jnp.float32)
-    b = jnp.asarray(rng.standard_normal(k) * 0.1, jnp.float32)
-    dy = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((n, c)), dtype)
+    w = jnp.asarray(rng.standard_normal((c, k)) / np.sqrt(c), dtype)
+    b = jnp.asarray(rng.standard_normal(k) * 0.1, dtype)
+    dy = jnp.asarray(rng.standard_normal((n, k)), dtype)
     y = jax.nn.relu(x @ w + b)
 
     ours_fwd = jax.jit(lambda x, w, b: _forward_call(x, w, b, "relu", False)[0])
@@ -98,8 +106,8 @@ def _layer_cases(n, c, k, torch):
         dy, x, w, y, "relu", want_dw=False, want_db=False)[0])
     ours_wu = jax.jit(lambda dy, x, w, y: _backward_call(dy, x, w, y, "relu", want_dx=False)[1:])
     xla_fwd = jax.jit(lambda x, w, b: jax.nn.relu(x @ w + b))
-    xla_bwd_data = jax.jit(lambda dy, w, y: jnp.where(y > 0, dy, 0.0) @ w.T)
-    xla_wu = jax.jit(lambda dy, x, y: (lambda dz: (x.T @ dz, dz.sum(0)))(jnp.where(y > 0, dy, 0.0)))
+    xla_bwd_data = jax.jit(lambda dy, w, y: jnp.where(y > 0, dy, 0) @ w.T)
+    xla_wu = jax.jit(lambda dy, x, y: (lambda dz: (x.T @ dz, dz.sum(0)))(jnp.where(y > 0, dy, 0)))
 
     def train_grad(layer):  # the output feeds the loss, so the forward cannot be skipped
         return jax.jit(jax.grad(lambda x, w, b: jnp.sum(layer(x, w, b) * dy), (0, 1, 2)))
@@ -114,9 +122,11 @@ def _layer_cases(n, c, k, torch):
     }
     if torch is not None:
         F = torch.nn.functional
-        tx = torch.from_numpy(np.asarray(x))
-        tw = torch.from_numpy(np.asarray(w).T.copy())  # nn.Linear's (out, in) weight
-        tb, tdy, ty = (torch.from_numpy(np.asarray(v)) for v in (b, dy, y))
+        def tensor(v):  # the same values, in the same dtype
+            return torch.from_numpy(np.asarray(v, np.float32)).to(getattr(torch, dtype)).contiguous()
+
+        tx, tb, tdy, ty = (tensor(v) for v in (x, b, dy, y))
+        tw = tensor(w.T)  # nn.Linear's (out, in) weight
 
         def t_fwd():
             with torch.no_grad():
@@ -146,13 +156,13 @@ def _flops(name, n, c, k):
     return 2.0 * n * c * k * (3 if name == "fwd+bwd" else 1)
 
 
-def layer_records(shapes, torch, rounds, peak):
+def layer_records(shapes, torch, rounds, peak, dtype="float32"):
     records = []
     for n, c, k in shapes:
-        for name, fns in _layer_cases(n, c, k, torch).items():
+        for name, fns in _layer_cases(n, c, k, torch, dtype).items():
             t = _interleaved(fns, rounds)
             flops = _flops(name, n, c, k)
-            rec = {"N": n, "in": c, "out": k, "pass": name,
+            rec = {"N": n, "in": c, "out": k, "dtype": dtype, "pass": name,
                    "GFLOP/s": gflops(flops, t["ours"]),
                    "%peak": 100.0 * gflops(flops, t["ours"]) / peak,
                    "xla GFLOP/s": gflops(flops, t["xla"]),
@@ -167,7 +177,7 @@ def layer_records(shapes, torch, rounds, peak):
 
 def print_progress(rec):
     import sys
-    print(f"# {rec['N']} {rec['in']}x{rec['out']} {rec['pass']}: {rec['GFLOP/s']:.0f} GFLOP/s, "
+    print(f"# {rec['dtype']} {rec['N']} {rec['in']}x{rec['out']} {rec['pass']}: {rec['GFLOP/s']:.0f} GFLOP/s, "
           f"{rec['vs xla']:.2f}x xla", file=sys.stderr, flush=True)
 
 
@@ -192,40 +202,45 @@ def mlp_train_step(forward, opt):
 
 def plain_mlp(x, params):
     for i, (w, b) in enumerate(params):
-        x = x @ w + b
+        x = x @ w.astype(x.dtype) + b.astype(x.dtype)
         if i + 1 < len(params):
             x = jax.nn.relu(x)
     return x
 
 
-def mlp_records(torch, rounds, peak, width=1024, depth=4, batch=256):
+def mlp_records(torch, rounds, peak, width=1024, depth=4, batch=256, dtype="float32"):
+    """float32, or mixed precision: float32 params, `dtype` activations, float32 logits."""
     sizes = [width] * (depth + 1)
     params = mlp_init(jax.random.PRNGKey(0), sizes)
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((batch, width)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((batch, width)), dtype)
     labels = jnp.asarray(rng.integers(0, width, batch))
     opt = optax.sgd(1e-3, momentum=0.9)
     state = opt.init(params)
-    ours = mlp_train_step(lambda x, p: mlp(x, p), opt)
-    plain = mlp_train_step(plain_mlp, opt)
+    ours = mlp_train_step(lambda x, p: mlp(x, p).astype(jnp.float32), opt)
+    plain = mlp_train_step(lambda x, p: plain_mlp(x, p).astype(jnp.float32), opt)
     fns = {"ours": _ready(ours, params, state, x, labels),
            "xla": _ready(plain, params, state, x, labels)}
     if torch is not None:
         model = torch.nn.Sequential(*[m for i in range(depth) for m in (
             [torch.nn.Linear(width, width)] + ([torch.nn.ReLU()] if i + 1 < depth else []))])
         topt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        tx = torch.from_numpy(np.asarray(x))
+        tx = torch.from_numpy(np.asarray(x, np.float32))
         tl = torch.from_numpy(np.asarray(labels)).long()
+        autocast = dtype != "float32"
 
         def t_step():
             topt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(tx), tl)
+            with torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=autocast):
+                logits = model(tx.to(getattr(torch, dtype)))
+            loss = torch.nn.functional.cross_entropy(logits.float(), tl)
             loss.backward()
             topt.step()
         fns["torch"] = t_step
     t = _interleaved(fns, rounds)
     flops = 3 * 2.0 * batch * width * width * depth
-    rec = {"model": f"MLP {depth}x{width}, batch {batch}", "GFLOP/s": gflops(flops, t["ours"]),
+    rec = {"model": f"MLP {depth}x{width}, batch {batch}", "dtype": dtype,
+           "GFLOP/s": gflops(flops, t["ours"]),
            "%peak": 100.0 * gflops(flops, t["ours"]) / peak, "ms": 1e3 * t["ours"],
            "xla ms": 1e3 * t["xla"], "vs xla": t["xla"] / t["ours"]}
     if t.get("torch"):
@@ -240,6 +255,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a few small shapes")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "all"],
+                        help="of x, kernel, bias and dy (bfloat16: float32 accumulation; the "
+                             "MLP keeps float32 params); default float32")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time by process CPU seconds (run single-threaded: XLA_FLAGS="
                              "'--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'"
@@ -252,24 +270,31 @@ def main(argv=None):
     torch = None if args.no_torch else torch_module()
     rounds = args.rounds or (2 if args.quick else 3)
     shapes = QUICK if args.quick else [(n, c, k) for c, k in FEATURES for n in BATCHES]
-    peak = _cpu_core_peak() if args.cpu_time else machine_peak_gflops()
-    layers = layer_records(shapes, torch, rounds, peak)
-    mlps = mlp_records(torch, rounds, peak)
+    dtypes = ["float32", "bfloat16"] if args.dtype == "all" else [args.dtype]
+    peaks = {d: _cpu_core_peak(d) if args.cpu_time else _machine_peak(d) for d in dtypes}
+    results = {d: (layer_records(shapes, torch, rounds, peaks[d], d),
+                   mlp_records(torch, rounds, peaks[d], dtype=d)) for d in dtypes}
     if args.json:
-        print_records(layers + mlps, [], True)
+        print_records([r for d in dtypes for part in results[d] for r in part], [], True)
         return
     how = "1 core, CPU time" if args.cpu_time else "cores"
-    print(f"peak {peak:.0f} GFLOP/s (measured FMA loop x {how}); jax {jax.__version__}"
-          + (f", torch {torch.__version__}" if torch else ""))
-    cols = ["N", "in", "out", "pass", "GFLOP/s", "%peak", "xla GFLOP/s", "vs xla"]
-    if torch is not None:
-        cols += ["torch GFLOP/s", "vs torch"]
-    print_records(layers, cols, False, "dense layer (float32, relu)")
-    print()
-    mcols = ["model", "ms", "GFLOP/s", "%peak", "xla ms", "vs xla"]
-    if torch is not None:
-        mcols += ["torch ms", "vs torch"]
-    print_records(mlps, mcols, False, "MLP training step (softmax cross-entropy, SGD momentum)")
+    loops = {"float32": "FMA loop", "bfloat16": "bfloat16 dot-product loop"}
+    print("; ".join(f"{d} peak {peaks[d]:.0f} GFLOP/s (measured {loops[d]} x {how})" for d in dtypes)
+          + f"; jax {jax.__version__}" + (f", torch {torch.__version__}" if torch else ""))
+    for d in dtypes:
+        layers, mlps = results[d]
+        cols = ["N", "in", "out", "pass", "GFLOP/s", "%peak", "xla GFLOP/s", "vs xla"]
+        if torch is not None:
+            cols += ["torch GFLOP/s", "vs torch"]
+        print_records(layers, cols, False, f"dense layer ({d}, relu)")
+        print()
+        mcols = ["model", "ms", "GFLOP/s", "%peak", "xla ms", "vs xla"]
+        if torch is not None:
+            mcols += ["torch ms", "vs torch"]
+        what = "" if d == "float32" else f", float32 params, {d} activations"
+        print_records(mlps, mcols, False,
+                      f"MLP training step (softmax cross-entropy, SGD momentum{what})")
+        print()
 
 
 if __name__ == "__main__":

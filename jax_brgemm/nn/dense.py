@@ -3,6 +3,10 @@
 The forward, backward-data and weight-update passes are C++ loop nests around the one
 kernel (cpp/primitives/dense.cc); the bias and activation are fused into the forward's
 epilogue and the activation's derivative into the backward.
+
+bfloat16: x's dtype is the compute dtype (float32 params are cast to it inside the op, like
+Flax's ``dtype`` / ``param_dtype``); every sum is float32 and each result is rounded to its
+dtype once.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _ext  # noqa: F401  (registers the FFI targets)
-from .._checks import check_activation, check_float32, check_rank
+from .._autodiff import first_order_only, without_derivative
+from .._checks import check_activation, check_kernel_dtype, check_rank
 from .._sharding import align_to_batch, partitionable_ffi_call
 
 _NONE = jnp.zeros((0,), jnp.float32)  # an absent optional operand or result
@@ -26,15 +31,20 @@ def dense(x, kernel, bias=None, *, activation=None):
     """``activation(x @ kernel + bias)`` through the brgemm kernel.
 
     Args:
-      x: ``(..., in)`` float32; leading dims are folded into the minibatch.
-      kernel: ``(in, out)`` float32.
-      bias: optional ``(out,)`` float32.
+      x: ``(..., in)`` float32 or bfloat16; leading dims are folded into the minibatch. Its
+        dtype is the compute dtype: kernel is cast to it.
+      kernel: ``(in, out)`` float32 or bfloat16.
+      bias: optional ``(out,)`` float32 or bfloat16, added in float32.
       activation: None, "relu", "gelu" (tanh form), "sigmoid" or "tanh".
 
-    Returns ``(..., out)`` float32. Differentiable (x, kernel, bias); works under jit and vmap.
+    Returns ``(..., out)`` in x's dtype. Differentiable (x, kernel, bias), each gradient in
+    its input's dtype; works under jit and vmap. In bfloat16 the products accumulate in
+    float32 (the weight gradient over the whole minibatch, rounded once); the activation's
+    derivative is taken in float32 and the result rounded to bfloat16 for the two backward
+    products, as :func:`jax_brgemm.brgemm` does.
     """
-    check_float32("x", x)
-    check_float32("kernel", kernel)
+    dtype = check_kernel_dtype("x", x)
+    check_kernel_dtype("kernel", kernel)
     check_rank("x", x, 1, "(..., in)")
     if np.ndim(kernel) != 2:
         raise ValueError(f"kernel must have shape (in, out), got {np.shape(kernel)}")
@@ -45,7 +55,7 @@ def dense(x, kernel, bias=None, *, activation=None):
             f"x's last dim ({x.shape[-1]}) must equal kernel's in-features ({c}); "
             f"x {x.shape}, kernel {kernel.shape}")
     if bias is not None:
-        check_float32("bias", bias)
+        check_kernel_dtype("bias", bias)
         bias = jnp.asarray(bias)
         if bias.shape != (k,):
             raise ValueError(f"bias must have shape (out,) = ({k},), got {bias.shape}")
@@ -53,16 +63,19 @@ def dense(x, kernel, bias=None, *, activation=None):
     lead = x.shape[:-1]
     n = math.prod(lead)
     if n == 0 or k == 0:
-        return jnp.zeros(lead + (k,), jnp.float32)
+        return jnp.zeros(lead + (k,), dtype)
     x, kernel, bias = align_to_batch((x.reshape(n, c), kernel, bias), (0, None, None))
     return _dense(x, kernel, bias, act).reshape(lead + (k,))
 
 
 def _forward_call(x, kernel, bias, act, keep_preact):
-    """y (and the pre-activation when kept) for 2-D x; vmap adds leading problem dims,
-    which the handler folds into the minibatch while the weights are shared."""
+    """y in x's dtype (and the float32 pre-activation when kept) for 2-D x, kernel cast to
+    x's dtype and bias to float32; vmap adds leading problem dims, which the handler folds
+    into the minibatch while the weights are shared."""
+    kernel = kernel.astype(x.dtype)
+    bias = None if bias is None else bias.astype(jnp.float32)
     shape = (x.shape[0], kernel.shape[1])
-    outs = (jax.ShapeDtypeStruct(shape, jnp.float32),
+    outs = (jax.ShapeDtypeStruct(shape, x.dtype),
             jax.ShapeDtypeStruct(shape if keep_preact else (0,), jnp.float32))
     # Data parallel: rows split across devices, weights replicated.
     call = partitionable_ffi_call("jax_brgemm_dense_fwd", outs, batched=(True, False, False),
@@ -70,15 +83,21 @@ def _forward_call(x, kernel, bias, act, keep_preact):
     return call(x, kernel, _NONE if bias is None else bias, activation=act)
 
 
-def _backward_call(dy, x, kernel, saved, act, *, want_dx=True, want_dw=True, want_db=True):
+def _backward_call(dy, x, kernel, saved, act, *, want_dx=True, want_dw=True, want_db=True,
+                   dw_dtype=None, db_dtype=jnp.float32):
     """(dx, dkernel, dbias) of the layer, each skipped (returned empty) when not wanted.
-    `saved` is y for relu/sigmoid/tanh, the pre-activation for gelu, None for none."""
+    `saved` is y for relu/sigmoid/tanh, the pre-activation for gelu, None for none. The
+    products run in x's dtype (dy and kernel are cast to it); dx comes in x's dtype, dkernel
+    in dw_dtype (default kernel's), dbias in db_dtype."""
     (n, c), k = x.shape, kernel.shape[1]
+    dw_dtype = kernel.dtype if dw_dtype is None else dw_dtype
+    dy, kernel = dy.astype(x.dtype), kernel.astype(x.dtype)
 
-    def result(want, shape):
-        return jax.ShapeDtypeStruct(shape if want else (0,), jnp.float32)
+    def result(want, shape, dtype):
+        return jax.ShapeDtypeStruct(shape if want else (0,), dtype if want else jnp.float32)
 
-    outs = (result(want_dx, (n, c)), result(want_dw, (c, k)), result(want_db, (k,)))
+    outs = (result(want_dx, (n, c), x.dtype), result(want_dw, (c, k), dw_dtype),
+            result(want_db, (k,), db_dtype))
     # dx splits like the rows; dkernel and dbias are per-shard sums, all-reduced.
     call = partitionable_ffi_call("jax_brgemm_dense_bwd", outs, batched=(True, True, False, True),
                                   outputs=("batch", "sum", "sum"))
@@ -92,17 +111,21 @@ def _dense(x, kernel, bias, act):
 
 def _dense_fwd(x, kernel, bias, act):
     keep_preact = act == "gelu"  # gelu's derivative needs its input; others use the output
-    y, preact = _forward_call(x, kernel, bias, act, keep_preact)
+    forward = without_derivative(  # grad of grad: a clear error
+        "jax_brgemm.nn.dense", lambda x, kernel, bias: _forward_call(x, kernel, bias, act, keep_preact))
+    y, preact = forward(x, kernel, bias)
     saved = preact if keep_preact else (None if act == "none" else y)
     return y, (x, kernel, bias, saved)
 
 
+@first_order_only("jax_brgemm.nn.dense")
 def _dense_bwd(act, res, dy):
     x, kernel, bias, saved = res
     # Two calls, so XLA drops the backward-data one where dx is unused (a first layer).
     dx = _backward_call(dy, x, kernel, saved, act, want_dw=False, want_db=False)[0]
     _, dkernel, dbias = _backward_call(dy, x, kernel, saved, act, want_dx=False,
-                                       want_db=bias is not None)
+                                       want_db=bias is not None,
+                                       db_dtype=jnp.float32 if bias is None else bias.dtype)
     return dx, dkernel, (None if bias is None else dbias)
 
 
@@ -117,9 +140,9 @@ def mlp(x, layers: Sequence, *, activation="relu", final_activation=None):
     (default None) after the last.
 
     Args:
-      x: ``(..., in)`` float32.
+      x: ``(..., in)`` float32 or bfloat16 (the compute dtype of every layer).
       layers: a sequence of ``(kernel, bias)`` pairs (bias may be None), e.g. from
-        :func:`mlp_init`.
+        :func:`mlp_init`; float32 or bfloat16 (cast to x's dtype inside each layer).
     """
     if len(layers) == 0:
         raise ValueError("layers must hold at least one (kernel, bias) pair")
@@ -132,13 +155,14 @@ def mlp(x, layers: Sequence, *, activation="relu", final_activation=None):
     return x
 
 
-def mlp_init(key, sizes: Sequence[int]):
-    """[(kernel, bias), ...] for layer widths ``sizes`` (LeCun-normal kernels, zero biases)."""
+def mlp_init(key, sizes: Sequence[int], dtype=jnp.float32):
+    """[(kernel, bias), ...] for layer widths ``sizes`` (LeCun-normal kernels, zero biases),
+    in ``dtype`` (the parameters' dtype)."""
     if len(sizes) < 2:
         raise ValueError(f"sizes must list at least the input and output widths, got {sizes}")
     keys = jax.random.split(key, len(sizes) - 1)
     return [
-        (jax.random.normal(kk, (fan_in, fan_out), jnp.float32) / np.sqrt(fan_in),
-         jnp.zeros((fan_out,), jnp.float32))
+        ((jax.random.normal(kk, (fan_in, fan_out), jnp.float32) / np.sqrt(fan_in)).astype(dtype),
+         jnp.zeros((fan_out,), dtype))
         for kk, fan_in, fan_out in zip(keys, sizes[:-1], sizes[1:])
     ]
