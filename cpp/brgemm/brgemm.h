@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 namespace jbr {
@@ -113,8 +114,22 @@ void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols
                     uint16_t* dst, int64_t ldd, Isa isa);
 
 // float32 -> bfloat16 bits, rounded to nearest even; NaN stays a quiet NaN. The scalar
-// conversion every path shares (vector paths round the same way in registers).
-uint16_t round_to_bf16(float value);
+// conversion every path shares (vector paths round the same way in registers). Inline and
+// branch-free, so loops over rows in the primitives vectorise.
+inline uint16_t round_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  return static_cast<uint16_t>((bits & 0x7FFFFFFF) > 0x7F800000 ? (bits >> 16) | 0x40 : rounded);
+}
+
+// bfloat16 bits -> float32 (exact: bfloat16 is the top half of a float32).
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = uint32_t{h} << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
 
 // CPU time of the calling thread, in seconds: single-thread measurements use it so that time
 // the thread spends descheduled on a shared machine does not count against the kernel.

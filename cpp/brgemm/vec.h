@@ -17,13 +17,6 @@
 namespace jbr {
 namespace JBR_ISA_NS {  // distinct per translation unit: no ODR clash between ISAs
 
-// bfloat16 is the top half of a float32 (rounding back: jbr::round_to_bf16 in brgemm.h).
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t bits = uint32_t{h} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 // Coefficients of exp(r) on |r| <= ln2/2 (Cephes expf), shared by the SIMD types.
 struct ExpConstants {

@@ -1,4 +1,5 @@
 #include "primitives/conv.h"
+#include "primitives/elements.h"
 
 #include <algorithm>
 #include <cstring>
@@ -38,21 +39,6 @@ struct AxisMap {
     return *i >= 0 && *i < extent;
   }
 };
-
-// Elements are float (float32) or uint16_t (bfloat16 bit patterns); the loop nests that
-// move them are templates on that type, instantiated through with_type.
-int64_t size_of(DType d) { return d == DType::bf16 ? 2 : 4; }
-template <typename T>
-constexpr DType dtype_of() { return sizeof(T) == 2 ? DType::bf16 : DType::f32; }
-
-// f(T{}) with T the element type of `d`.
-template <typename F>
-auto with_type(DType d, F f) {
-  return d == DType::bf16 ? f(uint16_t{}) : f(float{});
-}
-
-void store(float v, float* dst) { *dst = v; }
-void store(float v, uint16_t* dst) { *dst = round_to_bf16(v); }
 
 // Work buffers of `count` elements of `size` bytes (float storage keeps them aligned).
 std::unique_ptr<float[]> buffer(int64_t count, int64_t size) {

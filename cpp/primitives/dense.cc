@@ -1,4 +1,5 @@
 #include "primitives/dense.h"
+#include "primitives/elements.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,35 +30,6 @@ constexpr int64_t kGroupRows = 256;
 // least kPackBlocks row blocks share each copy (it costs a pass over the panel).
 constexpr int64_t kPackLdb = 2048;
 constexpr int64_t kPackBlocks = 3;
-
-// Elements are float (float32) or uint16_t (bfloat16 bit patterns); the loop nests are
-// templates on the inputs' type, instantiated through with_type.
-int64_t size_of(DType d) { return d == DType::bf16 ? 2 : 4; }
-template <typename T>
-constexpr DType dtype_of() { return std::is_same_v<T, float> ? DType::f32 : DType::bf16; }
-
-// f(T{}) with T the element type of `d`.
-template <typename F>
-auto with_type(DType d, F f) {
-  return d == DType::bf16 ? f(uint16_t{}) : f(float{});
-}
-
-// Conversions as plain C++ so that loops over rows vectorise; the rounding is the kernel
-// layer's round_to_bf16 (nearest even, NaN stays a quiet NaN).
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t h) {
-  const uint32_t bits = uint32_t{h} << 16;
-  float v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-inline void store(float v, float* dst) { *dst = v; }
-inline void store(float v, uint16_t* dst) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  const uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
-  *dst = static_cast<uint16_t>((bits & 0x7FFFFFFF) > 0x7F800000 ? (bits >> 16) | 0x40 : rounded);
-}
 
 // dst[0..size) = src[0..size), rounded to dst's dtype.
 void store_row(const float* __restrict src, void* __restrict dst, DType dtype, int64_t size) {

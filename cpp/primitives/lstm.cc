@@ -1,4 +1,5 @@
 #include "primitives/lstm.h"
+#include "primitives/elements.h"
 
 #include <algorithm>
 #include <cstring>
@@ -13,19 +14,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kPanel = 64;     // column panel width of packed B operands
 constexpr int64_t kMaxUnits = 64;  // hidden units per work item of a step
 constexpr int64_t kChunk = 512;    // longest float32 reduction per call (bfloat16: twice that)
-
-// Elements of the GEMM operands are float (float32) or uint16_t (bfloat16 bit patterns):
-// the loop nests are templates on that type, instantiated through with_type.
-template <typename T>
-constexpr DType dtype_of() { return sizeof(T) == 2 ? DType::bf16 : DType::f32; }
-
-template <typename F>
-auto with_type(DType d, F f) {
-  return d == DType::bf16 ? f(uint16_t{}) : f(float{});
-}
-
-void store(float v, float* dst) { *dst = v; }
-void store(float v, uint16_t* dst) { *dst = round_to_bf16(v); }
 
 // Row index of (step t, batch n) in a sequence tensor, and the row distance between
 // consecutive batch rows of one step (the factor a step's leading dimension carries).

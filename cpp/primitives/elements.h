@@ -1,0 +1,30 @@
+// Elements of the primitives' operands: float (float32) or uint16_t (bfloat16 bit
+// patterns). The loop nests that move them are templates on that type, instantiated
+// through with_type; conversions are the kernel layer's scalar ones (inline, so loops over
+// rows vectorise).
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "brgemm/brgemm.h"
+
+namespace jbr::prim {
+
+inline int64_t size_of(DType d) { return d == DType::bf16 ? 2 : 4; }
+
+template <typename T>
+constexpr DType dtype_of() { return std::is_same_v<T, float> ? DType::f32 : DType::bf16; }
+
+// f(T{}) with T the element type of `d`.
+template <typename F>
+auto with_type(DType d, F f) {
+  return d == DType::bf16 ? f(uint16_t{}) : f(float{});
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t h) { return bf16_to_f32(h); }
+inline void store(float v, float* dst) { *dst = v; }
+inline void store(float v, uint16_t* dst) { *dst = round_to_bf16(v); }
+
+}  // namespace jbr::prim
