@@ -485,12 +485,13 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
       std::min(kMaxReduce / s.out_w, (kTransposeBudget / slot_size - halo) / s.stride_h + 1), 1,
       reduce_rows);
 
-  // Input row (channels x pixels, one matrix per column phase), as the A blocks want it.
+  // Input row (channels x pixels, one matrix per column phase), as the A blocks want it:
+  // phase f holds pixels f, f + sw, ..., through the kernel layer's vectorised transpose.
   auto transpose_row = [&](const T* src, int64_t channels, int64_t phase_channels, T* dst) {
-    for (int64_t v = 0; v < s.in_w; ++v) {  // x in order (it comes from memory)
-      if (!phase_used[v % sw]) continue;
-      T* col = dst + (v % sw) * phase_channels * phase_w + v / sw;
-      for (int64_t c = 0; c < channels; ++c) col[c * phase_w] = src[v * s.in_c + c];
+    for (int64_t f = 0; f < sw; ++f) {
+      const int64_t pixels = ceil_div(s.in_w - f, sw);
+      if (phase_used[f] && pixels > 0)
+        transpose(src + f * s.in_c, sw * s.in_c, pixels, channels, dst + f * phase_channels * phase_w, phase_w);
     }
   };
   // Several output-channel ranges would each transpose the same rows: then transpose every
