@@ -293,7 +293,7 @@ bool pointwise(const ConvShape& s) {
          s.pad_top == 0 && s.pad_left == 0 && s.out_h == s.in_h && s.out_w == s.in_w;
 }
 
-// Few input channels use few vector lanes in backward-data and weight-update (the stem's
+// Few input channels use few vector lanes in every pass (the stem's
 // 3). Folding the filter columns into the channels, x_wide[n, h, q, t*C + c] =
 // x[n, h, q*sw + t*dw - pl, c] (zero outside x), turns the problem into one with a single
 // filter column, t*C + c channels and stride 1 along the width, whose HWIO weights
@@ -372,6 +372,13 @@ std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const vo
                            const float* bias, Activation act, DType out, void* y, Isa isa,
                            const Executor* executor) {
   if (std::string e = validate(s); !e.empty()) return e;
+  if (widen_pays(s)) {  // k = S * C per call instead of C, S times fewer calls
+    return with_type(in, [&](auto zero) {
+      using T = decltype(zero);
+      auto wide = widen_input(s, static_cast<const T*>(x), executor);
+      return conv2d_forward(widened(s), in, wide.get(), w, bias, act, out, y, isa, executor);
+    });
+  }
   const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(kg, kBlock);
   auto packed = pack_weights(s, in, w, /*transposed=*/false, bn, executor);
   RowPass rp;
