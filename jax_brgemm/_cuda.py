@@ -39,7 +39,7 @@ def gpu_available() -> bool:
 def raw_brgemm(a, b, c=None, bias=None, *, alpha=1.0, beta=0.0, activation="none"):
     """The ``jax_brgemm_brgemm`` FFI target called directly, without the op's checks or
     gradient: a ``(..., count, m, k)`` and b ``(..., count, k, n)`` both float32, bfloat16 or
-    float16 (the CUDA handlers accept all three; the op layer is float32-only for now), c
+    float16 (the CUDA handlers accept all three; the op takes float32 and bfloat16), c
     ``(..., m, n)`` and bias ``(n,)`` float32. Returns ``(..., m, n)`` float32. For GPU tests
     and benchmarks of the 16-bit kernels.
     """

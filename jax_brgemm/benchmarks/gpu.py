@@ -6,8 +6,8 @@
 Three tables, each measured side by side with its XLA peer:
 - brgemm: brgemm-shaped problems (many small blocks, the reduction over count inside one call)
   and dense-shaped ones (count 1). Peer: ``einsum("pimk,pikn->pmn")`` (cuBLAS).
-- dense: ``y = x @ w + bias`` through the dense target (``jax_brgemm._cuda.raw_dense`` for
-  bfloat16, ``nn.dense`` for float32). Peer: ``jnp.dot(x, w) + bias`` (cuBLAS).
+- dense: ``y = x @ w + bias`` through ``nn.dense`` (float32 or bfloat16). Peer:
+  ``jnp.dot(x, w) + bias`` (cuBLAS).
 - conv: ``nn.conv2d`` forward on the ResNet-50 v1 layers (benchmarks/conv.py's list).
   Peer: ``lax.conv_general_dilated`` (cuDNN).
 Every peer accumulates in float32 (``preferred_element_type``); in float32 it runs at
@@ -95,10 +95,7 @@ def brgemm_records(shapes, dtypes, device, rng) -> list[dict]:
 def dense_records(shapes, dtypes, device, rng) -> list[dict]:
     rows = []
     for dtype in dtypes:
-        if dtype == "float32":
-            ours = jax.jit(lambda x, w, b: dense(x, w, b))
-        else:  # the op layer may be float32-only: the target itself takes bfloat16
-            ours = jax.jit(lambda x, w, b: _cuda.raw_dense(x, w, b))
+        ours = jax.jit(lambda x, w, b: dense(x, w, b))  # float32 or bfloat16
         peer = jax.jit(lambda x, w, b, p=_precision(dtype): jnp.dot(
             x, w, precision=p, preferred_element_type=jnp.float32) + b)
         for n, c, k in shapes:
