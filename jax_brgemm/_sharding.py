@@ -54,7 +54,7 @@ def batch_partitioned(impl: Callable, batched: Sequence[bool], outputs: Sequence
         explicit = _explicit_batch_axes(args, really)
         if explicit is not None:
             return _shard_mapped(impl, really, outputs, *explicit)(*args)
-        if _all_explicit_mesh():  # the types say the batch is replicated: nothing to split
+        if _explicit_mesh(args) is not None:  # the types say the batch is replicated: nothing to split
             return impl(*args)
         results = jax.eval_shape(impl, *args)
         out_ranks = tuple(len(r.shape) for r in ((results,) if len(outputs) == 1 else results))
@@ -72,7 +72,8 @@ def align_to_batch(operands: Sequence, batch_dims: Sequence):
     their primals' types: the kernel's are split like the batch, weight sums replicated.
     Elsewhere the operands come back unchanged."""
     operands = tuple(operands)
-    if not _all_explicit_mesh():
+    mesh = _explicit_mesh(operands)
+    if mesh is None:
         return operands
     present = [(a, d) for a, d in zip(operands, batch_dims) if a is not None]
     sizes = [a.shape[d] if d is not None and a.ndim > d else None for a, d in present]
@@ -83,7 +84,8 @@ def align_to_batch(operands: Sequence, batch_dims: Sequence):
 
     found = _explicit_batch_axes([a for a, _ in present], [d if has_batch(a, d) else None for a, d in present])
     axes = None if found is None else found[1]
-    return tuple(None if a is None else jax.reshard(a, _batch_spec(axes, d if has_batch(a, d) else None))
+    return tuple(None if a is None else
+                 jax.reshard(a, NamedSharding(mesh, _batch_spec(axes, d if has_batch(a, d) else None)))
                  for a, d in zip(operands, batch_dims))
 
 
@@ -119,10 +121,16 @@ def _explicit_batch_axes(args, batch_dims):
     return None
 
 
-def _all_explicit_mesh() -> bool:
-    """True under a mesh (jax.set_mesh) whose axes are all Explicit."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return not mesh.empty and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+def _explicit_mesh(arrays):
+    """The mesh when its axes are all Explicit: the one set with jax.set_mesh, or else the one
+    an array's type carries (arrays put on such a mesh without a mesh context); else None."""
+    meshes = [jax.sharding.get_abstract_mesh()]
+    meshes += [getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None) for a in arrays if a is not None]
+    for mesh in meshes:
+        if (mesh is not None and not mesh.empty
+                and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)):
+            return mesh
+    return None
 
 
 def _shard_mapped(impl, batch_dims, outputs, mesh, axes):
@@ -136,7 +144,7 @@ def _shard_mapped(impl, batch_dims, outputs, mesh, axes):
         lambda *args: _psum_sums(impl(*args), outputs, axes) if "sum" in outputs else impl(*args),
         mesh=mesh, axis_names=names, check_vma=False, in_specs=in_specs,
         out_specs=out_specs[0] if len(out_specs) == 1 else out_specs)
-    return lambda *args: mapped(*(jax.reshard(a, spec) for a, spec in zip(args, in_specs)))
+    return lambda *args: mapped(*(jax.reshard(a, NamedSharding(mesh, spec)) for a, spec in zip(args, in_specs)))
 
 
 @functools.lru_cache(maxsize=None)
