@@ -135,33 +135,8 @@ std::string decode_conv(const Dims& x, const char* x_name, const Dims& w, const 
   for (const auto& [d, what] : tensors)
     if (d->size() != 4)
       return std::string(what.first) + " must have shape " + what.second + ", got " + dims_str(*d);
-  if (geometry.size() != 7) return "geometry must hold 7 values";
-  *g = ConvGeom{};
-  g->batch = x[0], g->in_h = x[1], g->in_w = x[2], g->in_c = x[3];
-  g->taps_h = w[0], g->taps_w = w[1];
-  g->out_h = y[1], g->out_w = y[2], g->out_c = y[3];
-  g->stride_h = geometry[0], g->stride_w = geometry[1];
-  g->dil_h = geometry[2], g->dil_w = geometry[3];
-  g->pad_top = geometry[4], g->pad_left = geometry[5], g->groups = geometry[6];
-  if (y[0] != x[0])
-    return std::string(y_name) + " " + dims_str(y) + " and " + x_name + " " + dims_str(x) +
-           " have different batch sizes";
-  // cpp/primitives/conv.cc's validate(), same wording.
-  const std::pair<const char*, int64_t> positive[] = {
-      {"batch", g->batch}, {"in_h", g->in_h}, {"in_w", g->in_w}, {"in_c", g->in_c},
-      {"out_h", g->out_h}, {"out_w", g->out_w}, {"out_c", g->out_c}, {"taps_h", g->taps_h},
-      {"taps_w", g->taps_w}, {"groups", g->groups}, {"stride_h", g->stride_h},
-      {"stride_w", g->stride_w}, {"dil_h", g->dil_h}, {"dil_w", g->dil_w}};
-  for (auto [name, v] : positive)
-    if (v < 1) return std::string(name) + " must be >= 1, got " + std::to_string(v);
-  if (g->in_c % g->groups != 0 || g->out_c % g->groups != 0)
-    return "groups (" + std::to_string(g->groups) + ") must divide in_c (" +
-           std::to_string(g->in_c) + ") and out_c (" + std::to_string(g->out_c) + ")";
-  if (w[2] * g->groups != g->in_c || w[3] != g->out_c)
-    return std::string(w_name) + " " + dims_str(w) + " does not match " + x_name + " " +
-           dims_str(x) + ", " + y_name + " " + dims_str(y) + " and groups " +
-           std::to_string(g->groups);
-  return "";
+  return prim::decode_conv_shape(x.data(), x_name, w.data(), w_name, y.data(), y_name,
+                                 geometry.data(), geometry.size(), g);
 }
 
 namespace {

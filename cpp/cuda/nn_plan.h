@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda/plan.h"
+#include "primitives/conv_shape.h"
 
 namespace jbr::cuda {
 
@@ -72,11 +73,7 @@ StridedOffsets dense_offsets(Pass pass, const DenseDims& d);
 
 // x (N, H, W, C), w (R, S, C/G, K), y (N, P, Q, K); geometry = [stride_h, stride_w, dil_h,
 // dil_w, pad_top, pad_left, groups] (the CPU handler's attribute).
-struct ConvGeom {
-  int64_t batch = 0, in_h = 0, in_w = 0, in_c = 0, out_h = 0, out_w = 0, out_c = 0;
-  int64_t taps_h = 0, taps_w = 0, groups = 1;
-  int64_t stride_h = 1, stride_w = 1, dil_h = 1, dil_w = 1, pad_top = 0, pad_left = 0;
-};
+using ConvGeom = prim::ConvShape;  // the CPU primitives' shape and checks (header-only)
 std::string decode_conv(const Dims& x, const char* x_name, const Dims& w, const char* w_name,
                         const Dims& y, const char* y_name, const std::vector<int64_t>& geometry,
                         ConvGeom* g);

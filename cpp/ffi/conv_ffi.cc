@@ -27,23 +27,10 @@ ffi::Error decode(const ffi::AnyBuffer& x, const char* x_name, const ffi::AnyBuf
   if (auto e = rank4(x, x_name, "(N, H, W, C)", &dtypes[0]); e.failure()) return e;
   if (auto e = rank4(w, w_name, "(R, S, C/groups, K)", &dtypes[1]); e.failure()) return e;
   if (auto e = rank4(y, y_name, "(N, P, Q, K)", &dtypes[2]); e.failure()) return e;
-  if (geometry.size() != 7) return invalid("geometry must hold 7 values");
-  auto xd = x.dimensions(), wd = w.dimensions(), yd = y.dimensions();
-  s->batch = xd[0], s->in_h = xd[1], s->in_w = xd[2], s->in_c = xd[3];
-  s->taps_h = wd[0], s->taps_w = wd[1];
-  s->out_h = yd[1], s->out_w = yd[2], s->out_c = yd[3];
-  s->stride_h = geometry[0], s->stride_w = geometry[1];
-  s->dil_h = geometry[2], s->dil_w = geometry[3];
-  s->pad_top = geometry[4], s->pad_left = geometry[5], s->groups = geometry[6];
-  if (yd[0] != xd[0])
-    return invalid(std::string(y_name) + " " + shape_str(yd) + " and " + x_name + " " +
-                   shape_str(xd) + " have different batch sizes");
-  if (std::string e = prim::validate(*s); !e.empty()) return invalid(e);
-  if (wd[2] * s->groups != s->in_c || wd[3] != s->out_c)
-    return invalid(std::string(w_name) + " " + shape_str(wd) + " does not match " + x_name +
-                   " " + shape_str(xd) + ", " + y_name + " " + shape_str(yd) + " and groups " +
-                   std::to_string(s->groups));
-  return ffi::Error::Success();
+  const std::string error =
+      prim::decode_conv_shape(x.dimensions().begin(), x_name, w.dimensions().begin(), w_name,
+                              y.dimensions().begin(), y_name, geometry.begin(), geometry.size(), s);
+  return error.empty() ? ffi::Error::Success() : invalid(error);
 }
 
 // The two inputs of a pass must share a dtype.

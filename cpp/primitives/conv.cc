@@ -293,6 +293,13 @@ bool pointwise(const ConvShape& s) {
          s.pad_top == 0 && s.pad_left == 0 && s.out_h == s.in_h && s.out_w == s.in_w;
 }
 
+// Such a pass (forward or backward-data) as that one row.
+void as_one_row(const ConvShape& s, RowPass* rp) {
+  rp->images = rp->in_rows = rp->out_rows = 1;
+  rp->in_cols = rp->out_cols = s.batch * s.in_h * s.in_w;
+  rp->rows.extent = 1, rp->cols.extent = rp->in_cols;
+}
+
 // Few input channels use few vector lanes in every pass (the stem's
 // 3). Folding the filter columns into the channels, x_wide[n, h, q, t*C + c] =
 // x[n, h, q*sw + t*dw - pl, c] (zero outside x), turns the problem into one with a single
@@ -354,20 +361,6 @@ void narrow_gradient(const ConvShape& s, const float* wide, DType out, void* dx,
 
 }  // namespace
 
-std::string validate(const ConvShape& s) {
-  const std::pair<const char*, int64_t> positive[] = {
-      {"batch", s.batch}, {"in_h", s.in_h}, {"in_w", s.in_w}, {"in_c", s.in_c},
-      {"out_h", s.out_h}, {"out_w", s.out_w}, {"out_c", s.out_c}, {"taps_h", s.taps_h},
-      {"taps_w", s.taps_w}, {"groups", s.groups}, {"stride_h", s.stride_h},
-      {"stride_w", s.stride_w}, {"dil_h", s.dil_h}, {"dil_w", s.dil_w}};
-  for (auto [name, v] : positive)
-    if (v < 1) return std::string(name) + " must be >= 1, got " + std::to_string(v);
-  if (s.in_c % s.groups != 0 || s.out_c % s.groups != 0)
-    return "groups (" + std::to_string(s.groups) + ") must divide in_c (" +
-           std::to_string(s.in_c) + ") and out_c (" + std::to_string(s.out_c) + ")";
-  return "";
-}
-
 std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const void* w,
                            const float* bias, Activation act, DType out, void* y, Isa isa,
                            const Executor* executor) {
@@ -388,11 +381,7 @@ std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const vo
   rp.kg = cg, rp.ng = kg, rp.bn = bn, rp.phases = 1;
   rp.rows = {s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
   rp.cols = {s.stride_w, s.dil_w, -s.pad_left, 1, s.in_w};
-  if (pointwise(s)) {
-    rp.images = rp.in_rows = rp.out_rows = 1;
-    rp.in_cols = rp.out_cols = s.batch * s.in_h * s.in_w;
-    rp.rows.extent = 1, rp.cols.extent = rp.in_cols;
-  }
+  if (pointwise(s)) as_one_row(s, &rp);
   rp.in = in, rp.out_dtype = out;
   rp.a = x, rp.b = packed.get(), rp.bias = bias, rp.out = y, rp.act = act, rp.isa = isa;
   return run_rows(rp, executor);
@@ -420,11 +409,7 @@ std::string conv2d_backward_data(const ConvShape& s, DType in, const void* dy, c
   rp.kg = kg, rp.ng = cg, rp.bn = bn, rp.phases = s.stride_w;
   rp.rows = {1, -s.dil_h, s.pad_top, s.stride_h, s.out_h};
   rp.cols = {1, -s.dil_w, s.pad_left, s.stride_w, s.out_w};
-  if (pointwise(s)) {
-    rp.images = rp.in_rows = rp.out_rows = 1;
-    rp.in_cols = rp.out_cols = s.batch * s.in_h * s.in_w;
-    rp.rows.extent = 1, rp.cols.extent = rp.in_cols;
-  }
+  if (pointwise(s)) as_one_row(s, &rp);
   rp.in = in, rp.out_dtype = out;
   rp.a = dy, rp.b = packed.get(), rp.bias = nullptr, rp.out = dx, rp.act = Activation::none;
   rp.isa = isa;

@@ -13,21 +13,10 @@
 #include <string>
 
 #include "brgemm/brgemm.h"
+#include "primitives/conv_shape.h"
 #include "primitives/parallel.h"
 
 namespace jbr::prim {
-
-struct ConvShape {
-  int64_t batch = 0, in_h = 0, in_w = 0, in_c = 0;  // x: (batch, in_h, in_w, in_c)
-  int64_t out_h = 0, out_w = 0, out_c = 0;          // y: (batch, out_h, out_w, out_c)
-  int64_t taps_h = 0, taps_w = 0;                   // w: (taps_h, taps_w, in_c / groups, out_c)
-  int64_t groups = 1;
-  int64_t stride_h = 1, stride_w = 1, dil_h = 1, dil_w = 1;
-  int64_t pad_top = 0, pad_left = 0;  // bottom / right follow from out_h / out_w; may be < 0
-};
-
-// Empty when the shape can be run, else the reason (names the field).
-std::string validate(const ConvShape& shape);
 
 // y = act(conv(x, w) + bias); bias (out_c, float32) may be null.
 std::string conv2d_forward(const ConvShape& shape, DType in, const void* x, const void* w,
