@@ -46,9 +46,7 @@ def batch_partitioned(impl: Callable, batched: Sequence[bool], outputs: Sequence
     assert all(isinstance(k, int) or k in ("sum", "replicated") for k in outputs), outputs
 
     def wrapped(*args):
-        sizes = [a.shape[d] if d is not None and a.ndim > d else None for a, d in zip(args, dims)]
-        batch = max((s for s in sizes if s is not None), default=1)
-        really = tuple(d if s == batch and batch > 1 else None for d, s in zip(dims, sizes))
+        really = _batch_carriers(args, dims)
         if all(d is None for d in really):
             return impl(*args)
         explicit = _explicit_batch_axes(args, really)
@@ -75,18 +73,21 @@ def align_to_batch(operands: Sequence, batch_dims: Sequence):
     mesh = _explicit_mesh(operands)
     if mesh is None:
         return operands
-    present = [(a, d) for a, d in zip(operands, batch_dims) if a is not None]
-    sizes = [a.shape[d] if d is not None and a.ndim > d else None for a, d in present]
-    batch = max((s for s in sizes if s is not None), default=1)
-
-    def has_batch(a, d):
-        return d is not None and a.ndim > d and a.shape[d] == batch and batch > 1
-
-    found = _explicit_batch_axes([a for a, _ in present], [d if has_batch(a, d) else None for a, d in present])
+    really = _batch_carriers(operands, batch_dims)
+    found = _explicit_batch_axes(operands, really)
     axes = None if found is None else found[1]
-    return tuple(None if a is None else
-                 jax.reshard(a, NamedSharding(mesh, _batch_spec(axes, d if has_batch(a, d) else None)))
-                 for a, d in zip(operands, batch_dims))
+    return tuple(None if a is None else jax.reshard(a, NamedSharding(mesh, _batch_spec(axes, d)))
+                 for a, d in zip(operands, really))
+
+
+def _batch_carriers(args, dims):
+    """Per argument (None: absent), its batch dim from `dims` where it really carries the
+    batch, else None: the batch is the largest size along those dims, and a size-1 dim
+    (or a batch of 1) is a broadcast."""
+    sizes = [a.shape[d] if a is not None and d is not None and a.ndim > d else None
+             for a, d in zip(args, dims)]
+    batch = max((s for s in sizes if s is not None), default=1)
+    return tuple(d if s == batch and batch > 1 else None for d, s in zip(dims, sizes))
 
 
 def _batch_spec(axes, dim):
