@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ import optax
 
 from ..nn import mlp, mlp_init
 from ..nn.dense import _backward_call, _forward_call, dense
-from .common import (gflops, machine_peak_gflops, median_seconds, num_cores,
+from .common import (gflops, machine_peak_gflops, median_cpu_seconds, median_seconds, num_cores,
                      print_records, torch_module)
 from .kernel import machine_core_peak
 
@@ -37,27 +36,6 @@ QUICK = [(256, 1024, 1024), (64, 512, 1024), (1024, 2048, 512)]
 
 
 _CPU_TIME = False  # --cpu-time: process CPU seconds instead of wall seconds
-
-
-def _cpu_seconds(fn, repeats=3, min_seconds=0.03):
-    """Median process CPU time of fn(): with XLA on one thread, the cycles it ran for,
-    which other tenants of a shared machine disturb far less than wall time."""
-    fn()
-    inner = 1
-    while True:
-        start = time.process_time()
-        for _ in range(inner):
-            fn()
-        if time.process_time() - start >= min_seconds or inner >= 1 << 16:
-            break
-        inner *= 2
-    samples = []
-    for _ in range(repeats):
-        start = time.process_time()
-        for _ in range(inner):
-            fn()
-        samples.append((time.process_time() - start) / inner)
-    return statistics.median(samples)
 
 
 def _cpu_core_peak(dtype="float32") -> float:
@@ -79,7 +57,7 @@ def _machine_peak(dtype) -> float:
 
 def _interleaved(fns: dict, rounds: int) -> dict:
     """Median seconds of each zero-argument fn, measured in alternating rounds."""
-    measure = _cpu_seconds if _CPU_TIME else median_seconds
+    measure = median_cpu_seconds if _CPU_TIME else median_seconds
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():

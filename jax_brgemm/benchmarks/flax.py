@@ -23,8 +23,7 @@ from flax import nnx
 
 import flax_layers as fl
 
-from .common import median_seconds, print_records
-from .dense import _cpu_seconds
+from .common import median_cpu_seconds, median_seconds, print_records
 
 VOCAB = 96
 
@@ -146,7 +145,7 @@ def records(names, repeats, rounds, cpu_time=False) -> list[dict]:
         runners = {k: step_runner(model_cls, k, x, labels) for k in LAYERS}
         # Alternating rounds, median over all of them: the machine is shared and noisy.
         times = {k: [] for k in LAYERS}
-        measure = _cpu_seconds if cpu_time else median_seconds
+        measure = median_cpu_seconds if cpu_time else median_seconds
         for _ in range(rounds):
             for k, run in runners.items():
                 times[k].append(measure(run, repeats=repeats, min_seconds=0.02))
