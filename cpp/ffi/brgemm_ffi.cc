@@ -91,6 +91,7 @@ ffi::Error brgemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   if (auto e = broadcast_strides(b, 3, pb.lead_shape, "b", &pb.b_lead_strides); e.failure()) return e;
   pb.a = a.untyped_data();
   pb.b = b.untyped_data();
+  prefer_huge_pages(out);
   return run(pb, std::move(pool));
 }
 
@@ -148,6 +149,7 @@ ffi::Error brgemm_indexed_impl(ffi::ThreadPool pool, ffi::AnyBuffer a_blocks,
   pb.a = a_blocks.untyped_data();
   pb.b = b_blocks.untyped_data();
   pb.offs_a = offs_a.data(), pb.offs_b = offs_b.data();
+  prefer_huge_pages(out);
   return run(pb, std::move(pool));
 }
 

@@ -70,6 +70,7 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
     return invalid("unknown activation '" + std::string(activation) + "'");
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
+  prefer_huge_pages(y);
   PoolExecutor executor(std::move(pool));
   return run_primitive([&] {
     return prim::conv2d_forward(s, dt[0], x.untyped_data(), w.untyped_data(), bias_ptr, act, dt[2],
@@ -85,6 +86,7 @@ ffi::Error backward_data_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyB
   if (auto e = same_dtype(dt[2], "dy", dt[1], "kernel"); e.failure()) return e;
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
+  prefer_huge_pages(dx);
   PoolExecutor executor(std::move(pool));
   return run_primitive([&] {
     return prim::conv2d_backward_data(s, dt[2], dy.untyped_data(), w.untyped_data(), dt[0],
@@ -101,6 +103,7 @@ ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   if (auto e = expect_f32(*dw, "result"); e.failure()) return e;
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
+  prefer_huge_pages(dw);
   PoolExecutor executor(std::move(pool));
   return run_primitive([&] {
     return prim::conv2d_weight_update(s, dt[0], x.untyped_data(), dy.untyped_data(),

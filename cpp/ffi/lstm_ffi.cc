@@ -91,6 +91,7 @@ ffi::Error lstm_forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   p.bias = f32(bias), p.h0 = h0.untyped_data(), p.c0 = f32(c0);
   p.hs = hs->untyped_data(), p.cs = f32_out(cs), p.gates = f32_out(gates);
   if (auto e = current_isa(&p.isa); e.failure()) return e;
+  prefer_huge_pages(hs, cs, gates);
   PoolExecutor executor(std::move(pool));
   if (std::string error = prim::lstm_forward(p, &executor); !error.empty()) return invalid(error);
   return ffi::Error::Success();
@@ -124,6 +125,7 @@ ffi::Error lstm_backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   p.dx = f32_out(dx), p.dw_ih = f32_out(dw_ih), p.dw_hh = f32_out(dw_hh);
   p.dbias = f32_out(dbias), p.dh0 = f32_out(dh0), p.dc0 = f32_out(dc0);
   if (auto e = current_isa(&p.isa); e.failure()) return e;
+  prefer_huge_pages(dx, dw_ih, dw_hh, dbias, dh0, dc0);
   PoolExecutor executor(std::move(pool));
   if (std::string error = prim::lstm_backward(p, &executor); !error.empty()) return invalid(error);
   return ffi::Error::Success();
