@@ -68,7 +68,7 @@ ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
 }
 
 ffi::Error run(const prim::BatchedBrgemm& pb, ffi::ThreadPool pool) {
-  PoolExecutor executor(std::move(pool));
+  const prim::Executor& executor = team_of(pool);
   if (std::string error = prim::run_batched_brgemm(pb, &executor); !error.empty())
     return invalid(error);
   return ffi::Error::Success();

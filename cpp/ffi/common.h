@@ -34,17 +34,11 @@ struct RegisterHandler {
 #define JBR_REGISTER_HANDLER(target_name, symbol) \
   static ::jbr::ffi_handlers::RegisterHandler symbol##_registration(target_name, symbol)
 
-// XLA's intra-op pool as the primitives' Executor. The calling thread works too, so use
-// one pool task fewer than the pool has threads.
-class PoolExecutor final : public prim::Executor {
- public:
-  explicit PoolExecutor(ffi::ThreadPool pool) : pool_(std::move(pool)) {}
-  int64_t num_workers() const override { return std::max<int64_t>(pool_.num_threads() - 1, 0); }
-  void schedule(std::function<void()> task) const override { pool_.Schedule(std::move(task)); }
-
- private:
-  mutable ffi::ThreadPool pool_;
-};
+// The primitives' threads: as many as XLA's intra-op pool has (so XLA's thread settings
+// hold), drawn from the library's own polling team (primitives/parallel.h says why).
+inline const prim::Executor& team_of(const ffi::ThreadPool& pool) {
+  return prim::worker_team(pool.num_threads());
+}
 
 // XLA hands large results over as freshly mapped memory, and first-touching it one 4 KB
 // page at a time costs about 1 us a page here: ~20 ms for a 64 MB weight gradient, twice

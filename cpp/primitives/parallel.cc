@@ -2,9 +2,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
+#include <cstdlib>
+#include <deque>
 #include <memory>
 #include <mutex>
+#include <thread>
+#include <vector>
 
 namespace jbr::prim {
 namespace {
@@ -16,20 +21,111 @@ struct SharedWork {
   const std::function<void(int64_t)>& body;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> finished{0};
-  std::mutex mutex;
-  std::condition_variable all_finished;
 
   void work() {
     int64_t mine = 0;
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n; ++mine) body(i);
-    if (mine > 0 && finished.fetch_add(mine, std::memory_order_acq_rel) + mine == n) {
-      std::lock_guard<std::mutex> lock(mutex);
-      all_finished.notify_all();
-    }
+    if (mine > 0) finished.fetch_add(mine, std::memory_order_acq_rel);
   }
 };
 
+// Tasks in a queue that workers poll, then park on. Process-wide and never destroyed
+// (its threads are detached: a static destructor would race them at exit).
+class Team {
+ public:
+  static Team& instance() {
+    static Team* team = new Team;
+    return *team;
+  }
+
+  // At least `workers` threads running (they are only ever added).
+  void ensure(int64_t workers) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (started_ < workers) {
+      std::thread([this] { serve(); }).detach();
+      ++started_;
+    }
+  }
+
+  void schedule(std::function<void()> task) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      tasks_.push_back(std::move(task));
+      queued_.fetch_add(1, std::memory_order_release);
+    }
+    if (parked_.load(std::memory_order_acquire) > 0) wake_.notify_one();
+  }
+
+ private:
+  Team() {
+    const char* spin = std::getenv("JAX_BRGEMM_SPIN_US");
+    spin_ = std::chrono::microseconds(spin ? std::atoll(spin) : 1000);
+  }
+
+  void serve() {
+    for (;;) {
+      std::function<void()> task = next();
+      task();
+    }
+  }
+
+  std::function<void()> next() {
+    auto polled_since = std::chrono::steady_clock::now();
+    for (;;) {
+      if (queued_.load(std::memory_order_acquire) > 0) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!tasks_.empty()) return pop();
+      } else if (std::chrono::steady_clock::now() - polled_since < spin_) {
+        std::this_thread::yield();
+      } else {
+        std::unique_lock<std::mutex> lock(mutex_);
+        parked_.fetch_add(1, std::memory_order_acq_rel);
+        wake_.wait(lock, [&] { return !tasks_.empty(); });
+        parked_.fetch_sub(1, std::memory_order_acq_rel);
+        return pop();
+      }
+    }
+  }
+
+  std::function<void()> pop() {  // mutex_ held, tasks_ not empty
+    std::function<void()> task = std::move(tasks_.front());
+    tasks_.pop_front();
+    queued_.fetch_sub(1, std::memory_order_release);
+    return task;
+  }
+
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> tasks_;
+  std::atomic<int64_t> queued_{0};
+  std::atomic<int64_t> parked_{0};
+  int64_t started_ = 0;
+  std::chrono::microseconds spin_;
+};
+
+class TeamExecutor final : public Executor {
+ public:
+  explicit TeamExecutor(int64_t workers) : workers_(workers) { Team::instance().ensure(workers); }
+  int64_t num_workers() const override { return workers_; }
+  void schedule(std::function<void()> task) const override { Team::instance().schedule(std::move(task)); }
+
+ private:
+  int64_t workers_;
+};
+
 }  // namespace
+
+const Executor& worker_team(int64_t threads) {
+  // One executor per team size asked for (in practice one: XLA's pool size).
+  static std::mutex mutex;
+  static std::vector<std::unique_ptr<TeamExecutor>>* teams = new std::vector<std::unique_ptr<TeamExecutor>>;
+  const int64_t workers = std::max<int64_t>(threads - 1, 0);
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& t : *teams)
+    if (t->num_workers() == workers) return *t;
+  teams->push_back(std::make_unique<TeamExecutor>(workers));
+  return *teams->back();
+}
 
 void parallel_for(const Executor* executor, int64_t n, const std::function<void(int64_t)>& body) {
   if (n <= 0) return;
@@ -42,8 +138,9 @@ void parallel_for(const Executor* executor, int64_t n, const std::function<void(
   auto work = std::make_shared<SharedWork>(n, body);
   for (int64_t w = 0; w < workers; ++w) executor->schedule([work] { work->work(); });
   work->work();
-  std::unique_lock<std::mutex> lock(work->mutex);
-  work->all_finished.wait(lock, [&] { return work->finished.load() == n; });
+  // What is left is at most one item per worker, already running: poll rather than park
+  // (a parked caller waits as long to be woken as the workers do).
+  while (work->finished.load(std::memory_order_acquire) != n) std::this_thread::yield();
 }
 
 }  // namespace jbr::prim

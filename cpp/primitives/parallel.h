@@ -21,4 +21,13 @@ class Executor {
 // cannot deadlock when the caller is itself a pool worker. `executor` may be null.
 void parallel_for(const Executor* executor, int64_t n, const std::function<void(int64_t)>& body);
 
+// The library's own worker threads, `threads - 1` of them (the caller is the last one),
+// shared by every call in the process. Why not XLA's intra-op pool: its idle threads park,
+// and waking one took 20-900 us on the 2-core VMs we measure on, as long as a whole
+// 128x512x512 GEMM, so calls under ~1 ms barely scaled. Like OpenMP runtimes (its
+// "blocktime"), a worker keeps polling for the next task for JAX_BRGEMM_SPIN_US
+// microseconds (default 1000; 0: park at once) before it parks, yielding the core to
+// any other runnable thread while it polls.
+const Executor& worker_team(int64_t threads);
+
 }  // namespace jbr::prim

@@ -1,0 +1,55 @@
+"""The worker team (cpp/primitives/parallel.cc) under its thread settings: workers that park
+at once and must be woken for every call, a team of one (XLA told to use one thread), and
+calls made from several Python threads at once. Each setting runs in a fresh interpreter,
+since the team reads its settings once per process."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import threading, time
+    import numpy as np, jax, jax.numpy as jnp
+    from jax_brgemm import nn
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96, 300)).astype(np.float32)
+    w = (rng.standard_normal((300, 260)) / 17).astype(np.float32)
+    b = rng.standard_normal(260).astype(np.float32)
+    want = np.maximum(x.astype(np.float64) @ w + b, 0)
+    loss = jax.jit(jax.grad(lambda x, w, b: jnp.sum(nn.dense(x, w, b, activation="relu") ** 2), (0, 1, 2)))
+    want_grads = [np.asarray(g) for g in jax.grad(
+        lambda x, w, b: jnp.sum(jax.nn.relu(x @ w + b) ** 2), (0, 1, 2))(x, w, b)]
+    failures = []
+
+    def check(rounds):
+        for _ in range(rounds):
+            y = np.asarray(jax.jit(lambda x, w, b: nn.dense(x, w, b, activation="relu"))(x, w, b))
+            if not np.allclose(y, want, rtol=1e-4, atol=1e-4):
+                failures.append("forward")
+            for got, ref in zip(loss(x, w, b), want_grads):
+                if not np.allclose(np.asarray(got), ref, rtol=1e-3, atol=1e-3):
+                    failures.append("gradient")
+            time.sleep(0.003)  # longer than the polling time below: workers park
+
+    threads = [threading.Thread(target=check, args=(5,)) for _ in range(3)]
+    for t in threads: t.start()
+    check(5)
+    for t in threads: t.join()
+    print("failures", failures)
+""")
+
+
+@pytest.mark.parametrize("env", [
+    {"JAX_BRGEMM_SPIN_US": "0"},        # park at once: every call wakes its workers
+    {"JAX_BRGEMM_SPIN_US": "1000"},     # the default polling
+    {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"},
+], ids=["park-at-once", "default-polling", "one-thread"])
+def test_calls_from_many_threads_are_right_under_every_thread_setting(env):
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", **env))
+    assert result.returncode == 0, result.stderr
+    assert "failures []" in result.stdout, result.stdout + result.stderr
