@@ -152,6 +152,19 @@ def test_grad_of_vmap_and_per_example_grads(rng):
         assert rel_err(dws[i], reference(x[i], w, b, "gelu", dy[i])[2]) < TOL
 
 
+@pytest.mark.parametrize("argnums", [(0,), (1,), (2,), (1, 2), (0, 2)])
+def test_gradients_to_some_inputs_only(rng, argnums):
+    """The backward computes only the gradients asked for (the rest are not perturbed):
+    each one asked for must still be exact, with or without the others."""
+    x, w, b, dy = make(rng, (37,), 70, 45)
+    loss = lambda x, w, b: jnp.sum(dense(x, w, b, activation="tanh") * dy)
+    grads = jax.jit(jax.grad(loss, argnums))(x, w, b)
+    refs, scales = reference(x, w, b, "tanh", dy, scales=True)
+    for i, g in zip(argnums, grads):
+        assert g.shape == refs[i + 1].shape
+        assert scaled_err(g, refs[i + 1], scales[i + 1]) < TOL / 2, i
+
+
 def test_empty_inputs(rng):
     assert dense(np.zeros((0, 4), np.float32), np.ones((4, 3), np.float32)).shape == (0, 3)
     x = rng.standard_normal((5, 0)).astype(np.float32)

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -139,9 +140,6 @@ void reduce_into(const GemmNest<T>& g, const T* a, const T* b, int64_t ldb, int6
   if (tail > 0) call(a + full * kb, b + full * kb * ldb, tail, 1, false, last);
 }
 
-template <typename T>
-std::string run_gemm(const GemmNest<T>& g, const Executor* executor);
-
 // bfloat16: A rows a multiple of 4 KB apart all fall in the same L1 sets (8 KB for x of a
 // 4096-wide layer: ~5-8 % of the forward). Where at least kPadStrips strips read A (so the
 // copy costs a few % at most), it is copied once with its rows 64 bytes further apart.
@@ -153,116 +151,156 @@ bool pad_a(const GemmNest<T>& g) {
          g.n >= kPadStrips * kStripCols;
 }
 
+// A GemmNest cut into independent work items, (column strip, row group) pairs: run_item(i)
+// for every i < items, in any order and on any threads, computes the whole GEMM. Separate
+// from running it so that two GEMMs of one backward pass share one parallel loop.
 template <typename T>
-std::string run_padded(const GemmNest<T>& g, const Executor* executor) {
-  GemmNest<T> h = g;
-  h.lda = g.r + 64 / sizeof(T);
-  if (pad_a(h)) h.lda += 64 / sizeof(T);  // (r itself 64 bytes short of a 4 KB multiple)
-  std::unique_ptr<T[]> a(new T[g.m * h.lda]);
-  constexpr int64_t rows = 64;
-  parallel_for(executor, ceil_div(g.m, rows), [&](int64_t b) {
-    for (int64_t i = b * rows; i < std::min(g.m, (b + 1) * rows); ++i)
-      std::memcpy(a.get() + i * h.lda, g.a + i * g.lda, sizeof(T) * g.r);
+class GemmPlan {
+ public:
+  int64_t items = 0;
+
+  // Empty on success, else why the nest cannot run.
+  std::string plan(const GemmNest<T>& nest, int64_t threads) {
+    g_ = nest;
+    if (g_.m == 0 || g_.n == 0) return "";
+    if (g_.out_dtype != DType::f32 && (g_.act_out || g_.out_t))
+      return "dense: an output with side outputs must be float32";
+    if (pad_a(g_)) {
+      padded_lda_ = g_.r + 64 / sizeof(T);
+      if ((padded_lda_ * int64_t{sizeof(T)}) % 4096 == 0) padded_lda_ += 64 / sizeof(T);
+      padded_a_.reset(new T[g_.m * padded_lda_]);
+    }
+    // Validate the shapes the nest will ask for (they differ only in m, n, k, beta, epilogue).
+    Desc probe;
+    probe.m = std::min(g_.m, kRowTarget), probe.n = std::min(g_.n, kStripCols);
+    probe.k = std::min(g_.r, kReduceBlock);
+    probe.lda = padded_a_ ? padded_lda_ : g_.lda, probe.ldb = g_.b_transposed ? probe.n : g_.ldb;
+    probe.ldc = g_.ldo;
+    probe.a_dtype = probe.b_dtype = dtype_of<T>(), probe.c_dtype = g_.out_dtype;
+    probe.isa = g_.isa;
+    if (std::string e = validate(probe); !e.empty()) return e;
+    // Row blocks of about kRowTarget rows, a multiple of the register block where that
+    // splits m evenly, else m split evenly (the kernel picks the register blocking per m).
+    // bfloat16's register blocks (6 rows of 64 columns) never split a power of two evenly:
+    // there the blocks are whole register blocks and the last one is short.
+    const int64_t tile_rows = get_kernel(probe).rows_per_block;
+    bm_ = tile_rows * std::max<int64_t>(1, kRowTarget / tile_rows);
+    if (g_.m % bm_ != 0) {
+      bm_ = ceil_div(g_.m, ceil_div(g_.m, bm_));
+      if (!std::is_same_v<T, float>) bm_ = ceil_div(bm_, tile_rows) * tile_rows;
+    }
+    // Row groups of about kGroupRows rows keep an item's A block (group x chunk) in L2 while
+    // the strips go by; smaller groups where there would be too few items for the threads.
+    strips_ = ceil_div(g_.n, kStripCols);
+    const int64_t row_blocks = ceil_div(g_.m, bm_);
+    // (A transposed B panel costs more to pack than a copy: four times larger groups.)
+    const int64_t target_rows = g_.b_transposed ? 4 * kGroupRows : kGroupRows;
+    int64_t group_blocks = std::clamp<int64_t>(target_rows / bm_, 1, row_blocks);
+    while (group_blocks > 1 && strips_ * ceil_div(row_blocks, group_blocks) < 4 * threads)
+      group_blocks = ceil_div(group_blocks, 2);
+    const int64_t groups = ceil_div(row_blocks, group_blocks);
+    group_blocks = ceil_div(row_blocks, groups);  // balanced: no runt group at the end
+    group_rows_ = group_blocks * bm_;
+    chunk_ = std::min<int64_t>(g_.r, kReduceChunk * sizeof(float) / sizeof(T));
+    pack_ = g_.b_transposed || (g_.ldb >= kPackLdb && group_blocks >= kPackBlocks);
+    // A bfloat16 out block that takes several kernel calls (several chunks, or a tail block)
+    // is summed in float32 scratch and rounded into out once, after the last.
+    accumulate_ = g_.out_dtype != DType::f32 &&
+                  (g_.r > chunk_ || (g_.r > kReduceBlock && g_.r % kReduceBlock != 0));
+    items = strips_ * groups;
+    return "";
+  }
+
+  // The padded copy of A, where plan() asked for one: run before any item.
+  void copy_a(const Executor* executor) {
+    if (!padded_a_) return;
+    constexpr int64_t rows = 64;
+    parallel_for(executor, ceil_div(g_.m, rows), [&](int64_t b) {
+      for (int64_t i = b * rows; i < std::min(g_.m, (b + 1) * rows); ++i)
+        std::memcpy(padded_a_.get() + i * padded_lda_, g_.a + i * g_.lda, sizeof(T) * g_.r);
+    });
+    g_.a = padded_a_.get(), g_.lda = padded_lda_;
+  }
+
+  // Strips vary fastest, so items running at the same time share their A block.
+  void run_item(int64_t item) const {
+    const int64_t strip = item % strips_, group = item / strips_;
+    const int64_t col0 = strip * kStripCols, cols = std::min(kStripCols, g_.n - col0);
+    const int64_t row_begin = group * group_rows_, row_end = std::min(g_.m, row_begin + group_rows_);
+    const int64_t out_size = size_of(g_.out_dtype), side_size = size_of(g_.side_dtype);
+    thread_local std::vector<T> panel;
+    thread_local std::vector<float> sums;
+    if (pack_ && panel.size() < static_cast<size_t>(chunk_ * cols))
+      panel.resize(chunk_ * cols);
+    if (accumulate_ && sums.size() < static_cast<size_t>(group_rows_ * cols))
+      sums.resize(group_rows_ * cols);
+    for (int64_t r0 = 0; r0 < g_.r; r0 += chunk_) {
+      const int64_t depth = std::min(chunk_, g_.r - r0);
+      const T* b = g_.b + r0 * g_.ldb + col0;
+      int64_t ldb = g_.ldb;
+      if (g_.b_transposed) {
+        transpose_block(g_.b + col0 * g_.ldb + r0, g_.ldb, cols, depth, panel.data(), cols);
+        b = panel.data(), ldb = cols;
+      } else if (pack_) {
+        for (int64_t i = 0; i < depth; ++i)
+          std::memcpy(panel.data() + i * cols, b + i * g_.ldb, sizeof(T) * cols);
+        b = panel.data(), ldb = cols;
+      }
+      const bool first = r0 == 0, last = r0 + depth == g_.r;
+      for (int64_t row0 = row_begin; row0 < row_end; row0 += bm_) {
+        const int64_t rows = std::min(bm_, row_end - row0);
+        char* out = static_cast<char*>(g_.out) + (row0 * g_.ldo + col0) * out_size;
+        void* c = out;
+        int64_t ldc = g_.ldo;
+        if (accumulate_) c = sums.data() + (row0 - row_begin) * cols, ldc = cols;
+        reduce_into(g_, g_.a + row0 * g_.lda + r0, b, ldb, rows, cols, depth, c, ldc,
+                    accumulate_ ? DType::f32 : g_.out_dtype, g_.bias ? g_.bias + col0 : nullptr,
+                    first, last);
+        if (!last) continue;
+        const float* block = static_cast<const float*>(c);  // float32 from here on
+        if (accumulate_)
+          for (int64_t i = 0; i < rows; ++i)
+            store_row(block + i * ldc, out + i * g_.ldo * out_size, g_.out_dtype, cols);
+        if (g_.act_out)
+          for (int64_t i = 0; i < rows; ++i)
+            activate_row(g_.activation, block + i * ldc,
+                         static_cast<char*>(g_.act_out) + ((row0 + i) * g_.ldo + col0) * side_size,
+                         g_.side_dtype, cols, g_.isa);
+        if (g_.out_t)
+          transpose_out(block, ldc, rows, cols,
+                        static_cast<char*>(g_.out_t) + (col0 * g_.ldt + row0) * side_size,
+                        g_.side_dtype, g_.ldt);
+      }
+    }
+  }
+
+ private:
+  GemmNest<T> g_;
+  int64_t bm_ = 0, strips_ = 0, group_rows_ = 0, chunk_ = 0;
+  bool pack_ = false, accumulate_ = false;
+  std::unique_ptr<T[]> padded_a_;
+  int64_t padded_lda_ = 0;
+};
+
+// Runs every item of the plans (already planned, A copies made) in one parallel loop.
+template <typename T>
+void run_plans(std::initializer_list<const GemmPlan<T>*> plans, const Executor* executor) {
+  int64_t total = 0;
+  for (const GemmPlan<T>* p : plans) total += p->items;
+  parallel_for(executor, total, [&](int64_t item) {
+    for (const GemmPlan<T>* p : plans) {
+      if (item < p->items) return p->run_item(item);
+      item -= p->items;
+    }
   });
-  h.a = a.get();
-  return run_gemm(h, executor);
 }
 
 template <typename T>
 std::string run_gemm(const GemmNest<T>& g, const Executor* executor) {
-  if (g.m == 0 || g.n == 0) return "";
-  if (pad_a(g)) return run_padded(g, executor);
-  if (g.out_dtype != DType::f32 && (g.act_out || g.out_t))
-    return "dense: an output with side outputs must be float32";
-  // Validate the shapes the nest will ask for (they differ only in m, n, k, beta, epilogue).
-  Desc probe;
-  probe.m = std::min(g.m, kRowTarget), probe.n = std::min(g.n, kStripCols);
-  probe.k = std::min(g.r, kReduceBlock);
-  probe.lda = g.lda, probe.ldb = g.b_transposed ? probe.n : g.ldb, probe.ldc = g.ldo;
-  probe.a_dtype = probe.b_dtype = dtype_of<T>(), probe.c_dtype = g.out_dtype;
-  probe.isa = g.isa;
-  if (std::string e = validate(probe); !e.empty()) return e;
-  // Row blocks of about kRowTarget rows, a multiple of the register block where that
-  // splits m evenly, else m split evenly (the kernel picks the register blocking per m).
-  // bfloat16's register blocks (6 rows of 64 columns) never split a power of two evenly:
-  // there the blocks are whole register blocks and the last one is short.
-  const int64_t tile_rows = get_kernel(probe).rows_per_block;
-  int64_t bm = tile_rows * std::max<int64_t>(1, kRowTarget / tile_rows);
-  if (g.m % bm != 0) {
-    bm = ceil_div(g.m, ceil_div(g.m, bm));
-    if (!std::is_same_v<T, float>) bm = ceil_div(bm, tile_rows) * tile_rows;
-  }
-
-  // Row groups of about kGroupRows rows keep an item's A block (group x chunk) in L2 while
-  // the strips go by; smaller groups where there would be too few items for the threads.
-  const int64_t strips = ceil_div(g.n, kStripCols);
-  const int64_t row_blocks = ceil_div(g.m, bm);
-  // (A transposed B panel costs more to pack than a copy: four times larger groups.)
-  const int64_t target_rows = g.b_transposed ? 4 * kGroupRows : kGroupRows;
-  int64_t group_blocks = std::clamp<int64_t>(target_rows / bm, 1, row_blocks);
-  while (group_blocks > 1 && strips * ceil_div(row_blocks, group_blocks) < 4 * threads_of(executor))
-    group_blocks = ceil_div(group_blocks, 2);
-  const int64_t groups = ceil_div(row_blocks, group_blocks);
-  group_blocks = ceil_div(row_blocks, groups);  // balanced: no runt group at the end
-  const int64_t group_rows = group_blocks * bm;
-  const int64_t chunk = std::min<int64_t>(g.r, kReduceChunk * sizeof(float) / sizeof(T));
-  const bool pack = g.b_transposed || (g.ldb >= kPackLdb && group_blocks >= kPackBlocks);
-  // A bfloat16 out block that takes several kernel calls (several chunks, or a tail block)
-  // is summed in float32 scratch and rounded into out once, after the last.
-  const bool accumulate = g.out_dtype != DType::f32 &&
-                          (g.r > chunk || (g.r > kReduceBlock && g.r % kReduceBlock != 0));
-  const int64_t out_size = size_of(g.out_dtype), side_size = size_of(g.side_dtype);
-
-  // Strips vary fastest, so items running at the same time share their A block.
-  parallel_for(executor, strips * groups, [&](int64_t item) {
-    const int64_t strip = item % strips, group = item / strips;
-    const int64_t col0 = strip * kStripCols, cols = std::min(kStripCols, g.n - col0);
-    const int64_t row_begin = group * group_rows, row_end = std::min(g.m, row_begin + group_rows);
-    thread_local std::vector<T> panel;
-    thread_local std::vector<float> sums;
-    if (pack && panel.size() < static_cast<size_t>(chunk * cols))
-      panel.resize(chunk * cols);
-    if (accumulate && sums.size() < static_cast<size_t>(group_rows * cols))
-      sums.resize(group_rows * cols);
-    for (int64_t r0 = 0; r0 < g.r; r0 += chunk) {
-      const int64_t depth = std::min(chunk, g.r - r0);
-      const T* b = g.b + r0 * g.ldb + col0;
-      int64_t ldb = g.ldb;
-      if (g.b_transposed) {
-        transpose_block(g.b + col0 * g.ldb + r0, g.ldb, cols, depth, panel.data(), cols);
-        b = panel.data(), ldb = cols;
-      } else if (pack) {
-        for (int64_t i = 0; i < depth; ++i)
-          std::memcpy(panel.data() + i * cols, b + i * g.ldb, sizeof(T) * cols);
-        b = panel.data(), ldb = cols;
-      }
-      const bool first = r0 == 0, last = r0 + depth == g.r;
-      for (int64_t row0 = row_begin; row0 < row_end; row0 += bm) {
-        const int64_t rows = std::min(bm, row_end - row0);
-        char* out = static_cast<char*>(g.out) + (row0 * g.ldo + col0) * out_size;
-        void* c = out;
-        int64_t ldc = g.ldo;
-        if (accumulate) c = sums.data() + (row0 - row_begin) * cols, ldc = cols;
-        reduce_into(g, g.a + row0 * g.lda + r0, b, ldb, rows, cols, depth, c, ldc,
-                    accumulate ? DType::f32 : g.out_dtype, g.bias ? g.bias + col0 : nullptr,
-                    first, last);
-        if (!last) continue;
-        const float* block = static_cast<const float*>(c);  // float32 from here on
-        if (accumulate)
-          for (int64_t i = 0; i < rows; ++i)
-            store_row(block + i * ldc, out + i * g.ldo * out_size, g.out_dtype, cols);
-        if (g.act_out)
-          for (int64_t i = 0; i < rows; ++i)
-            activate_row(g.activation, block + i * ldc,
-                         static_cast<char*>(g.act_out) + ((row0 + i) * g.ldo + col0) * side_size,
-                         g.side_dtype, cols, g.isa);
-        if (g.out_t)
-          transpose_out(block, ldc, rows, cols,
-                        static_cast<char*>(g.out_t) + (col0 * g.ldt + row0) * side_size,
-                        g.side_dtype, g.ldt);
-      }
-    }
-  });
+  GemmPlan<T> plan;
+  if (std::string e = plan.plan(g, threads_of(executor)); !e.empty()) return e;
+  plan.copy_a(executor);
+  run_plans<T>({&plan}, executor);
   return "";
 }
 
@@ -373,42 +411,50 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
     });
   }
 
+  // dx and dw are independent GEMMs: planned apart, their items run in one parallel loop
+  // (one wake-up of the workers, and the two balance each other's tails).
+  GemmPlan<T> dx_plan, dw_plan;
+  std::unique_ptr<T[]> dzt, xt;
+  std::unique_ptr<float[]> dxt;
+  const int64_t threads = threads_of(executor);
   if (p.dx && c > 0) {
     const T* w = static_cast<const T*>(p.w);
+    GemmNest<T> g;
+    g.isa = p.isa;
     if (2 * n * (c + k) < c * k) {
       // Few rows: transposing dz and the result (n (c + k) elements) is cheaper than w
       // (c k): dx^T (c x n, float32) = w (c x k, as it is) @ dz^T, each finished block of
       // it transposed into dx while hot.
-      std::unique_ptr<T[]> dzt(new T[k * n]);
-      std::unique_ptr<float[]> dxt(new float[c * n]);
+      dzt.reset(new T[k * n]);
+      dxt.reset(new float[c * n]);
       transpose(dz, k, n, k, dzt.get(), n, executor);
-      GemmNest<T> g;
       g.m = c, g.n = n, g.r = k;
       g.a = w, g.lda = k;
       g.b = dzt.get(), g.ldb = n;
-      g.out = dxt.get(), g.ldo = n, g.isa = p.isa;
+      g.out = dxt.get(), g.ldo = n;
       g.out_t = p.dx, g.ldt = c, g.side_dtype = p.dx_dtype;
-      if (std::string e = run_gemm(g, executor); !e.empty()) return e;
     } else {
       // dx (n x c) = dz (n x k) @ w^T, each w^T panel packed just before its use.
-      GemmNest<T> g;
       g.m = n, g.n = c, g.r = k;
       g.a = dz, g.lda = k;
       g.b = w, g.ldb = k, g.b_transposed = true;
-      g.out = p.dx, g.out_dtype = p.dx_dtype, g.ldo = c, g.isa = p.isa;
-      if (std::string e = run_gemm(g, executor); !e.empty()) return e;
+      g.out = p.dx, g.out_dtype = p.dx_dtype, g.ldo = c;
     }
+    if (std::string e = dx_plan.plan(g, threads); !e.empty()) return e;
+    dx_plan.copy_a(executor);
   }
   if (p.dw && c > 0) {  // weight-update: dw (c x k) = x^T (c x n, packed once) @ dz
-    std::unique_ptr<T[]> xt(new T[c * n]);  // not zeroed: fully written
+    xt.reset(new T[c * n]);  // not zeroed: fully written
     transpose(static_cast<const T*>(p.x), c, n, c, xt.get(), n, executor);
     GemmNest<T> g;
     g.m = c, g.n = k, g.r = n;
     g.a = xt.get(), g.lda = n;
     g.b = dz, g.ldb = k;
     g.out = p.dw, g.out_dtype = p.dw_dtype, g.ldo = k, g.isa = p.isa;
-    if (std::string e = run_gemm(g, executor); !e.empty()) return e;
+    if (std::string e = dw_plan.plan(g, threads); !e.empty()) return e;
+    dw_plan.copy_a(executor);
   }
+  run_plans<T>({&dx_plan, &dw_plan}, executor);
   return "";
 }
 

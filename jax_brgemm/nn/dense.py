@@ -110,26 +110,35 @@ def _dense(x, kernel, bias, act):
 
 
 def _dense_fwd(x, kernel, bias, act):
+    # Symbolic zeros: each primal comes with `perturbed`, whether it is differentiated at
+    # all. The backward skips the gradients nobody asked for (dx of a first layer, whose
+    # input is data; dkernel of a frozen layer) inside its one FFI call.
     keep_preact = act == "gelu"  # gelu's derivative needs its input; others use the output
     forward = without_derivative(  # grad of grad: a clear error
         "jax_brgemm.nn.dense", lambda x, kernel, bias: _forward_call(x, kernel, bias, act, keep_preact))
-    y, preact = forward(x, kernel, bias)
+    bias_value = None if bias is None else bias.value
+    y, preact = forward(x.value, kernel.value, bias_value)
     saved = preact if keep_preact else (None if act == "none" else y)
-    return y, (x, kernel, bias, saved)
+    # (Residuals are pytrees of arrays: the flags ride in their structure, () or None.)
+    wanted = tuple(() if p is not None and p.perturbed else None for p in (x, kernel, bias))
+    return y, (x.value, kernel.value, bias_value, saved, wanted)
 
 
 @first_order_only("jax_brgemm.nn.dense")
 def _dense_bwd(act, res, dy):
-    x, kernel, bias, saved = res
-    # Two calls, so XLA drops the backward-data one where dx is unused (a first layer).
-    dx = _backward_call(dy, x, kernel, saved, act, want_dw=False, want_db=False)[0]
-    _, dkernel, dbias = _backward_call(dy, x, kernel, saved, act, want_dx=False,
-                                       want_db=bias is not None,
-                                       db_dtype=jnp.float32 if bias is None else bias.dtype)
-    return dx, dkernel, (None if bias is None else dbias)
+    x, kernel, bias, saved, wanted = res
+    want_dx, want_dw, want_db = (flag is not None for flag in wanted)
+    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+        dy = jnp.zeros(dy.shape, dy.dtype)
+    # One call: dx and dkernel share one pass computing dz and one parallel loop.
+    dx, dkernel, dbias = _backward_call(
+        dy, x, kernel, saved, act, want_dx=want_dx, want_dw=want_dw,
+        want_db=want_db, db_dtype=jnp.float32 if bias is None else bias.dtype)
+    return (dx if want_dx else jnp.zeros_like(x), dkernel if want_dw else jnp.zeros_like(kernel),
+            None if bias is None else (dbias if want_db else jnp.zeros_like(bias)))
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------ multi-layer perceptron
