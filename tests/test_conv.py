@@ -99,6 +99,13 @@ def test_isa_paths(isa, rng):
     _check(rng, 1, 7, 6, 4, 3, 1, ((1, 0), (2, 1)), 2, 2, None)
 
 
+def test_large_outputs_on_every_isa(isa, rng):
+    """16 MB results (the forward's y, then backward-data's dx) are written with
+    non-temporal stores (Desc::stream_c) by the paths that have them: still exact."""
+    _check(rng, 1, 64, 32, 1024, 1, 1, "VALID", act="relu")
+    _check(rng, 1, 64, 1024, 32, 1, 1, "VALID")
+
+
 RESNET50 = [  # (H=W, C, K, R=S, pad, stride)
     (224, 3, 64, 7, 3, 2), (56, 64, 256, 1, 0, 1), (56, 64, 64, 1, 0, 1), (56, 64, 64, 3, 1, 1),
     (56, 256, 64, 1, 0, 1), (56, 256, 512, 1, 0, 2), (56, 256, 128, 1, 0, 2), (28, 128, 128, 3, 1, 1),

@@ -103,7 +103,7 @@ struct DescHash {
     for (int64_t v : {d.m, d.n, d.k, d.lda, d.ldb, d.ldc}) mix(v);
     mix(static_cast<int64_t>(d.a_dtype) | static_cast<int64_t>(d.b_dtype) << 4 |
         static_cast<int64_t>(d.c_dtype) << 8 | static_cast<int64_t>(d.activation) << 12 |
-        static_cast<int64_t>(d.isa) << 16 | static_cast<int64_t>(d.has_bias) << 20);
+        static_cast<int64_t>(d.isa) << 16 | static_cast<int64_t>(d.has_bias) << 20 | static_cast<int64_t>(d.stream_c) << 21);
     uint32_t beta_bits;
     static_assert(sizeof(beta_bits) == sizeof(d.beta));
     std::memcpy(&beta_bits, &d.beta, sizeof beta_bits);
@@ -177,7 +177,8 @@ std::string set_active_isa(const std::string& name) {
 bool Desc::operator==(const Desc& o) const {
   return m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb && ldc == o.ldc &&
          a_dtype == o.a_dtype && b_dtype == o.b_dtype && c_dtype == o.c_dtype &&
-         beta == o.beta && activation == o.activation && has_bias == o.has_bias && isa == o.isa;
+         beta == o.beta && activation == o.activation && has_bias == o.has_bias && stream_c == o.stream_c &&
+         isa == o.isa;
 }
 
 std::string validate(const Desc& d) {

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <chrono>
+#include <cstdint>
 #include <utility>
 
 #include "isa_impl.h"
@@ -98,6 +99,7 @@ struct Tile {
   void* c;        // float32 or bfloat16, as desc->c_dtype says
   float alpha;
   const float* bias;
+  bool stream;  // full float32 vectors of C go out as non-temporal stores
 };
 
 // The epilogue on one finished vector of C (row r, columns col.. of the tile), in registers:
@@ -122,7 +124,7 @@ inline void finish(const Tile& t, Vec x, int r, int col, bool partial, Vec::Mask
   if (c_bf16) {
     if (partial) x.store_bf16(c16, mask); else x.store_bf16(c16);
   } else {
-    if (partial) x.store(c32, mask); else x.store(c32);
+    if (partial) x.store(c32, mask); else if (t.stream) x.stream(c32); else x.store(c32);
   }
 }
 
@@ -194,7 +196,9 @@ inline void run_tiles(const Kernel& kern, const Batch& batch, void* c, float alp
                       const float* bias, const TileTable& table, int width) {
   const Desc& d = kern.desc;
   const int64_t block_cols = int64_t{kern.vectors_per_block} * width;
-  Tile t{&d, &batch, 0, 0, width, c, alpha, bias};
+  const bool stream = d.stream_c && d.c_dtype == DType::f32 && d.ldc % width == 0 &&
+                      reinterpret_cast<uintptr_t>(c) % (sizeof(float) * width) == 0;
+  Tile t{&d, &batch, 0, 0, width, c, alpha, bias, stream};
   for (int64_t col0 = 0; col0 < d.n; col0 += block_cols) {
     const int64_t cols = std::min(block_cols, d.n - col0);
     const int nv = static_cast<int>((cols + width - 1) / width);
@@ -207,6 +211,7 @@ inline void run_tiles(const Kernel& kern, const Batch& batch, void* c, float alp
       table[nv][rows][masked](t);
     }
   }
+  if (stream) store_fence();  // non-temporal stores are weakly ordered: done before return
 }
 
 template <class T, const detail::Blocking& B>

@@ -40,6 +40,7 @@ struct Vec {
   static Vec load(const float* p) { return {*p}; }
   static Vec load(const float* p, Mask) { return {*p}; }
   void store(float* p) const { *p = v; }
+  void stream(float* p) const { *p = v; }  // (no non-temporal store: a plain one)
   void store(float* p, Mask) const { *p = v; }
   static Vec load_bf16(const uint16_t* p) { return {bf16_to_f32(*p)}; }
   static Vec load_bf16(const uint16_t* p, Mask) { return {bf16_to_f32(*p)}; }
@@ -58,6 +59,7 @@ struct Vec {
   friend Vec copysign(Vec mag, Vec sign) { return {std::copysign(mag.v, sign.v)}; }
   friend Vec exp(Vec x) { return {std::exp(x.v)}; }
 };
+inline void store_fence() {}
 #elif defined(JBR_VEC_AVX512)
 struct Vec {
   __m512 v;
@@ -69,6 +71,7 @@ struct Vec {
   static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
   static Vec load(const float* p, Mask m) { return {_mm512_maskz_loadu_ps(m, p)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void stream(float* p) const { _mm512_stream_ps(p, v); }  // p 64-byte aligned
   void store(float* p, Mask m) const { _mm512_mask_storeu_ps(p, m, v); }
   static Vec from_bf16(__m256i h) {
     return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
@@ -121,6 +124,7 @@ struct Vec {
     return {_mm512_scalef_ps(p, n)};
   }
 };
+inline void store_fence() { _mm_sfence(); }  // orders the stream() stores before later ones
 #elif defined(JBR_VEC_AVX2)
 struct Vec {
   __m256 v;
@@ -137,6 +141,7 @@ struct Vec {
     return {_mm256_maskload_ps(p, _mm256_castps_si256(m))};
   }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void stream(float* p) const { _mm256_stream_ps(p, v); }  // p 32-byte aligned
   void store(float* p, Mask m) const { _mm256_maskstore_ps(p, _mm256_castps_si256(m), v); }
   static int lanes(Mask m) { return __builtin_popcount(_mm256_movemask_ps(m)); }
   static Vec from_bf16(__m128i h) {
@@ -205,6 +210,7 @@ struct Vec {
                              _mm256_cmp_ps(x.v, _mm256_set1_ps(K::lo), _CMP_LT_OQ))};
   }
 };
+inline void store_fence() { _mm_sfence(); }  // orders the stream() stores before later ones
 #else
 #error "define one of JBR_VEC_SCALAR, JBR_VEC_AVX2, JBR_VEC_AVX512 before including vec.h"
 #endif

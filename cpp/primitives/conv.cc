@@ -210,6 +210,7 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   Desc d;
   d.k = rp.kg, d.lda = step * rp.in_pix, d.ldb = rp.bn, d.ldc = rp.phases * rp.out_pix;
   d.activation = rp.act, d.has_bias = rp.bias != nullptr, d.isa = rp.isa;
+  d.stream_c = rp.images * rp.out_rows * rp.out_cols * rp.out_pix * size_of(rp.out_dtype) >= kStreamBytes;
   d.a_dtype = d.b_dtype = rp.in, d.c_dtype = rp.out_dtype;
   const int64_t in_size = size_of(rp.in), out_size = size_of(rp.out_dtype);
   std::vector<const Kernel*> kernels(2 * pieces.size());  // [piece][last block?]

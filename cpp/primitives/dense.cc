@@ -111,6 +111,7 @@ struct GemmNest {
   void* out_t = nullptr;
   int64_t ldt = 0;
   DType side_dtype = DType::f32;  // of act_out and out_t
+  bool stream_out = false;  // non-temporal stores for out (GemmPlan decides)
   Isa isa = Isa::ref;
 };
 
@@ -126,6 +127,7 @@ void reduce_into(const GemmNest<T>& g, const T* a, const T* b, int64_t ldb, int6
   Desc d;
   d.m = rows, d.n = cols, d.lda = g.lda, d.ldb = ldb, d.ldc = ldc, d.isa = g.isa;
   d.a_dtype = d.b_dtype = dtype_of<T>(), d.c_dtype = c_dtype;
+  d.stream_c = g.stream_out;
   const Activation epilogue_act = g.act_out ? Activation::none : g.activation;
   auto call = [&](const T* ab, const T* bb, int64_t k, int64_t count, bool beta0,
                   bool epilogue) {
@@ -207,6 +209,11 @@ class GemmPlan {
     // is summed in float32 scratch and rounded into out once, after the last.
     accumulate_ = g_.out_dtype != DType::f32 &&
                   (g_.r > chunk_ || (g_.r > kReduceBlock && g_.r % kReduceBlock != 0));
+    // A large float32 out that one kernel call per block finishes (one chunk, no tail
+    // call, nothing read back from it) streams past the caches.
+    const bool one_call = g_.r <= chunk_ && (g_.r <= kReduceBlock || g_.r % kReduceBlock == 0);
+    g_.stream_out = one_call && !accumulate_ && !g_.act_out && !g_.out_t &&
+                    g_.out_dtype == DType::f32 && g_.m * g_.n * int64_t{sizeof(float)} >= kStreamBytes;
     items = strips_ * groups;
     return "";
   }
