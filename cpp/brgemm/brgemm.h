@@ -39,7 +39,7 @@ std::string set_active_isa(const std::string& name);
 // pointers, count, alpha and bias values are given per call.
 struct Desc {
   int64_t m = 0, n = 0, k = 0;
-  int64_t lda = 0, ldb = 0, ldc = 0;  // elements; lda >= k, ldb >= n, ldc >= n
+  int64_t lda = 0, ldb = 0, ldc = 0;  // elements; lda >= k (m if a_transposed), ldb, ldc >= n
   DType a_dtype = DType::f32, b_dtype = DType::f32, c_dtype = DType::f32;
   float beta = 0.0f;  // 0 (C is not read), 1 and other values are specialised apart
   Activation activation = Activation::none;
@@ -48,6 +48,10 @@ struct Desc {
   // its rows allow (64-byte aligned, ldc a multiple of 16), so the writes skip the
   // read-for-ownership of every line (a 25 MB convolution output: ~25 % faster).
   bool stream_c = false;
+  // A_i is stored transposed, element (r, p) at a[p * lda + r]: a weight-update reads
+  // its x^T (pixels x channels in memory) in place instead of transposing it first.
+  // Float32 inputs only (the bfloat16 dot kernels pair adjacent elements of A's rows).
+  bool a_transposed = false;
   Isa isa = Isa::ref;
 
   bool operator==(const Desc& o) const;

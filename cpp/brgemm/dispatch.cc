@@ -103,7 +103,8 @@ struct DescHash {
     for (int64_t v : {d.m, d.n, d.k, d.lda, d.ldb, d.ldc}) mix(v);
     mix(static_cast<int64_t>(d.a_dtype) | static_cast<int64_t>(d.b_dtype) << 4 |
         static_cast<int64_t>(d.c_dtype) << 8 | static_cast<int64_t>(d.activation) << 12 |
-        static_cast<int64_t>(d.isa) << 16 | static_cast<int64_t>(d.has_bias) << 20 | static_cast<int64_t>(d.stream_c) << 21);
+        static_cast<int64_t>(d.isa) << 16 | static_cast<int64_t>(d.has_bias) << 20 | static_cast<int64_t>(d.stream_c) << 21 |
+        static_cast<int64_t>(d.a_transposed) << 22);
     uint32_t beta_bits;
     static_assert(sizeof(beta_bits) == sizeof(d.beta));
     std::memcpy(&beta_bits, &d.beta, sizeof beta_bits);
@@ -178,7 +179,7 @@ bool Desc::operator==(const Desc& o) const {
   return m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb && ldc == o.ldc &&
          a_dtype == o.a_dtype && b_dtype == o.b_dtype && c_dtype == o.c_dtype &&
          beta == o.beta && activation == o.activation && has_bias == o.has_bias && stream_c == o.stream_c &&
-         isa == o.isa;
+         a_transposed == o.a_transposed && isa == o.isa;
 }
 
 std::string validate(const Desc& d) {
@@ -187,7 +188,11 @@ std::string validate(const Desc& d) {
   };
   for (auto [name, v] : {std::pair{"m", d.m}, {"n", d.n}, {"k", d.k}})
     if (auto e = positive(name, v); !e.empty()) return e;
-  if (d.lda < d.k) return "lda must be >= k (" + std::to_string(d.k) + "), got " + std::to_string(d.lda);
+  if (d.a_transposed && d.lda < d.m)
+    return "lda must be >= m (" + std::to_string(d.m) + ") for a transposed A, got " + std::to_string(d.lda);
+  if (!d.a_transposed && d.lda < d.k)
+    return "lda must be >= k (" + std::to_string(d.k) + "), got " + std::to_string(d.lda);
+  if (d.a_transposed && d.a_dtype != DType::f32) return "a_transposed needs float32 inputs";
   if (d.ldb < d.n) return "ldb must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldb);
   if (d.ldc < d.n) return "ldc must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldc);
   if (d.a_dtype != d.b_dtype) return "a and b must have the same dtype";

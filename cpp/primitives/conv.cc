@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -443,6 +444,10 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
     if (cols[t].lo < cols[t].hi) phase_used[cols[t].phase] = 1;
   }
   const AxisMap rows{s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
+  // float32 reads x in place, as the kernel's transposed A (element (c, q) of a call's A at
+  // x[pixel q * sw][c]); bfloat16, whose dot kernels pair elements along A's rows,
+  // transposes x's rows into channels x pixels first.
+  constexpr bool direct = std::is_same_v<T, float>;
 
   // Work items: (split of the reduction rows, group, range of input-channel blocks, range
   // of output-channel blocks). Each reduces its rows in chunks: transpose the chunk's input
@@ -489,7 +494,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
   };
   // Several output-channel ranges would each transpose the same rows: then transpose every
   // used row once up front, x_t[n][h][g][phase][c][v / sw].
-  const bool shared = kranges > 1;
+  const bool shared = !direct && kranges > 1;
   const int64_t shared_row = s.groups * sw * cg * phase_w;
   std::unique_ptr<T[]> x_t;
   if (shared) {
@@ -556,7 +561,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
       const int64_t e1 = std::min(e_end, e0 + rows_per_chunk);
       // Transpose every input row the chunk reads, once (unless x_t holds them all).
       const int64_t n_first = e0 / s.out_h, n_last = (e1 - 1) / s.out_h;
-      if (!shared) {
+      if (!direct && !shared) {
         slot_of.assign((n_last - n_first + 1) * s.in_h, -1);
         int64_t slots = 0;
         for (int64_t e = e0; e < e1; ++e)
@@ -571,7 +576,8 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
             transpose_row(x + ((n_first * s.in_h + key) * s.in_w) * s.in_c + g * cg + c_first, c_count,
                           range_c, xt.data() + slot_of[key] * slot_size);
       }
-      const T* a_base = shared ? x_t.get() + (g * sw * cg + c_first) * phase_w : xt.data();
+      const T* a_base = direct ? x + g * cg + c_first
+                        : shared ? x_t.get() + (g * sw * cg + c_first) * phase_w : xt.data();
       const int64_t phase_size = (shared ? cg : range_c) * phase_w;
       // One call per (tap, channel block, output-channel block) over the chunk's rows.
       for (int64_t r = 0; r < s.taps_h; ++r)
@@ -582,9 +588,13 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
           for (int64_t e = e0; e < e1; ++e) {
             int64_t h;
             if (!rows.at(e % s.out_h, r, &h)) continue;
-            const int64_t row = shared ? (e / s.out_h * s.in_h + h) * shared_row
-                                       : slot_of[(e / s.out_h - n_first) * s.in_h + h] * slot_size;
-            offs_a.push_back(row + ct.phase * phase_size + ct.lo + ct.shift);
+            if (direct) {
+              offs_a.push_back(((e / s.out_h * s.in_h + h) * s.in_w + (ct.lo + ct.shift) * sw + ct.phase) * s.in_c);
+            } else {
+              const int64_t row = shared ? (e / s.out_h * s.in_h + h) * shared_row
+                                         : slot_of[(e / s.out_h - n_first) * s.in_h + h] * slot_size;
+              offs_a.push_back(row + ct.phase * phase_size + ct.lo + ct.shift);
+            }
             offs_b.push_back((e * s.out_w + ct.lo) * ldb);
           }
           if (offs_a.empty()) continue;
@@ -595,7 +605,8 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
               Desc d;
               d.m = std::min(bc, c_count - cb * bc), d.n = std::min(bk, kg - k_first);
               d.k = ct.hi - ct.lo;
-              d.lda = phase_w, d.ldb = ldb, d.ldc = s.out_c, d.isa = isa;
+              d.lda = direct ? sw * s.in_c : phase_w, d.ldb = ldb, d.ldc = s.out_c, d.isa = isa;
+              d.a_transposed = direct;
               d.a_dtype = d.b_dtype = dtype_of<T>();
               d.beta = seen ? 1.0f : 0.0f;
               std::string kernel_error;
@@ -605,7 +616,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
                 error = kernel_error;
                 return;
               }
-              (*kernel)(Batch::offsets(a_base + cb * bc * phase_w, offs_a.data(), b_base(g, kb_abs),
+              (*kernel)(Batch::offsets(a_base + cb * bc * (direct ? 1 : phase_w), offs_a.data(), b_base(g, kb_abs),
                                        offs_b.data(), offs_a.size()),
                         block_of(r, t, cb, kb));
               seen = 1;
