@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("env", [
     {"JAX_BRGEMM_SPIN_US": "0"},        # park at once: every call wakes its workers
-    {"JAX_BRGEMM_SPIN_US": "1000"},     # the default polling
+    {"JAX_BRGEMM_SPIN_US": "300"},      # the default polling
     {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"},
 ], ids=["park-at-once", "default-polling", "one-thread"])
 def test_calls_from_many_threads_are_right_under_every_thread_setting(env):

@@ -59,7 +59,7 @@ class Team {
  private:
   Team() {
     const char* spin = std::getenv("JAX_BRGEMM_SPIN_US");
-    spin_ = std::chrono::microseconds(spin ? std::atoll(spin) : 1000);
+    spin_ = std::chrono::microseconds(spin ? std::atoll(spin) : 300);
   }
 
   void serve() {

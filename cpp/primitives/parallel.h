@@ -26,7 +26,7 @@ void parallel_for(const Executor* executor, int64_t n, const std::function<void(
 // and waking one took 20-900 us on the 2-core VMs we measure on, as long as a whole
 // 128x512x512 GEMM, so calls under ~1 ms barely scaled. Like OpenMP runtimes (its
 // "blocktime"), a worker keeps polling for the next task for JAX_BRGEMM_SPIN_US
-// microseconds (default 1000; 0: park at once) before it parks, yielding the core to
+// microseconds (default 300; 0: park at once) before it parks, yielding the core to
 // any other runnable thread while it polls.
 const Executor& worker_team(int64_t threads);
 
