@@ -277,6 +277,13 @@ def test_bfloat16_isa_paths(isa_bf16, rng):
     _check_bf16(rng, 2, (7, 5), 17, 33, 3, 2, "SAME", 1, 1, "relu")  # odd channels and pixel counts
 
 
+def test_bfloat16_large_outputs_on_every_isa(isa_bf16, rng):
+    """8 MB bfloat16 results (forward y, then backward-data's dx) go out as non-temporal
+    stores (Desc::stream_c) where the path has them: still within bfloat16 tolerance."""
+    _check_bf16(rng, 1, 64, 32, 1024, 1, 1, "VALID", 1, 1, "relu")
+    _check_bf16(rng, 1, 64, 1024, 32, 1, 1, "VALID", 1, 1, None)
+
+
 def test_bfloat16_mixed_and_out_dtype(rng):
     # float32 params (kernel, bias) with bfloat16 activations; float32 results on request.
     _check_bf16(rng, 2, 9, 17, 33, 3, 1, "SAME", 1, 1, "gelu", out_dtype=jnp.float32, kernel_dtype=jnp.float32)

@@ -44,9 +44,9 @@ struct Desc {
   float beta = 0.0f;  // 0 (C is not read), 1 and other values are specialised apart
   Activation activation = Activation::none;
   bool has_bias = false;  // add bias[0..n) to every row before the activation
-  // C is large and not read again soon: store float32 C with non-temporal stores where
-  // its rows allow (64-byte aligned, ldc a multiple of 16), so the writes skip the
-  // read-for-ownership of every line (a 25 MB convolution output: ~25 % faster).
+  // C is large and not read again soon: store C with non-temporal stores where its rows
+  // allow (each vector store aligned: ldc a multiple of the vector width), so the writes
+  // skip the read-for-ownership of every line (a 25 MB convolution output: ~25 % faster).
   bool stream_c = false;
   // A_i is stored transposed, element (r, p) at a[p * lda + r]: a weight-update reads
   // its x^T (pixels x channels in memory) in place instead of transposing it first.

@@ -100,7 +100,7 @@ struct Tile {
   void* c;        // float32 or bfloat16, as desc->c_dtype says
   float alpha;
   const float* bias;
-  bool stream;  // full float32 vectors of C go out as non-temporal stores
+  bool stream;  // full vectors of C go out as non-temporal stores
 };
 
 // The epilogue on one finished vector of C (row r, columns col.. of the tile), in registers:
@@ -123,7 +123,7 @@ inline void finish(const Tile& t, Vec x, int r, int col, bool partial, Vec::Mask
   }
   x = activate(x, d.activation);
   if (c_bf16) {
-    if (partial) x.store_bf16(c16, mask); else x.store_bf16(c16);
+    if (partial) x.store_bf16(c16, mask); else if (t.stream) x.stream_bf16(c16); else x.store_bf16(c16);
   } else {
     if (partial) x.store(c32, mask); else if (t.stream) x.stream(c32); else x.store(c32);
   }
@@ -200,8 +200,9 @@ inline void run_tiles(const Kernel& kern, const Batch& batch, void* c, float alp
                       const float* bias, const TileTable& table, int width) {
   const Desc& d = kern.desc;
   const int64_t block_cols = int64_t{kern.vectors_per_block} * width;
-  const bool stream = d.stream_c && d.c_dtype == DType::f32 && d.ldc % width == 0 &&
-                      reinterpret_cast<uintptr_t>(c) % (sizeof(float) * width) == 0;
+  const int64_t c_size = d.c_dtype == DType::bf16 ? 2 : 4;
+  const bool stream = d.stream_c && d.ldc % W == 0 &&  // (each store: W lanes, aligned)
+                      reinterpret_cast<uintptr_t>(c) % (c_size * W) == 0;
   Tile t{&d, &batch, 0, 0, width, c, alpha, bias, stream};
   for (int64_t col0 = 0; col0 < d.n; col0 += block_cols) {
     const int64_t cols = std::min(block_cols, d.n - col0);

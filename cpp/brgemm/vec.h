@@ -45,6 +45,7 @@ struct Vec {
   static Vec load_bf16(const uint16_t* p) { return {bf16_to_f32(*p)}; }
   static Vec load_bf16(const uint16_t* p, Mask) { return {bf16_to_f32(*p)}; }
   void store_bf16(uint16_t* p) const { *p = round_to_bf16(v); }
+  void stream_bf16(uint16_t* p) const { store_bf16(p); }
   void store_bf16(uint16_t* p, Mask) const { *p = round_to_bf16(v); }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {a.v * b.v + c.v}; }
   friend Vec operator+(Vec a, Vec b) { return {a.v + b.v}; }
@@ -87,6 +88,9 @@ struct Vec {
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
   }
   void store_bf16(uint16_t* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16()); }
+  void stream_bf16(uint16_t* p) const {  // p 32-byte aligned
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16());
+  }
   void store_bf16(uint16_t* p, Mask m) const { _mm256_mask_storeu_epi16(p, m, to_bf16()); }
   friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -165,6 +169,9 @@ struct Vec {
     return _mm_packus_epi32(_mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1));
   }
   void store_bf16(uint16_t* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16()); }
+  void stream_bf16(uint16_t* p) const {  // p 16-byte aligned
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16());
+  }
   void store_bf16(uint16_t* p, Mask m) const {
     uint16_t tail[8];
     _mm_storeu_si128(reinterpret_cast<__m128i*>(tail), to_bf16());
