@@ -5,9 +5,9 @@
 #pragma once
 
 #include <array>
-#include <type_traits>
 #include <chrono>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "isa_impl.h"
@@ -146,8 +146,7 @@ void tile_kernel(const Tile& t) {
   for (int64_t i = 0; i < t.batch->count; ++i) {
     const T* a = block_a<T>(*t.batch, i) + (A_T ? t.row0 : t.row0 * lda);
     const T* b = block_b<T>(*t.batch, i) + t.col0;
-    constexpr int64_t unit = 1;
-    const int64_t row_step = A_T ? unit : lda, col_step = A_T ? lda : unit;
+    const int64_t row_step = A_T ? 1 : lda, col_step = A_T ? lda : 1;
 #pragma GCC unroll 4
     for (int64_t p = 0; p < k; ++p, b += ldb) {
       Vec bv[NV];
