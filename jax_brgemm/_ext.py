@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 from . import _jax_brgemm as ext
@@ -9,6 +11,12 @@ from . import _jax_brgemm as ext
 _env_error = ext.isa_env_error()
 if _env_error:
     raise ValueError(f"jax_brgemm: {_env_error}")
+# Read by the worker team (cpp/primitives/parallel.cc) when it starts: checked here, where
+# a bad value can still be a clear error.
+_spin = os.environ.get("JAX_BRGEMM_SPIN_US")
+if _spin is not None and not _spin.strip().isdigit():
+    raise ValueError(f"jax_brgemm: JAX_BRGEMM_SPIN_US={_spin!r} must be a whole number of "
+                     "microseconds >= 0 (how long an idle worker polls before it parks)")
 
 for _name, _capsule in ext.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

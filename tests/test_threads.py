@@ -53,3 +53,11 @@ def test_calls_from_many_threads_are_right_under_every_thread_setting(env):
                             timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", **env))
     assert result.returncode == 0, result.stderr
     assert "failures []" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("value", ["-5", "1.5", "fast", ""])
+def test_bad_spin_setting_is_a_clear_error(value):
+    result = subprocess.run([sys.executable, "-c", "import jax_brgemm"], capture_output=True,
+                            text=True, timeout=120,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_BRGEMM_SPIN_US=value))
+    assert result.returncode != 0 and "JAX_BRGEMM_SPIN_US" in result.stderr, result.stderr
