@@ -10,11 +10,9 @@
 
 #include "brgemm/brgemm.h"
 #include "primitives/parallel.h"
+#include "primitives/scratch.h"
 #include "xla/ffi/api/ffi.h"
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace jbr::ffi_handlers {
 
@@ -34,27 +32,13 @@ struct RegisterHandler {
 #define JBR_REGISTER_HANDLER(target_name, symbol) \
   static ::jbr::ffi_handlers::RegisterHandler symbol##_registration(target_name, symbol)
 
-// The primitives' threads: as many as XLA's intra-op pool has (so XLA's thread settings
-// hold), drawn from the library's own polling team (primitives/parallel.h says why).
-inline const prim::Executor& team_of(const ffi::ThreadPool& pool) {
-  return prim::worker_team(pool.num_threads());
-}
-
 // XLA hands large results over as freshly mapped memory, and first-touching it one 4 KB
 // page at a time costs about 1 us a page here: ~20 ms for a 64 MB weight gradient, twice
 // the GEMM that fills it. Transparent huge pages (THP "madvise" mode, the common default)
 // make that 32 faults of 2 MB. Only a hint: a no-op where THP is off or the pages exist.
-inline void advise_huge_pages(void* data, size_t bytes) {
-#if defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + bytes) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#endif
-}
 template <typename... Results>
 void prefer_huge_pages(Results&... results) {
-  (advise_huge_pages(results->untyped_data(), results->size_bytes()), ...);
+  (prim::advise_huge_pages(results->untyped_data(), results->size_bytes()), ...);
 }
 
 inline ffi::Error invalid(std::string message) {

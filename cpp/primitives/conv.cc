@@ -1,5 +1,6 @@
 #include "primitives/conv.h"
 #include "primitives/elements.h"
+#include "primitives/scratch.h"
 
 #include <algorithm>
 #include <cstring>
@@ -42,9 +43,7 @@ struct AxisMap {
 };
 
 // Work buffers of `count` elements of `size` bytes (float storage keeps them aligned).
-std::unique_ptr<float[]> buffer(int64_t count, int64_t size) {
-  return std::unique_ptr<float[]>(new float[(count * size + 3) / 4]);
-}
+Buffer<float> buffer(int64_t count, int64_t size) { return work_buffer<float>((count * size + 3) / 4); }
 
 // m x n block (leading dimension ld, dtype `dtype`) = act(bias or 0): the output of an
 // empty reduction.
@@ -86,7 +85,7 @@ const Kernel* kernel_for(Desc d, std::string* error) {
 // past the last block's edge). Forward: rows are the group's input channels and columns
 // its output channels, w[t][i][g*Kg + col]. Transposed (backward data): rows are output
 // channels, columns input channels, w[t][col][g*Kg + i].
-std::unique_ptr<float[]> pack_weights(const ConvShape& s, DType dtype, const void* w_in,
+Buffer<float> pack_weights(const ConvShape& s, DType dtype, const void* w_in,
                                       bool transposed, int64_t bw, const Executor* executor) {
   const int64_t taps = s.taps_h * s.taps_w, cg = s.in_c / s.groups, kg = s.out_c / s.groups;
   const int64_t rows = transposed ? kg : cg, cols = transposed ? cg : kg;
@@ -327,9 +326,9 @@ void for_each_wide_pixel(const ConvShape& s, Visit visit) {
 }
 
 template <typename T>
-std::unique_ptr<T[]> widen_input(const ConvShape& s, const T* x, const Executor* executor) {
+Buffer<T> widen_input(const ConvShape& s, const T* x, const Executor* executor) {
   const int64_t row = s.out_w * s.taps_w * s.in_c;
-  std::unique_ptr<T[]> wide(new T[s.batch * s.in_h * row]);
+  Buffer<T> wide = work_buffer<T>(s.batch * s.in_h * row);
   parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
     const T* src = x + nh * s.in_w * s.in_c;
     T* dst = wide.get() + nh * row;
@@ -394,7 +393,7 @@ std::string conv2d_backward_data(const ConvShape& s, DType in, const void* dy, c
   if (std::string e = validate(s); !e.empty()) return e;
   if (widen_pays(s)) {
     const ConvShape ws = widened(s);
-    std::unique_ptr<float[]> wide(new float[ws.batch * ws.in_h * ws.in_w * ws.in_c]);
+    Buffer<float> wide = work_buffer<float>(ws.batch * ws.in_h * ws.in_w * ws.in_c);
     if (std::string e = conv2d_backward_data(ws, in, dy, w, DType::f32, wide.get(), isa, executor); !e.empty())
       return e;
     narrow_gradient(s, wide.get(), out, dx, executor);
@@ -473,7 +472,8 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
   while (taps * ceil_div(cg, cranges) * ceil_div(kg, kranges) > kPortionBudget && narrow()) {}
   while (splits * s.groups * cranges * kranges < want && narrow()) {}
   const int64_t cb_per_range = cblocks / cranges, kb_per_range = kblocks / kranges;
-  std::unique_ptr<float[]> partial(splits > 1 ? new float[splits * dw_size] : nullptr);
+  Buffer<float> partial;
+  if (splits > 1) partial = work_buffer<float>(splits * dw_size);
   const int64_t range_c = cb_per_range * bc;  // channels a transposed row holds
   const int64_t slot_size = sw * range_c * phase_w;  // one transposed input row: [phase][c][v / sw]
   // Output rows per chunk: at most kMaxReduce pixels per call, and the input rows they read,
@@ -496,7 +496,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
   // used row once up front, x_t[n][h][g][phase][c][v / sw].
   const bool shared = !direct && kranges > 1;
   const int64_t shared_row = s.groups * sw * cg * phase_w;
-  std::unique_ptr<T[]> x_t;
+  Buffer<T> x_t;
   if (shared) {
     std::vector<char> row_used(s.in_h, 0);
     for (int64_t p = 0; p < s.out_h; ++p)
@@ -504,7 +504,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
         int64_t h;
         if (rows.at(p, r, &h)) row_used[h] = 1;
       }
-    x_t.reset(new T[s.batch * s.in_h * shared_row]);
+    x_t = work_buffer<T>(s.batch * s.in_h * shared_row);
     parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
       if (!row_used[nh % s.in_h]) return;
       for (int64_t g = 0; g < s.groups; ++g)
@@ -517,10 +517,10 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
   // say, would all land in the same L1 sets).
   const bool pack_dy = s.out_c != bk;
   const int64_t ldb = pack_dy ? bk : s.out_c;
-  std::unique_ptr<T[]> dy_packed;
+  Buffer<T> dy_packed;
   if (pack_dy) {
     const int64_t plane = reduce_rows * s.out_w * bk;
-    dy_packed.reset(new T[s.groups * kblocks * plane]);
+    dy_packed = work_buffer<T>(s.groups * kblocks * plane);
     parallel_for(executor, reduce_rows, [&](int64_t e) {
       for (int64_t q = 0; q < s.out_w; ++q) {
         const T* src = dy + (e * s.out_w + q) * s.out_c;

@@ -1,5 +1,6 @@
 #include "primitives/dense.h"
 #include "primitives/elements.h"
+#include "primitives/scratch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -170,7 +171,7 @@ class GemmPlan {
     if (pad_a(g_)) {
       padded_lda_ = g_.r + 64 / sizeof(T);
       if ((padded_lda_ * int64_t{sizeof(T)}) % 4096 == 0) padded_lda_ += 64 / sizeof(T);
-      padded_a_.reset(new T[g_.m * padded_lda_]);
+      padded_a_ = work_buffer<T>(g_.m * padded_lda_);
     }
     // Validate the shapes the nest will ask for (they differ only in m, n, k, beta, epilogue).
     Desc probe;
@@ -285,7 +286,7 @@ class GemmPlan {
   GemmNest<T> g_;
   int64_t bm_ = 0, strips_ = 0, group_rows_ = 0, chunk_ = 0;
   bool pack_ = false, accumulate_ = false;
-  std::unique_ptr<T[]> padded_a_;
+  Buffer<T> padded_a_;
   int64_t padded_lda_ = 0;
 };
 
@@ -387,9 +388,9 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
   const T* dy = static_cast<const T*>(p.dy);
   // dz = dy * act'(...) (in float32, then rounded to T), and dbias = the column sums of the
   // float32 dz, in one pass over column slabs.
-  std::unique_ptr<T[]> dz_store;
+  Buffer<T> dz_store;
   const T* dz = dy;
-  if (p.activation != Activation::none) dz_store.reset(new T[n * k]), dz = dz_store.get();
+  if (p.activation != Activation::none) dz_store = work_buffer<T>(n * k), dz = dz_store.get();
   if (p.activation != Activation::none || p.dbias) {
     constexpr int64_t slab = 256;
     parallel_for(executor, ceil_div(k, slab), [&](int64_t s) {
@@ -421,8 +422,8 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
   // dx and dw are independent GEMMs: planned apart, their items run in one parallel loop
   // (one wake-up of the workers, and the two balance each other's tails).
   GemmPlan<T> dx_plan, dw_plan;
-  std::unique_ptr<T[]> dzt, xt;
-  std::unique_ptr<float[]> dxt;
+  Buffer<T> dzt, xt;
+  Buffer<float> dxt;
   const int64_t threads = threads_of(executor);
   if (p.dx && c > 0) {
     const T* w = static_cast<const T*>(p.w);
@@ -432,8 +433,8 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
       // Few rows: transposing dz and the result (n (c + k) elements) is cheaper than w
       // (c k): dx^T (c x n, float32) = w (c x k, as it is) @ dz^T, each finished block of
       // it transposed into dx while hot.
-      dzt.reset(new T[k * n]);
-      dxt.reset(new float[c * n]);
+      dzt = work_buffer<T>(k * n);
+      dxt = work_buffer<float>(c * n);
       transpose(dz, k, n, k, dzt.get(), n, executor);
       g.m = c, g.n = n, g.r = k;
       g.a = w, g.lda = k;
@@ -451,7 +452,7 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
     dx_plan.copy_a(executor);
   }
   if (p.dw && c > 0) {  // weight-update: dw (c x k) = x^T (c x n, packed once) @ dz
-    xt.reset(new T[c * n]);  // not zeroed: fully written
+    xt = work_buffer<T>(c * n);  // not zeroed: fully written
     transpose(static_cast<const T*>(p.x), c, n, c, xt.get(), n, executor);
     GemmNest<T> g;
     g.m = c, g.n = k, g.r = n;

@@ -1,5 +1,6 @@
 #include "primitives/lstm.h"
 #include "primitives/elements.h"
+#include "primitives/scratch.h"
 
 #include <algorithm>
 #include <cstring>
@@ -77,11 +78,11 @@ void transpose_block(const uint16_t* src, int64_t lds, int64_t rows, int64_t col
   transpose_bf16(src, lds, rows, cols, dst, ldd, isa);
 }
 
-// Uninitialised scratch (std::vector would zero it first).
+// Uninitialised scratch from the reused pool (std::vector would zero it first).
 template <typename T = float>
-using Scratch = std::unique_ptr<T[]>;
+using Scratch = Buffer<T>;
 template <typename T = float>
-Scratch<T> scratch(int64_t size) { return Scratch<T>(new T[std::max<int64_t>(size, 1)]); }
+Scratch<T> scratch(int64_t size) { return work_buffer<T>(size); }
 
 // B (k x n) as contiguous column panels of `width` columns (leading dimension width), so a
 // kernel call streams its B block linearly instead of one row per page. With transposed,

@@ -38,14 +38,17 @@ class Team {
     return *team;
   }
 
-  // At least `workers` threads running (they are only ever added).
-  void ensure(int64_t workers) {
+  // A call opens: at least `workers` threads running (they are only ever added), and
+  // idle ones poll until the last open call closes.
+  void open_call(int64_t workers) {
+    open_calls_.fetch_add(1, std::memory_order_acq_rel);
     std::lock_guard<std::mutex> lock(mutex_);
     while (started_ < workers) {
       std::thread([this] { serve(); }).detach();
       ++started_;
     }
   }
+  void close_call() { open_calls_.fetch_sub(1, std::memory_order_acq_rel); }
 
   void schedule(std::function<void()> task) {
     {
@@ -75,7 +78,8 @@ class Team {
       if (queued_.load(std::memory_order_acquire) > 0) {
         std::lock_guard<std::mutex> lock(mutex_);
         if (!tasks_.empty()) return pop();
-      } else if (std::chrono::steady_clock::now() - polled_since < spin_) {
+      } else if (open_calls_.load(std::memory_order_acquire) > 0 &&
+                 std::chrono::steady_clock::now() - polled_since < spin_) {
         std::this_thread::yield();
       } else {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -99,32 +103,21 @@ class Team {
   std::deque<std::function<void()>> tasks_;
   std::atomic<int64_t> queued_{0};
   std::atomic<int64_t> parked_{0};
+  std::atomic<int64_t> open_calls_{0};
   int64_t started_ = 0;
   std::chrono::microseconds spin_;
 };
 
-class TeamExecutor final : public Executor {
- public:
-  explicit TeamExecutor(int64_t workers) : workers_(workers) { Team::instance().ensure(workers); }
-  int64_t num_workers() const override { return workers_; }
-  void schedule(std::function<void()> task) const override { Team::instance().schedule(std::move(task)); }
-
- private:
-  int64_t workers_;
-};
-
 }  // namespace
 
-const Executor& worker_team(int64_t threads) {
-  // One executor per team size asked for (in practice one: XLA's pool size).
-  static std::mutex mutex;
-  static std::vector<std::unique_ptr<TeamExecutor>>* teams = new std::vector<std::unique_ptr<TeamExecutor>>;
-  const int64_t workers = std::max<int64_t>(threads - 1, 0);
-  std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& t : *teams)
-    if (t->num_workers() == workers) return *t;
-  teams->push_back(std::make_unique<TeamExecutor>(workers));
-  return *teams->back();
+TeamCall::TeamCall(int64_t threads) : workers_(std::max<int64_t>(threads - 1, 0)) {
+  Team::instance().open_call(workers_);
+}
+
+TeamCall::~TeamCall() { Team::instance().close_call(); }
+
+void TeamCall::schedule(std::function<void()> task) const {
+  Team::instance().schedule(std::move(task));
 }
 
 void parallel_for(const Executor* executor, int64_t n, const std::function<void(int64_t)>& body) {

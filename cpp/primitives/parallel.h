@@ -21,13 +21,26 @@ class Executor {
 // cannot deadlock when the caller is itself a pool worker. `executor` may be null.
 void parallel_for(const Executor* executor, int64_t n, const std::function<void(int64_t)>& body);
 
-// The library's own worker threads, `threads - 1` of them (the caller is the last one),
-// shared by every call in the process. Why not XLA's intra-op pool: its idle threads park,
-// and waking one took 20-900 us on the 2-core VMs we measure on, as long as a whole
-// 128x512x512 GEMM, so calls under ~1 ms barely scaled. Like OpenMP runtimes (its
-// "blocktime"), a worker keeps polling for the next task for JAX_BRGEMM_SPIN_US
-// microseconds (default 300; 0: park at once) before it parks, yielding the core to
-// any other runnable thread while it polls.
-const Executor& worker_team(int64_t threads);
+// The library's own worker threads, serving one call (an FFI handler's lifetime) as an
+// Executor: `threads - 1` workers besides the caller, shared by every call in the process.
+// Why not XLA's intra-op pool: its idle threads park, and waking one took 20-900 us on the
+// 2-core VMs we measure on, as long as a whole 128x512x512 GEMM, so calls under ~1 ms
+// barely scaled. While any call is open, an idle worker polls for the next task (yielding
+// the core to any other runnable thread) for up to JAX_BRGEMM_SPIN_US microseconds
+// (default 300; 0: park at once), so the many parallel loops of one call (an LSTM's time
+// steps) find it awake; once the last call closes, workers park at once and leave the
+// cores to XLA's own threads.
+class TeamCall final : public Executor {
+ public:
+  explicit TeamCall(int64_t threads);
+  ~TeamCall() override;
+  TeamCall(const TeamCall&) = delete;
+  TeamCall& operator=(const TeamCall&) = delete;
+  int64_t num_workers() const override { return workers_; }
+  void schedule(std::function<void()> task) const override;
+
+ private:
+  int64_t workers_;
+};
 
 }  // namespace jbr::prim
