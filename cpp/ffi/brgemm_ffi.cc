@@ -68,7 +68,6 @@ ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
 }
 
 ffi::Error run(const prim::BatchedBrgemm& pb, ffi::ThreadPool pool) {
-  // As many threads as XLA's intra-op pool has, so its settings hold.
   prim::TeamCall executor(pool.num_threads());
   if (std::string error = prim::run_batched_brgemm(pb, &executor); !error.empty())
     return invalid(error);

@@ -71,7 +71,6 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(y);
-  // As many threads as XLA's intra-op pool has, so its settings hold.
   prim::TeamCall executor(pool.num_threads());
   return run_primitive([&] {
     return prim::conv2d_forward(s, dt[0], x.untyped_data(), w.untyped_data(), bias_ptr, act, dt[2],
@@ -88,7 +87,6 @@ ffi::Error backward_data_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyB
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dx);
-  // As many threads as XLA's intra-op pool has, so its settings hold.
   prim::TeamCall executor(pool.num_threads());
   return run_primitive([&] {
     return prim::conv2d_backward_data(s, dt[2], dy.untyped_data(), w.untyped_data(), dt[0],
@@ -106,7 +104,6 @@ ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dw);
-  // As many threads as XLA's intra-op pool has, so its settings hold.
   prim::TeamCall executor(pool.num_threads());
   return run_primitive([&] {
     return prim::conv2d_weight_update(s, dt[0], x.untyped_data(), dy.untyped_data(),

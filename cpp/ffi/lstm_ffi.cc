@@ -92,7 +92,6 @@ ffi::Error lstm_forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   p.hs = hs->untyped_data(), p.cs = f32_out(cs), p.gates = f32_out(gates);
   if (auto e = current_isa(&p.isa); e.failure()) return e;
   prefer_huge_pages(hs, cs, gates);
-  // As many threads as XLA's intra-op pool has, so its settings hold.
   prim::TeamCall executor(pool.num_threads());
   if (std::string error = prim::lstm_forward(p, &executor); !error.empty()) return invalid(error);
   return ffi::Error::Success();
@@ -127,7 +126,6 @@ ffi::Error lstm_backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   p.dbias = f32_out(dbias), p.dh0 = f32_out(dh0), p.dc0 = f32_out(dc0);
   if (auto e = current_isa(&p.isa); e.failure()) return e;
   prefer_huge_pages(dx, dw_ih, dw_hh, dbias, dh0, dc0);
-  // As many threads as XLA's intra-op pool has, so its settings hold.
   prim::TeamCall executor(pool.num_threads());
   if (std::string error = prim::lstm_backward(p, &executor); !error.empty()) return invalid(error);
   return ffi::Error::Success();

@@ -149,9 +149,10 @@ void reduce_into(const GemmNest<T>& g, const T* a, const T* b, int64_t ldb, int6
 // (Float32 runs A as it is: tuned and measured so.)
 constexpr int64_t kPadStrips = 16;
 template <typename T>
+bool rows_page_apart(int64_t ld) { return (ld * int64_t{sizeof(T)}) % 4096 == 0; }
+template <typename T>
 bool pad_a(const GemmNest<T>& g) {
-  return !std::is_same_v<T, float> && (g.lda * int64_t{sizeof(T)}) % 4096 == 0 &&
-         g.n >= kPadStrips * kStripCols;
+  return !std::is_same_v<T, float> && rows_page_apart<T>(g.lda) && g.n >= kPadStrips * kStripCols;
 }
 
 // A GemmNest cut into independent work items, (column strip, row group) pairs: run_item(i)
@@ -170,7 +171,7 @@ class GemmPlan {
       return "dense: an output with side outputs must be float32";
     if (pad_a(g_)) {
       padded_lda_ = g_.r + 64 / sizeof(T);
-      if ((padded_lda_ * int64_t{sizeof(T)}) % 4096 == 0) padded_lda_ += 64 / sizeof(T);
+      if (rows_page_apart<T>(padded_lda_)) padded_lda_ += 64 / sizeof(T);
       padded_a_ = work_buffer<T>(g_.m * padded_lda_);
     }
     // Validate the shapes the nest will ask for (they differ only in m, n, k, beta, epilogue).

@@ -78,18 +78,13 @@ void transpose_block(const uint16_t* src, int64_t lds, int64_t rows, int64_t col
   transpose_bf16(src, lds, rows, cols, dst, ldd, isa);
 }
 
-// Uninitialised scratch from the reused pool (std::vector would zero it first).
-template <typename T = float>
-using Scratch = Buffer<T>;
-template <typename T = float>
-Scratch<T> scratch(int64_t size) { return work_buffer<T>(size); }
 
 // B (k x n) as contiguous column panels of `width` columns (leading dimension width), so a
 // kernel call streams its B block linearly instead of one row per page. With transposed,
 // B is src^T (src is n x k, leading dimension ld).
 template <typename T>
 struct Panels {
-  Scratch<T> data;
+  Buffer<T> data;
   int64_t k = 0, width = 0, count = 0;
   const T* panel(int64_t j) const { return data.get() + j * k * width; }
 };
@@ -97,7 +92,7 @@ struct Panels {
 template <typename T>
 Panels<T> pack_panels(const Executor* ex, Isa isa, const T* src, int64_t ld, bool transposed,
                       int64_t k, int64_t n, int64_t width) {
-  Panels<T> p{scratch<T>(k * n + width * k), k, width, ceil_div(n, width)};
+  Panels<T> p{work_buffer<T>(k * n + width * k), k, width, ceil_div(n, width)};
   parallel_for(ex, p.count, [&](int64_t j) {
     const int64_t j0 = j * width, w = std::min(width, n - j0);
     T* dst = p.data.get() + j * k * width;
@@ -225,12 +220,12 @@ std::string backward(const LstmBackward& p, const Executor* ex) {
 
   // Gate pre-activation gradients of every step (in T: the operand of the GEMMs that
   // consume them), kept for the GEMMs after the loop.
-  Scratch<T> dgates = scratch<T>(R * G);
-  Scratch<> dh = scratch(N * K);
+  Buffer<T> dgates = work_buffer<T>(R * G);
+  Buffer<float> dh = work_buffer<float>(N * K);
   const StepBlocking blk(N, K, ex, min_units<T>());
   // dbias = column sums of dgates (float32, before any rounding), summed per row block on
   // the hot block, then over blocks.
-  Scratch<> dbias_part = scratch(blk.row_blocks * G);
+  Buffer<float> dbias_part = work_buffer<float>(blk.row_blocks * G);
   std::fill(dbias_part.get(), dbias_part.get() + blk.row_blocks * G, 0.0f);
   const Panels<T> w_hh_t =
       pack_panels(ex, p.isa, static_cast<const T*>(p.w_hh), G, true, G, K, blk.units);  // W_hh^T
@@ -282,7 +277,7 @@ std::string backward(const LstmBackward& p, const Executor* ex) {
   // W_ih and A = h_{t-1} (h0 at t = 0) for W_hh, the transposes packed once.
   {
     const Panels<T> d_panels = pack_panels<T>(ex, p.isa, dgates.get(), G, false, R, G, kPanel);
-    Scratch<T> a_t = scratch<T>(std::max(C, K) * R);
+    Buffer<T> a_t = work_buffer<T>(std::max(C, K) * R);
     transpose(ex, p.isa, R, C, C, [&](int64_t r) { return x + r * C; }, a_t.get());
     parallel_gemm(gemm, ex, C, G, a_t.get(), R, d_panels, p.dw_ih, G);
     const int64_t back = s.time_major ? N : 1;  // row distance to the previous step

@@ -1,5 +1,5 @@
-// Threading for the loop nests. The FFI layer adapts XLA's intra-op pool to Executor; the
-// primitives only see this interface (no XLA types here).
+// Threading for the loop nests. The FFI handlers run them on a TeamCall (below); the
+// primitives only see the Executor interface (no XLA types here).
 #pragma once
 
 #include <cstdint>
@@ -15,14 +15,15 @@ class Executor {
   virtual void schedule(std::function<void()> task) const = 0;
 };
 
-// Runs body(i) for every i in [0, n) on the calling thread and up to num_workers() pool
+// Runs body(i) for every i in [0, n) on the calling thread and up to num_workers() worker
 // tasks. Items are claimed from a shared counter and the caller works too, so the call
 // returns once every item has run and never waits for a task that has not started: it
-// cannot deadlock when the caller is itself a pool worker. `executor` may be null.
+// cannot deadlock when the caller is itself a worker. `executor` may be null.
 void parallel_for(const Executor* executor, int64_t n, const std::function<void(int64_t)>& body);
 
 // The library's own worker threads, serving one call (an FFI handler's lifetime) as an
 // Executor: `threads - 1` workers besides the caller, shared by every call in the process.
+// The handlers pass the size of XLA's intra-op pool, so XLA's thread settings hold.
 // Why not XLA's intra-op pool: its idle threads park, and waking one took 20-900 us on the
 // 2-core VMs we measure on, as long as a whole 128x512x512 GEMM, so calls under ~1 ms
 // barely scaled. While any call is open, an idle worker polls for the next task (yielding
