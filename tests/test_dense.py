@@ -287,11 +287,11 @@ def check_bf16(x, w, b, act, dy, fn=dense):
 
 
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("n,c,k", [(3, 17, 5), (65, 1025, 130), (257, 200, 64), (5, 301, 200),
-                                   (1100, 41, 70)])
+@pytest.mark.parametrize("n,c,k", [(3, 17, 5), (65, 2053, 130), (257, 200, 64), (5, 301, 200),
+                                   (2100, 41, 70)])
 def test_bf16_shapes_and_activations(rng, n, c, k, act):
-    # 1025 > one bfloat16 reduction chunk and 200 = 3 * 64 + 8 (a tail block): float32
-    # partial sums; (5, 301, 200): backward-data through dx^T; n 1100: two weight-update chunks.
+    # 2053 > one bfloat16 reduction chunk (2048) and 200 = 3 * 64 + 8 (a tail block): float32
+    # partial sums; (5, 301, 200): backward-data through dx^T; n 2100: two weight-update chunks.
     x, w, b, dy = bf16_make(rng, (n,), c, k)
     check_bf16(x, w, b, act, dy)
 
