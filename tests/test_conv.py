@@ -97,6 +97,8 @@ def test_matches_lax(rng, n, hw, c, k, taps, strides, padding, dilation, groups,
 def test_isa_paths(isa, rng):
     _check(rng, 2, (7, 5), 17, 33, 3, 2, "SAME", 1, 1, "relu")
     _check(rng, 1, 7, 6, 4, 3, 1, ((1, 0), (2, 1)), 2, 2, None)
+    # Pointwise: the float32 weight-update reduces a chunk's rows as one long block.
+    _check(rng, 3, 7, 17, 33, 1, 1, "VALID")
 
 
 def test_large_outputs_on_every_isa(isa, rng):

@@ -419,6 +419,16 @@ std::string conv2d_backward_data(const ConvShape& s, DType in, const void* dy, c
 
 namespace {
 
+// Whether batch element i's A and B blocks start i * step_a and i * step_b after the
+// first's: then the batch is one block, `size()` times as deep.
+bool rows_contiguous(const std::vector<int64_t>& offs_a, int64_t step_a,
+                     const std::vector<int64_t>& offs_b, int64_t step_b) {
+  for (size_t i = 1; i < offs_a.size(); ++i)
+    if (offs_a[i] != offs_a[0] + int64_t(i) * step_a || offs_b[i] != offs_b[0] + int64_t(i) * step_b)
+      return false;
+  return true;
+}
+
 // The weight-update for element type T (x and dy); dw is float32.
 template <typename T>
 std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw, Isa isa,
@@ -598,14 +608,21 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
             offs_b.push_back((e * s.out_w + ct.lo) * ldb);
           }
           if (offs_a.empty()) continue;
+          const int64_t lda = direct ? sw * s.in_c : phase_w;
+          int64_t depth = ct.hi - ct.lo;
+          if (direct && rows_contiguous(offs_a, depth * lda, offs_b, depth * ldb)) {
+            // One long reduction instead of a batch of short rows (7 pixels each on 7x7 maps).
+            depth *= static_cast<int64_t>(offs_a.size());
+            offs_a.resize(1), offs_b.resize(1);
+          }
           for (int64_t cb = 0; cb < cb_per_range; ++cb)
             for (int64_t kb = 0; kb < kb_per_range; ++kb) {
               char& seen = written[block_index(r, t, cb, kb)];
               const int64_t kb_abs = kr * kb_per_range + kb, k_first = kb_abs * bk;
               Desc d;
               d.m = std::min(bc, c_count - cb * bc), d.n = std::min(bk, kg - k_first);
-              d.k = ct.hi - ct.lo;
-              d.lda = direct ? sw * s.in_c : phase_w, d.ldb = ldb, d.ldc = s.out_c, d.isa = isa;
+              d.k = depth;
+              d.lda = lda, d.ldb = ldb, d.ldc = s.out_c, d.isa = isa;
               d.a_transposed = direct;
               d.a_dtype = d.b_dtype = dtype_of<T>();
               d.beta = seen ? 1.0f : 0.0f;
