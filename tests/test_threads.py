@@ -1,6 +1,8 @@
 """The worker team (cpp/primitives/parallel.cc) under its thread settings: workers that park
 at once and must be woken for every call, a team of one (XLA told to use one thread), and
-calls made from several Python threads at once. Each setting runs in a fresh interpreter,
+calls made from several Python threads at once. Every task is also offered to XLA's pool, so
+copies that start after their loop (or their call) has finished must find nothing to do.
+An LSTM call runs a parallel loop per time step. Each setting runs in a fresh interpreter,
 since the team reads its settings once per process."""
 
 import os
@@ -23,6 +25,24 @@ SCRIPT = textwrap.dedent("""
     loss = jax.jit(jax.grad(lambda x, w, b: jnp.sum(nn.dense(x, w, b, activation="relu") ** 2), (0, 1, 2)))
     want_grads = [np.asarray(g) for g in jax.grad(
         lambda x, w, b: jnp.sum(jax.nn.relu(x @ w + b) ** 2), (0, 1, 2))(x, w, b)]
+    xs = rng.standard_normal((5, 9, 40)).astype(np.float32)  # (N, T, C)
+    w_ih = (rng.standard_normal((40, 4 * 70)) / 7).astype(np.float32)
+    w_hh = (rng.standard_normal((70, 4 * 70)) / 9).astype(np.float32)
+    lb = rng.standard_normal(4 * 70).astype(np.float32)
+
+    def lstm_reference():
+        sig = lambda v: 1 / (1 + np.exp(-v))
+        h = c = np.zeros((5, 70))
+        hs = []
+        for t in range(9):
+            i, f, g, o = np.split(xs[:, t].astype(np.float64) @ w_ih + h @ w_hh + lb, 4, axis=1)
+            c = sig(f) * c + sig(i) * np.tanh(g)
+            h = sig(o) * np.tanh(c)
+            hs.append(h)
+        return np.stack(hs, axis=1)
+
+    want_hs = lstm_reference()
+    lstm = jax.jit(lambda *a: nn.lstm(*a)[0])
     failures = []
 
     def check(rounds):
@@ -33,6 +53,8 @@ SCRIPT = textwrap.dedent("""
             for got, ref in zip(loss(x, w, b), want_grads):
                 if not np.allclose(np.asarray(got), ref, rtol=1e-3, atol=1e-3):
                     failures.append("gradient")
+            if not np.allclose(np.asarray(lstm(xs, w_ih, w_hh, lb)), want_hs, rtol=1e-4, atol=1e-4):
+                failures.append("lstm")
             time.sleep(0.003)  # longer than the polling time below: workers park
 
     threads = [threading.Thread(target=check, args=(5,)) for _ in range(3)]

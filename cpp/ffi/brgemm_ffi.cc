@@ -68,7 +68,7 @@ ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
 }
 
 ffi::Error run(const prim::BatchedBrgemm& pb, ffi::ThreadPool pool) {
-  prim::TeamCall executor(pool.num_threads());
+  prim::TeamCall executor = team_call(pool);
   if (std::string error = prim::run_batched_brgemm(pb, &executor); !error.empty())
     return invalid(error);
   return ffi::Error::Success();

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -80,6 +81,13 @@ inline bool parse_activation(std::string_view name, Activation* act) {
   for (auto [n, a] : names)
     if (n == name) return *act = a, true;
   return false;
+}
+
+// The executor of one handler call: the library's worker team, with every task also
+// offered to XLA's intra-op pool (prim::TeamCall says why).
+inline prim::TeamCall team_call(ffi::ThreadPool& pool) {
+  return prim::TeamCall(pool.num_threads(),
+                        [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); });
 }
 
 }  // namespace jbr::ffi_handlers

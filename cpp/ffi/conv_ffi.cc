@@ -71,7 +71,7 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(y);
-  prim::TeamCall executor(pool.num_threads());
+  prim::TeamCall executor = team_call(pool);
   return run_primitive([&] {
     return prim::conv2d_forward(s, dt[0], x.untyped_data(), w.untyped_data(), bias_ptr, act, dt[2],
                                 y->untyped_data(), isa, &executor);
@@ -87,7 +87,7 @@ ffi::Error backward_data_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyB
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dx);
-  prim::TeamCall executor(pool.num_threads());
+  prim::TeamCall executor = team_call(pool);
   return run_primitive([&] {
     return prim::conv2d_backward_data(s, dt[2], dy.untyped_data(), w.untyped_data(), dt[0],
                                       dx->untyped_data(), isa, &executor);
@@ -104,7 +104,7 @@ ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dw);
-  prim::TeamCall executor(pool.num_threads());
+  prim::TeamCall executor = team_call(pool);
   return run_primitive([&] {
     return prim::conv2d_weight_update(s, dt[0], x.untyped_data(), dy.untyped_data(),
                                       static_cast<float*>(dw->untyped_data()), isa, &executor);

@@ -95,7 +95,7 @@ ffi::Error dense_fwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   if (lead_count(*y, 2) != problems) return invalid("y's leading dims must match x's");
 
   prefer_huge_pages(y, preact);
-  prim::TeamCall executor(pool.num_threads());
+  prim::TeamCall executor = team_call(pool);
   const bool fold = w_shared && b_shared;
   const int64_t runs = fold ? 1 : problems;
   if (fold) p.n *= problems;
@@ -155,7 +155,7 @@ ffi::Error dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffe
   }
 
   prefer_huge_pages(dx, dw, dbias);
-  prim::TeamCall executor(pool.num_threads());
+  prim::TeamCall executor = team_call(pool);
   // Shared weights whose gradients are summed over problems: one fold into the minibatch.
   const bool fold = w_shared && (!want_dw || dw_shared) && (!want_db || db_shared);
   const int64_t runs = fold ? 1 : problems;

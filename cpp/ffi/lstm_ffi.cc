@@ -92,7 +92,7 @@ ffi::Error lstm_forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
   p.hs = hs->untyped_data(), p.cs = f32_out(cs), p.gates = f32_out(gates);
   if (auto e = current_isa(&p.isa); e.failure()) return e;
   prefer_huge_pages(hs, cs, gates);
-  prim::TeamCall executor(pool.num_threads());
+  prim::TeamCall executor = team_call(pool);
   if (std::string error = prim::lstm_forward(p, &executor); !error.empty()) return invalid(error);
   return ffi::Error::Success();
 }
@@ -126,7 +126,7 @@ ffi::Error lstm_backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   p.dbias = f32_out(dbias), p.dh0 = f32_out(dh0), p.dc0 = f32_out(dc0);
   if (auto e = current_isa(&p.isa); e.failure()) return e;
   prefer_huge_pages(dx, dw_ih, dw_hh, dbias, dh0, dc0);
-  prim::TeamCall executor(pool.num_threads());
+  prim::TeamCall executor = team_call(pool);
   if (std::string error = prim::lstm_backward(p, &executor); !error.empty()) return invalid(error);
   return ffi::Error::Success();
 }

@@ -109,13 +109,15 @@ class Team {
 
 }  // namespace
 
-TeamCall::TeamCall(int64_t threads) : workers_(std::max<int64_t>(threads - 1, 0)) {
+TeamCall::TeamCall(int64_t threads, Runner also_run)
+    : workers_(std::max<int64_t>(threads - 1, 0)), also_run_(std::move(also_run)) {
   Team::instance().open_call(workers_);
 }
 
 TeamCall::~TeamCall() { Team::instance().close_call(); }
 
 void TeamCall::schedule(std::function<void()> task) const {
+  if (also_run_) also_run_(task);
   Team::instance().schedule(std::move(task));
 }
 
