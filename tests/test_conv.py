@@ -84,6 +84,7 @@ GRID = [
     (2, 1, 5, 7, 3, 1, "SAME", 1, 1, None),           # every tap but the centre is padding
     (1, 5, 17, 17, 3, 2, ((4, 4), (0, 4)), 1, 1, None),  # outputs that see only padding
     (1, 5, 16, 16, 1, 2, "VALID", 1, 1, None),        # stride 2, 1x1: half of dx is zero
+    (1, 5, 16, 16, 1, 2, ((0, 2), (0, 1)), 1, 1, None),  # stride 2, 1x1, a last row of padding
     (2, 13, 17, 16, 1, 1, "VALID", 1, 1, "relu"),     # pointwise: one long row
     (1, 13, 9, 9, 3, 3, ((-1, 2), (1, -2)), 1, 1, None),  # negative padding crops
 ]
@@ -99,6 +100,8 @@ def test_isa_paths(isa, rng):
     _check(rng, 1, 7, 6, 4, 3, 1, ((1, 0), (2, 1)), 2, 2, None)
     # Pointwise: the float32 weight-update reduces a chunk's rows as one long block.
     _check(rng, 3, 7, 17, 33, 1, 1, "VALID")
+    # Strided 1x1, unpadded: the weight-update gathers every stride-th pixel first.
+    _check(rng, 2, (7, 9), 17, 33, 1, (2, 3), "VALID")
 
 
 def test_large_outputs_on_every_isa(isa, rng):
@@ -277,6 +280,7 @@ def test_bfloat16(rng, n, hw, c, k, taps, strides, padding, dilation, groups, ac
 
 def test_bfloat16_isa_paths(isa_bf16, rng):
     _check_bf16(rng, 2, (7, 5), 17, 33, 3, 2, "SAME", 1, 1, "relu")  # odd channels and pixel counts
+    _check_bf16(rng, 2, (7, 9), 17, 33, 1, (2, 3), "VALID", 1, 1, None)  # strided 1x1: gathered pixels
 
 
 def test_bfloat16_large_outputs_on_every_isa(isa_bf16, rng):

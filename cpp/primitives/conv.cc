@@ -360,6 +360,34 @@ void narrow_gradient(const ConvShape& s, const float* wide, DType out, void* dx,
   });
 }
 
+// A strided 1x1 convolution whose every output pixel reads a real input pixel (no
+// padding) uses only every stride-th pixel of x: gathered together, they make it a
+// pointwise convolution, whose weight-update reduces long runs of contiguous pixels
+// instead of one short strided row per call.
+bool subsample_pays(const ConvShape& s) {
+  return s.taps_h == 1 && s.taps_w == 1 && (s.stride_h > 1 || s.stride_w > 1) &&
+         s.pad_top == 0 && s.pad_left == 0 && (s.out_h - 1) * s.stride_h < s.in_h &&
+         (s.out_w - 1) * s.stride_w < s.in_w;
+}
+
+ConvShape subsampled(const ConvShape& s) {
+  ConvShape p = s;
+  p.in_h = s.out_h, p.in_w = s.out_w, p.stride_h = p.stride_w = 1;
+  return p;
+}
+
+template <typename T>
+Buffer<T> subsample_input(const ConvShape& s, const T* x, const Executor* executor) {
+  Buffer<T> sub = work_buffer<T>(s.batch * s.out_h * s.out_w * s.in_c);
+  parallel_for(executor, s.batch * s.out_h, [&](int64_t np) {
+    const T* src = x + ((np / s.out_h * s.in_h) + np % s.out_h * s.stride_h) * s.in_w * s.in_c;
+    T* dst = sub.get() + np * s.out_w * s.in_c;
+    for (int64_t q = 0; q < s.out_w; ++q)
+      std::copy_n(src + q * s.stride_w * s.in_c, s.in_c, dst + q * s.in_c);
+  });
+  return sub;
+}
+
 }  // namespace
 
 std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const void* w,
@@ -434,6 +462,8 @@ template <typename T>
 std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw, Isa isa,
                           const Executor* executor) {
   if (widen_pays(s)) return weight_update(widened(s), widen_input(s, x, executor).get(), dy, dw, isa, executor);
+  if (subsample_pays(s))
+    return weight_update(subsampled(s), subsample_input(s, x, executor).get(), dy, dw, isa, executor);
   const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups;
   const int64_t bc = std::min(cg, kBlock), bk = std::min(kg, kBlock);
   const int64_t cblocks = ceil_div(cg, bc), kblocks = ceil_div(kg, bk);
