@@ -143,12 +143,20 @@ void tile_kernel(const Tile& t) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = Vec::zero();
 
+  // The first row block of a call meets B's rows cold; where they lie a page or more apart
+  // (a 4096-wide weight matrix read in place) the hardware prefetchers do not follow, so it
+  // asks for them 16 rows ahead (64x4096x4096 forward +5 %).
+  const bool prefetch_b = t.row0 == 0 && ldb * int64_t{sizeof(T)} >= 4096;
+  const int64_t pf_ahead = 16 * ldb;
   for (int64_t i = 0; i < t.batch->count; ++i) {
     const T* a = block_a<T>(*t.batch, i) + (A_T ? t.row0 : t.row0 * lda);
     const T* b = block_b<T>(*t.batch, i) + t.col0;
     const int64_t row_step = A_T ? 1 : lda, col_step = A_T ? lda : 1;
 #pragma GCC unroll 4
     for (int64_t p = 0; p < k; ++p, b += ldb) {
+      if (prefetch_b)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) __builtin_prefetch(b + pf_ahead + v * W, 0, 3);
       Vec bv[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v)
