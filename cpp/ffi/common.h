@@ -14,7 +14,6 @@
 #include "primitives/scratch.h"
 #include "xla/ffi/api/ffi.h"
 
-
 namespace jbr::ffi_handlers {
 
 namespace ffi = xla::ffi;

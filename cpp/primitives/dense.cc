@@ -6,7 +6,6 @@
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
-#include <memory>
 #include <type_traits>
 #include <vector>
 

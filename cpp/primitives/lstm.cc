@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <memory>
 #include <mutex>
 
 namespace jbr::prim {
@@ -77,7 +76,6 @@ void transpose_block(const uint16_t* src, int64_t lds, int64_t rows, int64_t col
                      int64_t ldd, Isa isa) {
   transpose_bf16(src, lds, rows, cols, dst, ldd, isa);
 }
-
 
 // B (k x n) as contiguous column panels of `width` columns (leading dimension width), so a
 // kernel call streams its B block linearly instead of one row per page. With transposed,
