@@ -23,13 +23,13 @@ F32 = np.float32
 
 
 def call_kernel(form, a_pool, b_pool, c, m, n, k, lda, ldb, ldc, offs_a, offs_b, *, alpha=1.0,
-                beta=0.0, activation="none", bias=None, isa=""):
+                beta=0.0, activation="none", bias=None, isa="", b_vnni=False):
     count = len(offs_a)
     stride_a = offs_a[1] if count > 1 else 0
     stride_b = offs_b[1] if count > 1 else 0
     ext.kernel_call(form, a_pool, b_pool, c, m, n, k, lda, ldb, ldc, count, stride_a, stride_b,
                     np.asarray(offs_a, np.int64), np.asarray(offs_b, np.int64), alpha, beta,
-                    activation, bias, isa)
+                    activation, bias, isa, b_vnni)
 
 
 def kernel_reference(a_pool, b_pool, c, m, n, k, lda, ldb, ldc, offs_a, offs_b, alpha, beta,
@@ -282,6 +282,45 @@ def test_kernel_bf16_all_forms_all_isas(form, m, n, k, count, isa_bf16, rng):
     assert errors[F32] < 1e-5  # float32 accumulation of exact bfloat16 products
     # A bfloat16 result adds one rounding and nothing else.
     assert errors[BF16] < errors[F32] + BF16_ROUNDING
+
+
+needs_amx = pytest.mark.skipif("amx" not in jb.supported_isas(), reason="no AMX on this CPU")
+
+
+@needs_amx
+@pytest.mark.parametrize("form", ["stride", "offset", "address"])
+@pytest.mark.parametrize("m,n,k,count", [(1, 1, 1, 1), (15, 17, 31, 2), (16, 16, 32, 1), (17, 48, 33, 3),
+                                         (40, 100, 64, 4), (56, 64, 65, 9), (33, 31, 96, 2)])
+@pytest.mark.parametrize("beta,activation", [(0.0, "none"), (1.0, "none"), (-0.5, "gelu")])
+def test_amx_tiles_with_vnni_weights(form, m, n, k, count, beta, activation, rng):
+    # B packed once into the pair-interleaved layout (as the primitives pack weights) and
+    # read as is: m not a multiple of 16 (the overlapping last row tile, beta != 0 included),
+    # n and k edges (zero-padded tiles), odd k, both the direct-to-C and the epilogue stores.
+    lda, ldb, ldc = k + 3, n + 1, n + 2
+    a_pool = rng.standard_normal(count * m * lda).astype(BF16)
+    b_pool = rng.standard_normal(count * k * ldb).astype(BF16)
+    order = rng.permutation(count) if form != "stride" else np.arange(count)
+    offs_a = [int(i) * m * lda for i in order]
+    offs_b = [int(i) * k * ldb for i in order]
+    c0 = rng.standard_normal((m, ldc)).astype(F32)
+    ref = kernel_reference(a_pool.astype(np.float64), b_pool.astype(np.float64), c0, m, n, k,
+                           lda, ldb, ldc, offs_a, offs_b, 1.0, beta, activation, None)
+    for b_vnni in (False, True):
+        c = c0.copy()
+        call_kernel(form, a_pool.view(np.uint16), b_pool.view(np.uint16), c, m, n, k, lda, ldb, ldc,
+                    offs_a, offs_b, beta=beta, activation=activation, isa="amx", b_vnni=b_vnni)
+        assert rel_err(c[:, :n], ref) < 1e-5, b_vnni
+        np.testing.assert_array_equal(c[:, n:], c0[:, n:])  # beyond n, C is untouched
+
+
+@needs_amx
+def test_amx_rejects_vnni_descriptors_it_cannot_read(rng):
+    a = np.ones(64, F32)
+    with pytest.raises(ValueError, match="b_vnni"):  # float32 has no pair layout
+        call_kernel("stride", a, a, np.zeros((2, 2), F32), 2, 2, 2, 2, 2, 2, [0], [0], isa="amx", b_vnni=True)
+    h = np.ones(64, np.uint16)
+    with pytest.raises(ValueError, match="b_vnni"):  # nor does a non-AMX path read it
+        call_kernel("stride", h, h, np.zeros((2, 2), F32), 2, 2, 2, 2, 2, 2, [0], [0], isa="avx512", b_vnni=True)
 
 
 def test_brgemm_op_bf16_forward_and_gradients(rng):

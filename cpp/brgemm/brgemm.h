@@ -52,6 +52,10 @@ struct Desc {
   // its x^T (pixels x channels in memory) in place instead of transposing it first.
   // Float32 inputs only (the bfloat16 dot kernels pair adjacent elements of A's rows).
   bool a_transposed = false;
+  // B_i is stored in the pair-interleaved layout the AMX tiles read (pack_b_vnni), so a
+  // primitive packs weights it reuses once instead of the kernel packing them every call.
+  // bfloat16 on amx only; ldb is then the pairs per pair-row (see pack_b_vnni).
+  bool b_vnni = false;
   Isa isa = Isa::ref;
 
   bool operator==(const Desc& o) const;
@@ -120,6 +124,16 @@ void transpose_f32(const float* src, int64_t lds, int64_t rows, int64_t cols, fl
 // The same for bfloat16 bit patterns (any 16-bit elements).
 void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols,
                     uint16_t* dst, int64_t ldd, Isa isa);
+
+// The pair-interleaved ("VNNI") layout of a bfloat16 B block (k x n), as AMX's TDPBF16PS
+// reads it: vnni_rows(k) = k rounded up to 32 rows, stored as vnni_rows(k) / 2 pair-rows of
+// ld pairs each (ld >= n rounded up to 16): element (p, j) at dst[(p / 2) * 2 * ld + 2 * j
+// + p % 2]. Everything past k rows or n columns is zero, so whole 16 x 32 tiles can be read.
+int64_t vnni_rows(int64_t k);
+inline int64_t vnni_elements(int64_t k, int64_t ld) { return vnni_rows(k) * ld; }
+// dst (vnni_elements(k, ld_dst) elements) = src (k x n, row-major, leading dimension lds).
+void pack_b_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst,
+                 int64_t ld_dst);
 
 // float32 -> bfloat16 bits, rounded to nearest even; NaN stays a quiet NaN. The scalar
 // conversion every path shares (vector paths round the same way in registers). Inline and

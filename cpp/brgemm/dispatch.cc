@@ -18,22 +18,25 @@
 namespace jbr {
 namespace {
 
-// The implementation that runs inputs of `dtype` on `isa`: float32 on avx512bf16 is the
-// AVX-512 kernel; null where there is none.
+// The implementation that runs inputs of `dtype` on `isa`: float32 on avx512bf16 and amx
+// is the AVX-512 kernel; null where there is none.
 const detail::IsaImpl* impl_for(Isa isa, DType dtype = DType::f32) {
   switch (isa) {
 #if defined(JBR_HAVE_X86_ISAS)
+    case Isa::amx:
+      return dtype == DType::bf16 ? &detail::impl_amx : &detail::impl_avx512;
     case Isa::avx512bf16:
       return dtype == DType::bf16 ? &detail::impl_avx512bf16 : &detail::impl_avx512;
     case Isa::avx512: return &detail::impl_avx512;
     case Isa::avx2: return &detail::impl_avx2;
 #endif
     case Isa::ref: return &detail::impl_ref;
-    default: return nullptr;  // amx: no kernel in this build
+    default: return nullptr;
   }
 }
 
 Isa best_isa() {
+  if (isa_supported(Isa::amx)) return Isa::amx;
   if (isa_supported(Isa::avx512bf16)) return Isa::avx512bf16;
   if (isa_supported(Isa::avx512)) return Isa::avx512;
   if (isa_supported(Isa::avx2)) return Isa::avx2;
@@ -104,7 +107,7 @@ struct DescHash {
     mix(static_cast<int64_t>(d.a_dtype) | static_cast<int64_t>(d.b_dtype) << 4 |
         static_cast<int64_t>(d.c_dtype) << 8 | static_cast<int64_t>(d.activation) << 12 |
         static_cast<int64_t>(d.isa) << 16 | static_cast<int64_t>(d.has_bias) << 20 | static_cast<int64_t>(d.stream_c) << 21 |
-        static_cast<int64_t>(d.a_transposed) << 22);
+        static_cast<int64_t>(d.a_transposed) << 22 | static_cast<int64_t>(d.b_vnni) << 23);
     uint32_t beta_bits;
     static_assert(sizeof(beta_bits) == sizeof(d.beta));
     std::memcpy(&beta_bits, &d.beta, sizeof beta_bits);
@@ -147,8 +150,10 @@ bool isa_supported(Isa isa) {
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
     case Isa::avx512bf16:
       return isa_supported(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
+    case Isa::amx:
+      return isa_supported(Isa::avx512) && detail::amx_usable();
 #endif
-    default: return false;  // amx: no tile kernel in this build
+    default: return false;
   }
 }
 
@@ -179,7 +184,7 @@ bool Desc::operator==(const Desc& o) const {
   return m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb && ldc == o.ldc &&
          a_dtype == o.a_dtype && b_dtype == o.b_dtype && c_dtype == o.c_dtype &&
          beta == o.beta && activation == o.activation && has_bias == o.has_bias && stream_c == o.stream_c &&
-         a_transposed == o.a_transposed && isa == o.isa;
+         a_transposed == o.a_transposed && b_vnni == o.b_vnni && isa == o.isa;
 }
 
 std::string validate(const Desc& d) {
@@ -193,6 +198,11 @@ std::string validate(const Desc& d) {
   if (!d.a_transposed && d.lda < d.k)
     return "lda must be >= k (" + std::to_string(d.k) + "), got " + std::to_string(d.lda);
   if (d.a_transposed && d.a_dtype != DType::f32) return "a_transposed needs float32 inputs";
+  if (d.b_vnni && (d.isa != Isa::amx || d.b_dtype != DType::bf16))
+    return "b_vnni needs bfloat16 inputs on the amx path";
+  if (d.b_vnni && d.ldb < (d.n + 15) / 16 * 16)
+    return "ldb must be >= n rounded up to 16 (" + std::to_string((d.n + 15) / 16 * 16) +
+           ") for a VNNI B, got " + std::to_string(d.ldb);
   if (d.ldb < d.n) return "ldb must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldb);
   if (d.ldc < d.n) return "ldc must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldc);
   if (d.a_dtype != d.b_dtype) return "a and b must have the same dtype";
@@ -214,7 +224,12 @@ const Kernel& get_kernel(const Desc& d) {
   kernel->desc = d;
   const detail::IsaImpl& impl = *impl_for(d.isa, d.a_dtype);
   const bool bf16 = d.a_dtype == DType::bf16;
-  choose_blocking(bf16 ? impl.bf16 : impl.f32, kernel.get());
+  if (bf16 && d.isa == Isa::amx) {  // 2 x 2 tiles of 16 x 16 (isa_amx.cc)
+    kernel->rows_per_block = static_cast<int>(std::min<int64_t>(d.m, 32));
+    kernel->vectors_per_block = 2;
+  } else {
+    choose_blocking(bf16 ? impl.bf16 : impl.f32, kernel.get());
+  }
   kernel->fn = bf16 ? impl.run_bf16 : impl.run_f32;
   std::unique_lock lock(mutex);
   auto [it, inserted] = cache.emplace(d, std::move(kernel));
@@ -251,6 +266,18 @@ void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols
   const detail::IsaImpl* impl = impl_for(isa);
   if (impl && impl->transpose_bf16) return impl->transpose_bf16(src, lds, rows, cols, dst, ldd);
   transpose_tiles(src, lds, rows, cols, dst, ldd);
+}
+
+int64_t vnni_rows(int64_t k) { return (k + 31) / 32 * 32; }
+
+void pack_b_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst,
+                 int64_t ld_dst) {
+#if defined(JBR_HAVE_X86_ISAS)
+  if (isa_supported(Isa::amx)) return detail::pack_vnni_amx(src, lds, k, n, dst, ld_dst);
+#endif
+  std::fill(dst, dst + vnni_elements(k, ld_dst), uint16_t{0});
+  for (int64_t p = 0; p < k; ++p)
+    for (int64_t j = 0; j < n; ++j) dst[(p / 2) * 2 * ld_dst + 2 * j + p % 2] = src[p * lds + j];
 }
 
 double thread_cpu_seconds() {

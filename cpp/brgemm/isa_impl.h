@@ -34,6 +34,10 @@ extern const IsaImpl impl_ref;
 extern const IsaImpl impl_avx2;
 extern const IsaImpl impl_avx512;
 extern const IsaImpl impl_avx512bf16;
+extern const IsaImpl impl_amx;
+// True where the CPU has AMX-BF16 and the OS granted this process the tile state.
+bool amx_usable();
+void pack_vnni_amx(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ld);
 #endif
 
 }  // namespace jbr::detail

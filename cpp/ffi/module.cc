@@ -55,7 +55,7 @@ void kernel_call(const std::string& form, AnyArray a_pool, AnyArray b_pool, AnyA
                  int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
                  int64_t count, int64_t stride_a, int64_t stride_b, I64Array offs_a,
                  I64Array offs_b, float alpha, float beta, const std::string& activation,
-                 nb::object bias, const std::string& isa) {
+                 nb::object bias, const std::string& isa, bool b_vnni) {
   Desc d;
   d.m = m, d.n = n, d.k = k, d.lda = lda, d.ldb = ldb, d.ldc = ldc, d.beta = beta;
   d.a_dtype = array_dtype(a_pool, "a_pool");
@@ -80,7 +80,6 @@ void kernel_call(const std::string& form, AnyArray a_pool, AnyArray b_pool, AnyA
       throw nb::value_error((std::string(name) + ": block outside the array").c_str());
   };
   check_span(0, m, n, ldc, c.size(), "c");
-  const Kernel& kernel = get_kernel(d);
   std::vector<int64_t> oa(count), ob(count);
   for (int64_t i = 0; i < count; ++i) {
     oa[i] = form == "stride" ? i * stride_a : offs_a(i);
@@ -88,16 +87,33 @@ void kernel_call(const std::string& form, AnyArray a_pool, AnyArray b_pool, AnyA
     check_span(oa[i], m, k, lda, a_pool.size(), "a_pool");
     check_span(ob[i], k, n, ldb, b_pool.size(), "b_pool");
   }
+  // b_vnni: every B block packed into the pair-interleaved layout first (as a primitive
+  // packs its weights), in the same order, and the kernel reads that.
+  std::vector<uint16_t> vnni_pool;
+  if (b_vnni) {
+    if (d.b_dtype != DType::bf16) throw nb::value_error("b_vnni: needs bfloat16 inputs");
+    const int64_t ld = (n + 15) / 16 * 16, size = vnni_elements(k, ld);
+    vnni_pool.resize(count * size);
+    for (int64_t i = 0; i < count; ++i) {
+      pack_b_vnni(static_cast<const uint16_t*>(b_pool.data()) + ob[i], ldb, k, n,
+                  vnni_pool.data() + i * size, ld);
+      ob[i] = i * size;
+    }
+    d.b_vnni = true, d.ldb = ld, stride_b = size;
+    if (std::string error = validate(d); !error.empty()) throw nb::value_error(error.c_str());
+  }
+  const void* b_data = b_vnni ? static_cast<const void*>(vnni_pool.data()) : b_pool.data();
+  const Kernel& kernel = get_kernel(d);
   if (form == "stride") {
-    kernel(Batch::strided(a_pool.data(), stride_a, b_pool.data(), stride_b, count), c.data(), alpha, bias_ptr);
+    kernel(Batch::strided(a_pool.data(), stride_a, b_data, stride_b, count), c.data(), alpha, bias_ptr);
   } else if (form == "offset") {
-    kernel(Batch::offsets(a_pool.data(), oa.data(), b_pool.data(), ob.data(), count), c.data(), alpha, bias_ptr);
+    kernel(Batch::offsets(a_pool.data(), oa.data(), b_data, ob.data(), count), c.data(), alpha, bias_ptr);
   } else if (form == "address") {
     const int64_t size = d.a_dtype == DType::bf16 ? 2 : 4;
     std::vector<const void*> pa(count), pb(count);
     for (int64_t i = 0; i < count; ++i) {
       pa[i] = static_cast<const char*>(a_pool.data()) + oa[i] * size;
-      pb[i] = static_cast<const char*>(b_pool.data()) + ob[i] * size;
+      pb[i] = static_cast<const char*>(b_data) + ob[i] * size;
     }
     kernel(Batch::addresses(pa.data(), pb.data(), count), c.data(), alpha, bias_ptr);
   } else {
@@ -108,15 +124,19 @@ void kernel_call(const std::string& form, AnyArray a_pool, AnyArray b_pool, AnyA
 // Single-thread GFLOP/s of one kernel shape on in-cache data: the median of `samples`
 // timings (thread CPU time), each long enough (>= ~20 ms) to dwarf the clock's resolution.
 double bench_kernel(int64_t m, int64_t n, int64_t k, int64_t count, const std::string& form,
-                    const std::string& isa, const std::string& dtype, int samples) {
+                    const std::string& isa, const std::string& dtype, int samples, bool b_vnni) {
   Desc d;
   d.m = m, d.n = n, d.k = k, d.lda = k, d.ldb = n, d.ldc = n, d.beta = 1.0f;
   d.isa = isa_or_active(isa);
   if (dtype != "float32" && dtype != "bfloat16") throw nb::value_error("dtype: must be float32 or bfloat16");
   d.a_dtype = d.b_dtype = dtype == "bfloat16" ? DType::bf16 : DType::f32;
+  // b_vnni: B blocks already in the pair-interleaved layout (as a primitive's packed weights).
+  d.b_vnni = b_vnni;
+  if (b_vnni) d.ldb = (n + 15) / 16 * 16;
   if (std::string error = validate(d); !error.empty()) throw nb::value_error(error.c_str());
+  const int64_t b_block = b_vnni ? vnni_elements(k, d.ldb) : k * n;
   // float32 storage is large enough for either dtype; bfloat16 uses the first half.
-  std::vector<float> a(count * m * k), b(count * k * n), c(m * n, 0.0f);
+  std::vector<float> a(count * m * k), b(count * b_block), c(m * n, 0.0f);
   std::mt19937 rng(0);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
   for (float& x : a) x = dist(rng);
@@ -125,12 +145,12 @@ double bench_kernel(int64_t m, int64_t n, int64_t k, int64_t count, const std::s
   std::vector<int64_t> oa(count), ob(count);
   std::vector<const void*> pa(count), pb(count);
   for (int64_t i = 0; i < count; ++i) {
-    oa[i] = i * m * k, ob[i] = i * k * n;
+    oa[i] = i * m * k, ob[i] = i * b_block;
     pa[i] = reinterpret_cast<const char*>(a.data()) + oa[i] * size;
     pb[i] = reinterpret_cast<const char*>(b.data()) + ob[i] * size;
   }
   Batch batch;
-  if (form == "stride") batch = Batch::strided(a.data(), m * k, b.data(), k * n, count);
+  if (form == "stride") batch = Batch::strided(a.data(), m * k, b.data(), b_block, count);
   else if (form == "offset") batch = Batch::offsets(a.data(), oa.data(), b.data(), ob.data(), count);
   else if (form == "address") batch = Batch::addresses(pa.data(), pb.data(), count);
   else throw nb::value_error("variant: must be 'stride', 'offset' or 'address'");
@@ -197,7 +217,7 @@ NB_MODULE(_jax_brgemm, m) {
   }, nb::arg("isa") = "", nb::arg("seconds") = 0.2);
   m.def("bench_kernel", &bench_kernel, nb::arg("m"), nb::arg("n"), nb::arg("k"),
         nb::arg("count"), nb::arg("variant") = "stride", nb::arg("isa") = "",
-        nb::arg("dtype") = "float32", nb::arg("samples") = 7);
+        nb::arg("dtype") = "float32", nb::arg("samples") = 7, nb::arg("b_vnni") = false);
   m.def("bf16_peak_gflops", [](const std::string& isa, double seconds) {
     const Isa chosen = isa_or_active(isa);
     nb::gil_scoped_release release;
@@ -212,5 +232,5 @@ NB_MODULE(_jax_brgemm, m) {
         nb::arg("c"), nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("lda"), nb::arg("ldb"),
         nb::arg("ldc"), nb::arg("count"), nb::arg("stride_a"), nb::arg("stride_b"),
         nb::arg("offs_a"), nb::arg("offs_b"), nb::arg("alpha"), nb::arg("beta"),
-        nb::arg("activation"), nb::arg("bias").none(), nb::arg("isa"));
+        nb::arg("activation"), nb::arg("bias").none(), nb::arg("isa"), nb::arg("b_vnni") = false);
 }
