@@ -130,6 +130,10 @@ void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols
 // ld pairs each (ld >= n rounded up to 16): element (p, j) at dst[(p / 2) * 2 * ld + 2 * j
 // + p % 2]. Everything past k rows or n columns is zero, so whole 16 x 32 tiles can be read.
 int64_t vnni_rows(int64_t k);
+// Whether kernels for `isa` and `dtype` read B in that layout (Desc::b_vnni): a primitive
+// that reuses a B operand across calls packs it so once (pack_b_vnni) instead of the
+// kernel packing it on every call.
+inline bool wants_vnni_b(Isa isa, DType dtype) { return isa == Isa::amx && dtype == DType::bf16; }
 inline int64_t vnni_elements(int64_t k, int64_t ld) { return vnni_rows(k) * ld; }
 // dst (vnni_elements(k, ld_dst) elements) = src (k x n, row-major, leading dimension lds).
 void pack_b_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst,
