@@ -80,23 +80,36 @@ const Kernel* kernel_for(Desc d, std::string* error) {
   return &get_kernel(d);
 }
 
-// HWIO weights as the B blocks of a RowPass: dst[g][blk][t][i][j], i < rows, j < bw (zero
-// past the last block's edge). Forward: rows are the group's input channels and columns
-// its output channels, w[t][i][g*Kg + col]. Transposed (backward data): rows are output
-// channels, columns input channels, w[t][col][g*Kg + i].
-Buffer<float> pack_weights(const ConvShape& s, DType dtype, const void* w_in,
-                                      bool transposed, int64_t bw, const Executor* executor) {
+// HWIO weights as the B blocks of a RowPass: dst[g][blk][t] is a rows x bw block (zero
+// past the last block's edge), plain or, where the kernel wants it (AMX), in the pair-
+// interleaved layout (rows of ld pairs, ld = bw rounded up to 16). Forward: rows are the group's input
+// channels and columns its output channels, w[t][i][g*Kg + col]. Transposed (backward
+// data): rows are output channels, columns input channels, w[t][col][g*Kg + i].
+struct PackedWeights {
+  Buffer<float> data;
+  int64_t ld;        // the blocks' leading dimension (Desc::ldb)
+  int64_t tap_size;  // elements of one (g, blk, t) block
+  bool vnni;
+};
+
+PackedWeights pack_weights(const ConvShape& s, DType dtype, const void* w_in, bool transposed,
+                           int64_t bw, Isa isa, const Executor* executor) {
   const int64_t taps = s.taps_h * s.taps_w, cg = s.in_c / s.groups, kg = s.out_c / s.groups;
   const int64_t rows = transposed ? kg : cg, cols = transposed ? cg : kg;
   const int64_t blocks = ceil_div(cols, bw);
-  auto dst = buffer(s.groups * blocks * taps * rows * bw, size_of(dtype));
+  const bool vnni = wants_vnni_b(isa, dtype);
+  const int64_t ld = vnni ? ceil_div(bw, 16) * 16 : bw;
+  const int64_t tap_size = vnni ? vnni_elements(rows, ld) : rows * bw;
+  auto dst = buffer(s.groups * blocks * taps * tap_size, size_of(dtype));
   with_type(dtype, [&](auto zero) {
     using T = decltype(zero);
     const T* w = static_cast<const T*>(w_in);
     parallel_for(executor, s.groups * blocks * taps, [&](int64_t item) {
       const int64_t t = item % taps, blk = item / taps % blocks, g = item / taps / blocks;
       const int64_t width = std::min(bw, cols - blk * bw);
-      T* out = reinterpret_cast<T*>(dst.get()) + item * rows * bw;
+      thread_local std::vector<T> plain;  // the plain block, where it is packed again
+      if (vnni) plain.resize(rows * bw);
+      T* out = vnni ? plain.data() : reinterpret_cast<T*>(dst.get()) + item * tap_size;
       const T* src = w + t * cg * s.out_c + g * kg;
       if (transposed) {
         transpose(src + blk * bw * s.out_c, s.out_c, width, rows, out, bw);
@@ -104,10 +117,12 @@ Buffer<float> pack_weights(const ConvShape& s, DType dtype, const void* w_in,
         for (int64_t i = 0; i < rows; ++i) std::copy_n(src + i * s.out_c + blk * bw, width, out + i * bw);
       }
       for (int64_t i = 0; i < rows; ++i) std::fill(out + i * bw + width, out + (i + 1) * bw, zero);
+      if constexpr (std::is_same_v<T, uint16_t>)
+        if (vnni) pack_b_vnni(out, bw, rows, bw, reinterpret_cast<T*>(dst.get()) + item * tap_size, ld);
     });
     return 0;
   });
-  return dst;
+  return {std::move(dst), ld, tap_size, vnni};
 }
 
 // The loop nest shared by the forward and backward-data passes: rows of output pixels,
@@ -126,6 +141,8 @@ struct RowPass {
   DType in, out_dtype;  // of a and b; of out
   const void* a;
   const void* b;
+  int64_t ldb, tap_size;  // of the B blocks: leading dimension, elements of one block
+  bool b_vnni;            // B blocks in the pair-interleaved layout
   const float* bias;  // (groups * ng) or null
   void* out;
   Activation act;
@@ -207,7 +224,8 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   const int64_t blocks = ceil_div(rp.ng, rp.bn);
   const int64_t last_n = rp.ng - (blocks - 1) * rp.bn;
   Desc d;
-  d.k = rp.kg, d.lda = step * rp.in_pix, d.ldb = rp.bn, d.ldc = rp.phases * rp.out_pix;
+  d.k = rp.kg, d.lda = step * rp.in_pix, d.ldb = rp.ldb, d.ldc = rp.phases * rp.out_pix;
+  d.b_vnni = rp.b_vnni;
   d.activation = rp.act, d.has_bias = rp.bias != nullptr, d.isa = rp.isa;
   d.stream_c = rp.images * rp.out_rows * rp.out_cols * rp.out_pix * size_of(rp.out_dtype) >= kStreamBytes;
   d.a_dtype = d.b_dtype = rp.in, d.c_dtype = rp.out_dtype;
@@ -225,7 +243,7 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   // Loop order (outer to inner): group, image, set of channel blocks, output row, piece,
   // block of the set. A set's B panels stay in L2 while every row of A that uses them
   // streams through once per set, not once per block.
-  const int64_t panel_bytes = rp.taps_r * rp.taps_s * rp.kg * rp.bn * in_size;
+  const int64_t panel_bytes = rp.taps_r * rp.taps_s * rp.tap_size * in_size;
   int64_t per_set = std::clamp<int64_t>(kPanelBudget / panel_bytes, 1, blocks);
   while (blocks % per_set != 0) --per_set;
   // Outputs no tap reaches (most of dx for a strided 1x1 convolution) are zero: then one
@@ -267,14 +285,14 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
 
     thread_local std::vector<int64_t> offs_a, offs_b;
     offs_a.clear(), offs_b.clear();
-    const char* b_block = static_cast<const char*>(rp.b) + (g * blocks + blk) * rp.taps_r * rp.taps_s * rp.kg * rp.bn * in_size;
+    const char* b_block = static_cast<const char*>(rp.b) + (g * blocks + blk) * rp.taps_r * rp.taps_s * rp.tap_size * in_size;
     for (int64_t r = 0; r < rp.taps_r; ++r) {
       int64_t row;
       if (!rp.rows.at(o, r, &row)) continue;
       const int64_t row_base = (img * rp.in_rows + row) * rp.in_cols;
       for (int64_t t = pc.tap0; t < pc.tap1; ++t) {
         offs_a.push_back((row_base + col_taps[t].col) * rp.in_pix + g * rp.kg);
-        offs_b.push_back((r * rp.taps_s + col_taps[t].s) * rp.kg * rp.bn);
+        offs_b.push_back((r * rp.taps_s + col_taps[t].s) * rp.tap_size);
       }
     }
     if (offs_a.empty()) {
@@ -401,7 +419,7 @@ std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const vo
     });
   }
   const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(kg, kBlock);
-  auto packed = pack_weights(s, in, w, /*transposed=*/false, bn, executor);
+  auto packed = pack_weights(s, in, w, /*transposed=*/false, bn, isa, executor);
   RowPass rp;
   rp.images = s.batch, rp.groups = s.groups, rp.taps_r = s.taps_h, rp.taps_s = s.taps_w;
   rp.out_rows = s.out_h, rp.out_cols = s.out_w, rp.out_pix = s.out_c;
@@ -411,7 +429,8 @@ std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const vo
   rp.cols = {s.stride_w, s.dil_w, -s.pad_left, 1, s.in_w};
   if (pointwise(s)) as_one_row(s, &rp);
   rp.in = in, rp.out_dtype = out;
-  rp.a = x, rp.b = packed.get(), rp.bias = bias, rp.out = y, rp.act = act, rp.isa = isa;
+  rp.a = x, rp.b = packed.data.get(), rp.ldb = packed.ld, rp.tap_size = packed.tap_size, rp.b_vnni = packed.vnni;
+  rp.bias = bias, rp.out = y, rp.act = act, rp.isa = isa;
   return run_rows(rp, executor);
 }
 
@@ -427,7 +446,7 @@ std::string conv2d_backward_data(const ConvShape& s, DType in, const void* dy, c
     return "";
   }
   const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(cg, kBlock);
-  auto packed = pack_weights(s, in, w, /*transposed=*/true, bn, executor);
+  auto packed = pack_weights(s, in, w, /*transposed=*/true, bn, isa, executor);
   // dx[n, h, v] = sum over taps of dy[n, p, q] @ w[r, s]^T where h = p*sh + r*dh - pt,
   // i.e. p = (h + pt - r*dh) / sh when exact; columns likewise, one phase per v mod sw.
   RowPass rp;
@@ -439,7 +458,8 @@ std::string conv2d_backward_data(const ConvShape& s, DType in, const void* dy, c
   rp.cols = {1, -s.dil_w, s.pad_left, s.stride_w, s.out_w};
   if (pointwise(s)) as_one_row(s, &rp);
   rp.in = in, rp.out_dtype = out;
-  rp.a = dy, rp.b = packed.get(), rp.bias = nullptr, rp.out = dx, rp.act = Activation::none;
+  rp.a = dy, rp.b = packed.data.get(), rp.ldb = packed.ld, rp.tap_size = packed.tap_size, rp.b_vnni = packed.vnni;
+  rp.bias = nullptr, rp.out = dx, rp.act = Activation::none;
   rp.isa = isa;
   return run_rows(rp, executor);
 }
