@@ -131,33 +131,17 @@ void tile_block(const Blocks& bl, const int64_t* row0, int rows, int64_t col0, c
   if constexpr (COL_TILES == 2) JBR_START_TILE(1, c[1]);
   if constexpr (ROW_TILES == 2) JBR_START_TILE(2, c[2]);
   if constexpr (ROW_TILES == 2 && COL_TILES == 2) JBR_START_TILE(3, c[3]);
-  // Each step's tiles come from L2 at best (a block's A rows and B columns over the whole
-  // batch outgrow L1): the next step's 64 lines are prefetched while this step multiplies.
-  auto prefetch_step = [&](int64_t i, int64_t kc) {
-    if (i >= bl.count) return;
-    const uint16_t* a0 = bl.a[i] + row0[0] * bl.lda + kc * kTileK;
-    const uint16_t* a1 = bl.a[i] + row0[ROW_TILES - 1] * bl.lda + kc * kTileK;
-    const uint16_t* b = bl.b[i] + col0 * 2 + kc * kTileRows * 2 * bl.b_pair_ld;
-    for (int r = 0; r < kTileRows; ++r) {
-      if (r < rows) _mm_prefetch(reinterpret_cast<const char*>(a0 + r * bl.lda), _MM_HINT_T0);
-      if (ROW_TILES == 2 && r < rows) _mm_prefetch(reinterpret_cast<const char*>(a1 + r * bl.lda), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + r * 2 * bl.b_pair_ld), _MM_HINT_T0);
-      if (COL_TILES == 2) _mm_prefetch(reinterpret_cast<const char*>(b + r * 2 * bl.b_pair_ld + 32), _MM_HINT_T0);
-    }
-  };
-  const int64_t chunks = full_chunks + (k_tail != 0);
   for (int64_t i = 0; i < bl.count; ++i) {
     const uint16_t* a0 = bl.a[i] + row0[0] * bl.lda;
     const uint16_t* a1 = bl.a[i] + row0[ROW_TILES - 1] * bl.lda;
     const uint16_t* b = bl.b[i] + col0 * 2;
-    for (int64_t kc = 0; kc < chunks; ++kc) {
-      if (kc + 1 < chunks) prefetch_step(i, kc + 1);
-      else prefetch_step(i + 1, 0);
+    for (int64_t kc = 0; kc <= full_chunks; ++kc) {
       const uint16_t* b_chunk = b + kc * kTileRows * 2 * bl.b_pair_ld;
       if (kc < full_chunks) {
         _tile_loadd(4, a0 + kc * kTileK, lda_bytes);
         if constexpr (ROW_TILES == 2) _tile_loadd(5, a1 + kc * kTileK, lda_bytes);
       } else {
+        if (k_tail == 0) break;
         pad_a_tail(a0 + kc * kTileK, bl.lda, rows, k_tail, tail[0]);
         _tile_loadd(4, tail[0], kTileK * 2);
         if constexpr (ROW_TILES == 2) {
