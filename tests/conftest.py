@@ -28,6 +28,14 @@ def isa_bf16(request):
 
 
 @pytest.fixture
+def amx():
+    """The AMX path forced for the test (skipped where this CPU has none)."""
+    if "amx" not in jax_brgemm.supported_isas():
+        pytest.skip("this CPU has no AMX")
+    yield from _forced("amx")
+
+
+@pytest.fixture
 def rng(request):
     # Fresh random inputs per test, reproducible from the test's name (and JAX_BRGEMM_SEED).
     seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("JAX_BRGEMM_SEED", "0"))

@@ -310,6 +310,15 @@ def test_bf16_every_isa(isa_bf16, rng):
         check_bf16(x, w, b, act, dy)
 
 
+@pytest.mark.parametrize("n,c,k", [(2085, 2085, 70), (70, 67, 2085), (9, 600, 2085)])
+def test_bf16_split_reductions_on_amx(amx, rng, n, c, k):
+    # AMX reads B from VNNI panels packed per reduction chunk, in 32-row pieces: reductions of
+    # 2085 (a 2048 chunk and a 37-deep one, not a multiple of 32) in the forward (c),
+    # backward-data through W^T (k) and through dz^T (few rows: k again), weight-update (n).
+    x, w, b, dy = bf16_make(rng, (n,), c, k)
+    check_bf16(x, w, b, "gelu", dy)
+
+
 @pytest.mark.parametrize("act", ["relu", "gelu"])
 def test_bf16_mixed_params(rng, act):
     """float32 params with bfloat16 x compute in bfloat16 (params cast inside the op), their

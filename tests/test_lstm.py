@@ -322,6 +322,13 @@ def test_bf16_every_isa(isa_bf16, rng):
     check_bf16_against_reference(rng, 5, 7, 17, 40, True, True, False)
 
 
+def test_bf16_split_reductions_on_amx(amx, rng):
+    # AMX reads B from VNNI panels in 32-row pieces, so reductions longer than one chunk
+    # (1024) split at multiples of 32: C = 1100 (x W_ih), 4K = 1204 (dh and dx through the
+    # W^T panels) and T N = 1110 (the weight gradients), none a multiple of 32.
+    check_bf16_against_reference(rng, 37, 30, 1100, 301, False, True, False)
+
+
 def test_bf16_mixed_states(rng):
     # bfloat16 x and weights with a float32 cell state and a bfloat16 hidden state (and the
     # reverse): each state's gradient and carried-out value keep its dtype.

@@ -13,6 +13,7 @@ namespace jbr::prim {
 namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 int64_t threads_of(const Executor* executor) {
   return executor ? executor->num_workers() + 1 : 1;
@@ -29,6 +30,9 @@ constexpr int64_t kStripCols = 64;
 constexpr int64_t kRowTarget = 64;
 constexpr int64_t kReduceChunk = 1024;  // float32; bfloat16 chunks hold the same bytes
 constexpr int64_t kReduceBlock = 64;
+// Calls start at multiples of kReduceBlock inside a chunk's panel; a VNNI panel is read in
+// whole 32-row pieces, so those must be multiples of 32 (else a call reads the next one's rows).
+static_assert(kReduceBlock % 32 == 0);
 constexpr int64_t kGroupRows = 1024;
 // Plain B panels are copied contiguous when their rows lie at least kPackLdb floats apart
 // (each on its own page, all in the same few L1 sets: TLB and cache-set misses) and at
@@ -122,14 +126,16 @@ struct GemmNest {
 // A (rows x depth, lda) @ B (depth x cols, ldb) into c (ldc, c_dtype), as full
 // kReduceBlock-deep blocks in one batch-reduce call plus a tail call. first: overwrite c
 // (beta 0), else accumulate; last: apply the epilogue (bias: this block's columns).
+// b_vnni: B is a VNNI panel (ldb pairs per pair-row); row p of it still starts p * ldb in.
 template <typename T>
-void reduce_into(const GemmNest<T>& g, const T* a, const T* b, int64_t ldb, int64_t rows,
-                 int64_t cols, int64_t depth, void* c, int64_t ldc, DType c_dtype,
-                 const float* bias, bool first, bool last) {
+void reduce_into(const GemmNest<T>& g, const T* a, const T* b, int64_t ldb, bool b_vnni,
+                 int64_t rows, int64_t cols, int64_t depth, void* c, int64_t ldc,
+                 DType c_dtype, const float* bias, bool first, bool last) {
   const int64_t kb = std::min(kReduceBlock, depth);
   const int64_t full = depth / kb, tail = depth - full * kb;
   Desc d;
   d.m = rows, d.n = cols, d.lda = g.lda, d.ldb = ldb, d.ldc = ldc, d.isa = g.isa;
+  d.b_vnni = b_vnni;
   d.a_dtype = d.b_dtype = dtype_of<T>(), d.c_dtype = c_dtype;
   d.stream_c = g.stream_out;
   const Activation epilogue_act = g.act_out ? Activation::none : g.activation;
@@ -177,11 +183,13 @@ class GemmPlan {
       if (rows_page_apart<T>(padded_lda_)) padded_lda_ += 64 / sizeof(T);
       padded_a_ = work_buffer<T>(g_.m * padded_lda_);
     }
+    vnni_ = wants_vnni_b(g_.isa, dtype_of<T>());
     // Validate the shapes the nest will ask for (they differ only in m, n, k, beta, epilogue).
     Desc probe;
     probe.m = std::min(g_.m, kRowTarget), probe.n = std::min(g_.n, kStripCols);
     probe.k = std::min(g_.r, kReduceBlock);
     probe.lda = padded_a_ ? padded_lda_ : g_.lda, probe.ldb = g_.b_transposed ? probe.n : g_.ldb;
+    if (vnni_) probe.ldb = round_up(probe.n, 16), probe.b_vnni = true;
     probe.ldc = g_.ldo;
     probe.a_dtype = probe.b_dtype = dtype_of<T>(), probe.c_dtype = g_.out_dtype;
     probe.isa = g_.isa;
@@ -209,7 +217,8 @@ class GemmPlan {
     group_blocks = ceil_div(row_blocks, groups);  // balanced: no runt group at the end
     group_rows_ = group_blocks * bm_;
     chunk_ = std::min<int64_t>(g_.r, kReduceChunk * sizeof(float) / sizeof(T));
-    pack_ = g_.b_transposed || (g_.ldb >= kPackLdb && group_blocks >= kPackBlocks);
+    // (A VNNI B is always packed: once per panel here, else by every kernel call.)
+    pack_ = vnni_ || g_.b_transposed || (g_.ldb >= kPackLdb && group_blocks >= kPackBlocks);
     // A bfloat16 out block that takes several kernel calls (several chunks, or a tail block)
     // is summed in float32 scratch and rounded into out once, after the last.
     accumulate_ = g_.out_dtype != DType::f32 &&
@@ -240,10 +249,13 @@ class GemmPlan {
     const int64_t col0 = strip * kStripCols, cols = std::min(kStripCols, g_.n - col0);
     const int64_t row_begin = group * group_rows_, row_end = std::min(g_.m, row_begin + group_rows_);
     const int64_t out_size = size_of(g_.out_dtype), side_size = size_of(g_.side_dtype);
-    thread_local std::vector<T> panel;
+    const int64_t ld_vnni = round_up(cols, 16);  // pairs per pair-row of a VNNI panel
+    const int64_t panel_size = vnni_ ? vnni_elements(chunk_, ld_vnni) : chunk_ * cols;
+    thread_local std::vector<T> panel, plain;  // plain: B^T's chunk before its VNNI packing
     thread_local std::vector<float> sums;
-    if (pack_ && panel.size() < static_cast<size_t>(chunk_ * cols))
-      panel.resize(chunk_ * cols);
+    if (pack_ && panel.size() < static_cast<size_t>(panel_size)) panel.resize(panel_size);
+    if (vnni_ && g_.b_transposed && plain.size() < static_cast<size_t>(chunk_ * cols))
+      plain.resize(chunk_ * cols);
     if (accumulate_ && sums.size() < static_cast<size_t>(group_rows_ * cols))
       sums.resize(group_rows_ * cols);
     for (int64_t r0 = 0; r0 < g_.r; r0 += chunk_) {
@@ -251,12 +263,19 @@ class GemmPlan {
       const T* b = g_.b + r0 * g_.ldb + col0;
       int64_t ldb = g_.ldb;
       if (g_.b_transposed) {
-        transpose_block(g_.b + col0 * g_.ldb + r0, g_.ldb, cols, depth, panel.data(), cols);
-        b = panel.data(), ldb = cols;
-      } else if (pack_) {
+        T* dst = vnni_ ? plain.data() : panel.data();
+        transpose_block(g_.b + col0 * g_.ldb + r0, g_.ldb, cols, depth, dst, cols);
+        b = dst, ldb = cols;
+      } else if (pack_ && !vnni_) {
         for (int64_t i = 0; i < depth; ++i)
           std::memcpy(panel.data() + i * cols, b + i * g_.ldb, sizeof(T) * cols);
         b = panel.data(), ldb = cols;
+      }
+      if constexpr (!std::is_same_v<T, float>) {
+        if (vnni_) {
+          pack_b_vnni(b, ldb, depth, cols, panel.data(), ld_vnni);
+          b = panel.data(), ldb = ld_vnni;
+        }
       }
       const bool first = r0 == 0, last = r0 + depth == g_.r;
       for (int64_t row0 = row_begin; row0 < row_end; row0 += bm_) {
@@ -265,7 +284,7 @@ class GemmPlan {
         void* c = out;
         int64_t ldc = g_.ldo;
         if (accumulate_) c = sums.data() + (row0 - row_begin) * cols, ldc = cols;
-        reduce_into(g_, g_.a + row0 * g_.lda + r0, b, ldb, rows, cols, depth, c, ldc,
+        reduce_into(g_, g_.a + row0 * g_.lda + r0, b, ldb, vnni_, rows, cols, depth, c, ldc,
                     accumulate_ ? DType::f32 : g_.out_dtype, g_.bias ? g_.bias + col0 : nullptr,
                     first, last);
         if (!last) continue;
@@ -290,6 +309,7 @@ class GemmPlan {
   GemmNest<T> g_;
   int64_t bm_ = 0, strips_ = 0, group_rows_ = 0, chunk_ = 0;
   bool pack_ = false, accumulate_ = false;
+  bool vnni_ = false;  // B panels packed in the VNNI layout (AMX bfloat16)
   Buffer<T> padded_a_;
   int64_t padded_lda_ = 0;
 };

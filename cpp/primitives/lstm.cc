@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
+#include <vector>
 
 namespace jbr::prim {
 namespace {
@@ -24,25 +26,85 @@ struct Rows {
   int64_t batch_stride() const { return time_major ? 1 : steps; }
 };
 
-// Kernel calls C = act(beta * C + A @ B + bias) on one block, with the first validation
-// failure remembered (calls happen inside parallel loops). A long reduction is cut into
-// chunks of at most 4 * kChunk bytes of an A row (beta = 1 after the first, bias and
-// activation on the last) so that the A rows and the B block of a chunk stay in L2 while
-// the kernel sweeps the block's tiles.
+// dst (cols x rows, leading dimension ldd) = src (rows x cols, lds) transposed: the kernel
+// layer's vectorised transposes.
+void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
+                     int64_t ldd, Isa isa) {
+  transpose_f32(src, lds, rows, cols, dst, ldd, isa);
+}
+void transpose_block(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst,
+                     int64_t ldd, Isa isa) {
+  transpose_bf16(src, lds, rows, cols, dst, ldd, isa);
+}
+
+// B (k x n) as contiguous column panels of `width` columns (leading dimension width), so a
+// kernel call streams its B block linearly instead of one row per page. With transposed,
+// B is src^T (src is n x k, leading dimension ld). With vnni (AMX bfloat16: see
+// wants_vnni_b) each panel is in the VNNI layout, width pairs per pair-row and k padded to
+// vnni_rows(k), so the kernel calls need not pack B again each time.
+template <typename T>
+struct Panels {
+  Buffer<T> data;
+  int64_t k = 0, width = 0, count = 0;
+  bool vnni = false;
+  int64_t size() const { return (vnni ? vnni_rows(k) : k) * width; }  // elements per panel
+  const T* panel(int64_t j) const { return data.get() + j * size(); }
+};
+
+template <typename T>
+Panels<T> pack_panels(const Executor* ex, Isa isa, const T* src, int64_t ld, bool transposed,
+                      int64_t k, int64_t n, int64_t width) {
+  Panels<T> p{Buffer<T>(), k, width, ceil_div(n, width), wants_vnni_b(isa, dtype_of<T>())};
+  p.data = work_buffer<T>(p.count * p.size());
+  parallel_for(ex, p.count, [&](int64_t j) {
+    const int64_t j0 = j * width, w = std::min(width, n - j0);
+    T* dst = p.data.get() + j * p.size();
+    if constexpr (!std::is_same_v<T, float>) {
+      if (p.vnni) {  // (width, kPanel or a unit block of >= 32, is a multiple of 16)
+        thread_local std::vector<T> plain;  // the transposed panel before its packing
+        const T* b = src + j0;
+        int64_t ldb = ld;
+        if (transposed) {
+          plain.resize(k * w);
+          transpose_block(src + j0 * ld, ld, w, k, plain.data(), w, isa);
+          b = plain.data(), ldb = w;
+        }
+        pack_b_vnni(b, ldb, k, w, dst, width);
+        return;
+      }
+    }
+    if (transposed) {
+      transpose_block(src + j0 * ld, ld, w, k, dst, width, isa);
+    } else {
+      for (int64_t r = 0; r < k; ++r) std::copy_n(src + r * ld + j0, w, dst + r * width);
+    }
+  });
+  return p;
+}
+
+// Kernel calls C = act(beta * C + A @ B + bias) on one block, B the first n columns of
+// panel j of `b`, with the first validation failure remembered (calls happen inside
+// parallel loops). A long reduction is cut into chunks of at most 4 * kChunk bytes of an A
+// row (beta = 1 after the first, bias and activation on the last) so that the A rows and
+// the B block of a chunk stay in L2 while the kernel sweeps the block's tiles.
 class Gemm {
  public:
   explicit Gemm(Isa isa) : isa_(isa) {}
 
   template <typename T>
-  void operator()(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                  int64_t ldb, float* c, int64_t ldc, float beta,
-                  Activation act = Activation::none, const float* bias = nullptr) {
-    const int64_t chunks = ceil_div(k, kChunk * 4 / int64_t(sizeof(T))), kc = ceil_div(k, chunks);
+  void operator()(int64_t m, int64_t n, const T* a, int64_t lda, const Panels<T>& b, int64_t j,
+                  float* c, int64_t ldc, float beta, Activation act = Activation::none,
+                  const float* bias = nullptr) {
+    const int64_t k = b.k;
+    const int64_t chunks = ceil_div(k, kChunk * 4 / int64_t(sizeof(T)));
+    int64_t kc = ceil_div(k, chunks);
+    // The kernel reads a VNNI B in whole 32-row pieces: chunks start at multiples of 32.
+    if (b.vnni) kc = ceil_div(kc, 32) * 32;
     for (int64_t p0 = 0; p0 < k; p0 += kc) {
       const bool last = p0 + kc >= k;
       Desc d;
-      d.m = m, d.n = n, d.k = std::min(kc, k - p0), d.lda = lda, d.ldb = ldb, d.ldc = ldc;
-      d.beta = p0 == 0 ? beta : 1.0f, d.isa = isa_;
+      d.m = m, d.n = n, d.k = std::min(kc, k - p0), d.lda = lda, d.ldb = b.width, d.ldc = ldc;
+      d.beta = p0 == 0 ? beta : 1.0f, d.isa = isa_, d.b_vnni = b.vnni;
       d.a_dtype = d.b_dtype = dtype_of<T>();
       d.activation = last ? act : Activation::none, d.has_bias = last && bias != nullptr;
       if (std::string error = validate(d); !error.empty()) {
@@ -50,7 +112,9 @@ class Gemm {
         if (error_.empty()) error_ = "lstm: " + error;
         return;
       }
-      get_kernel(d)(Batch::strided(a + p0, 0, b + p0 * ldb, 0, 1), c, 1.0f, d.has_bias ? bias : nullptr);
+      // (Row p0 of a VNNI panel also starts p0 * width in, p0 being even.)
+      get_kernel(d)(Batch::strided(a + p0, 0, b.panel(j) + p0 * b.width, 0, 1), c, 1.0f,
+                    d.has_bias ? bias : nullptr);
     }
   }
 
@@ -66,43 +130,6 @@ class Gemm {
   std::string error_;
 };
 
-// dst (cols x rows, leading dimension ldd) = src (rows x cols, lds) transposed: the kernel
-// layer's vectorised transposes.
-void transpose_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst,
-                     int64_t ldd, Isa isa) {
-  transpose_f32(src, lds, rows, cols, dst, ldd, isa);
-}
-void transpose_block(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst,
-                     int64_t ldd, Isa isa) {
-  transpose_bf16(src, lds, rows, cols, dst, ldd, isa);
-}
-
-// B (k x n) as contiguous column panels of `width` columns (leading dimension width), so a
-// kernel call streams its B block linearly instead of one row per page. With transposed,
-// B is src^T (src is n x k, leading dimension ld).
-template <typename T>
-struct Panels {
-  Buffer<T> data;
-  int64_t k = 0, width = 0, count = 0;
-  const T* panel(int64_t j) const { return data.get() + j * k * width; }
-};
-
-template <typename T>
-Panels<T> pack_panels(const Executor* ex, Isa isa, const T* src, int64_t ld, bool transposed,
-                      int64_t k, int64_t n, int64_t width) {
-  Panels<T> p{work_buffer<T>(k * n + width * k), k, width, ceil_div(n, width)};
-  parallel_for(ex, p.count, [&](int64_t j) {
-    const int64_t j0 = j * width, w = std::min(width, n - j0);
-    T* dst = p.data.get() + j * k * width;
-    if (transposed) {
-      transpose_block(src + j0 * ld, ld, w, k, dst, width, isa);
-    } else {
-      for (int64_t r = 0; r < k; ++r) std::copy_n(src + r * ld + j0, w, dst + r * width);
-    }
-  });
-  return p;
-}
-
 // C (m x n) = A (m x k) @ B + bias, B given as panels, split into (row block x panel)
 // items, enough of them to keep every thread busy.
 template <typename T>
@@ -114,8 +141,8 @@ void parallel_gemm(Gemm& gemm, const Executor* ex, int64_t m, int64_t n, const T
   while (ceil_div(m, bm) * b.count < target && bm > 16) bm /= 2;
   parallel_for(ex, ceil_div(m, bm) * b.count, [&](int64_t item) {
     const int64_t i0 = item / b.count * bm, j = item % b.count, j0 = j * b.width;
-    gemm(std::min(bm, m - i0), std::min(b.width, n - j0), b.k, a + i0 * lda, lda, b.panel(j),
-         b.width, c + i0 * ldc + j0, ldc, 0.0f, Activation::none, bias ? bias + j0 : nullptr);
+    gemm(std::min(bm, m - i0), std::min(b.width, n - j0), a + i0 * lda, lda, b, j,
+         c + i0 * ldc + j0, ldc, 0.0f, Activation::none, bias ? bias + j0 : nullptr);
   });
 }
 
@@ -189,8 +216,8 @@ std::string forward(const LstmForward& p, const Executor* ex) {
       float* g = p.gates + rows.row(t, n0) * G + j0;
       const int64_t ldg = ldn * G;
       for (int gate = 0; gate < 4; ++gate)
-        gemm(m, u, K, h_prev + n0 * ld_prev, ld_prev, w_hh[gate].panel(jb), blk.units,
-             g + gate * K, ldg, 1.0f, gate == 2 ? Activation::tanh : Activation::sigmoid);
+        gemm(m, u, h_prev + n0 * ld_prev, ld_prev, w_hh[gate], jb, g + gate * K, ldg, 1.0f,
+             gate == 2 ? Activation::tanh : Activation::sigmoid);
       float tanh_c[kMaxUnits];
       for (int64_t r = 0; r < m; ++r) {
         const float *gi = g + r * ldg, *gf = gi + K, *gg = gi + 2 * K, *go = gi + 3 * K;
@@ -239,8 +266,7 @@ std::string backward(const LstmBackward& p, const Executor* ex) {
       for (int64_t r = 0; r < m; ++r)
         std::memcpy(dhb + r * K, p.d_hs + rows.row(t, n0 + r) * K + j0, sizeof(float) * u);
       if (t + 1 < T_)
-        gemm(m, u, G, dgates.get() + rows.row(t + 1, n0) * G, ldn * G, w_hh_t.panel(jb),
-             blk.units, dhb, K, 1.0f);
+        gemm(m, u, dgates.get() + rows.row(t + 1, n0) * G, ldn * G, w_hh_t, jb, dhb, K, 1.0f);
       float tanh_c[kMaxUnits];
       for (int64_t r = 0; r < m; ++r) {
         const int64_t row = rows.row(t, n0 + r);
