@@ -504,6 +504,19 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
                floor_div(c0, sw)};
     if (cols[t].lo < cols[t].hi) phase_used[cols[t].phase] = 1;
   }
+  // AMX (bfloat16): dy is packed once into the kernel's pair layout, one block per output
+  // row, and every tap reduces over the whole row of out_w pixels; x's transposed rows get
+  // zero columns on both sides, so a tap that reaches past the image edge multiplies zeros
+  // (per-call packing of shifted dy windows cost ~30 % of the kernel's time).
+  const bool vnni = wants_vnni_b(isa, dtype_of<T>());
+  int64_t pad_lo = 0, pad_hi = 0;
+  if (vnni)
+    for (const Cols& ct : cols) {
+      if (ct.lo >= ct.hi) continue;  // (a tap that sees only padding is skipped)
+      pad_lo = std::max(pad_lo, -ct.shift);
+      pad_hi = std::max(pad_hi, s.out_w + ct.shift - phase_w);
+    }
+  const int64_t row_w = phase_w + pad_lo + pad_hi;  // columns of one transposed phase row
   const AxisMap rows{s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
   // float32 reads x in place, as the kernel's transposed A (element (c, q) of a call's A at
   // x[pixel q * sw][c]); bfloat16, whose dot kernels pair elements along A's rows,
@@ -537,7 +550,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
   Buffer<float> partial;
   if (splits > 1) partial = work_buffer<float>(splits * dw_size);
   const int64_t range_c = cb_per_range * bc;  // channels a transposed row holds
-  const int64_t slot_size = sw * range_c * phase_w;  // one transposed input row: [phase][c][v / sw]
+  const int64_t slot_size = sw * range_c * row_w;  // one transposed input row: [phase][c][v / sw]
   // Output rows per chunk: at most kMaxReduce pixels per call, and the input rows they read,
   // (rows - 1) * sh + (R - 1) * dh + 1, within the transpose buffer.
   const int64_t halo = (s.taps_h - 1) * s.dil_h + 1;
@@ -548,16 +561,17 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
   // Input row (channels x pixels, one matrix per column phase), as the A blocks want it:
   // phase f holds pixels f, f + sw, ..., through the kernel layer's vectorised transpose.
   auto transpose_row = [&](const T* src, int64_t channels, int64_t phase_channels, T* dst) {
+    if (vnni) std::fill_n(dst, sw * phase_channels * row_w, T{});
     for (int64_t f = 0; f < sw; ++f) {
       const int64_t pixels = ceil_div(s.in_w - f, sw);
       if (phase_used[f] && pixels > 0)
-        transpose(src + f * s.in_c, sw * s.in_c, pixels, channels, dst + f * phase_channels * phase_w, phase_w);
+        transpose(src + f * s.in_c, sw * s.in_c, pixels, channels, dst + f * phase_channels * row_w + pad_lo, row_w);
     }
   };
   // Several output-channel ranges would each transpose the same rows: then transpose every
   // used row once up front, x_t[n][h][g][phase][c][v / sw].
   const bool shared = !direct && kranges > 1;
-  const int64_t shared_row = s.groups * sw * cg * phase_w;
+  const int64_t shared_row = s.groups * sw * cg * row_w;
   Buffer<T> x_t;
   if (shared) {
     std::vector<char> row_used(s.in_h, 0);
@@ -570,7 +584,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
     parallel_for(executor, s.batch * s.in_h, [&](int64_t nh) {
       if (!row_used[nh % s.in_h]) return;
       for (int64_t g = 0; g < s.groups; ++g)
-        transpose_row(x + nh * s.in_w * s.in_c + g * cg, cg, cg, x_t.get() + nh * shared_row + g * sw * cg * phase_w);
+        transpose_row(x + nh * s.in_w * s.in_c + g * cg, cg, cg, x_t.get() + nh * shared_row + g * sw * cg * row_w);
     });
   }
 
@@ -580,7 +594,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
   const bool pack_dy = s.out_c != bk;
   const int64_t ldb = pack_dy ? bk : s.out_c;
   Buffer<T> dy_packed;
-  if (pack_dy) {
+  if (pack_dy && !vnni) {
     const int64_t plane = reduce_rows * s.out_w * bk;
     dy_packed = work_buffer<T>(s.groups * kblocks * plane);
     parallel_for(executor, reduce_rows, [&](int64_t e) {
@@ -593,7 +607,20 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
       }
     });
   }
+  const int64_t ld_vnni = ceil_div(bk, 16) * 16, vnni_row = vnni_elements(s.out_w, ld_vnni);
+  Buffer<T> dy_vnni;  // [g][kb][n * out_h + p] pair-layout blocks of out_w x bk
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    if (vnni) {
+      dy_vnni = work_buffer<T>(s.groups * kblocks * reduce_rows * vnni_row);
+      parallel_for(executor, s.groups * kblocks * reduce_rows, [&](int64_t item) {
+        const int64_t e = item % reduce_rows, kb = item / reduce_rows % kblocks, g = item / reduce_rows / kblocks;
+        pack_b_vnni(dy + e * s.out_w * s.out_c + g * kg + kb * bk, s.out_c, s.out_w, std::min(bk, kg - kb * bk),
+                    dy_vnni.get() + item * vnni_row, ld_vnni);
+      });
+    }
+  }
   auto b_base = [&](int64_t g, int64_t kb) {
+    if (vnni) return static_cast<const T*>(dy_vnni.get() + (g * kblocks + kb) * reduce_rows * vnni_row);
     return pack_dy ? dy_packed.get() + (g * kblocks + kb) * reduce_rows * s.out_w * bk
                    : dy + g * kg + kb * bk;
   };
@@ -639,13 +666,14 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
                           range_c, xt.data() + slot_of[key] * slot_size);
       }
       const T* a_base = direct ? x + g * cg + c_first
-                        : shared ? x_t.get() + (g * sw * cg + c_first) * phase_w : xt.data();
-      const int64_t phase_size = (shared ? cg : range_c) * phase_w;
+                        : shared ? x_t.get() + (g * sw * cg + c_first) * row_w : xt.data();
+      const int64_t phase_size = (shared ? cg : range_c) * row_w;
       // One call per (tap, channel block, output-channel block) over the chunk's rows.
       for (int64_t r = 0; r < s.taps_h; ++r)
         for (int64_t t = 0; t < s.taps_w; ++t) {
           const Cols& ct = cols[t];
           if (ct.lo >= ct.hi) continue;
+          const int64_t lo = vnni ? 0 : ct.lo, hi = vnni ? s.out_w : ct.hi;
           offs_a.clear(), offs_b.clear();
           for (int64_t e = e0; e < e1; ++e) {
             int64_t h;
@@ -655,13 +683,13 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
             } else {
               const int64_t row = shared ? (e / s.out_h * s.in_h + h) * shared_row
                                          : slot_of[(e / s.out_h - n_first) * s.in_h + h] * slot_size;
-              offs_a.push_back(row + ct.phase * phase_size + ct.lo + ct.shift);
+              offs_a.push_back(row + ct.phase * phase_size + pad_lo + lo + ct.shift);
             }
-            offs_b.push_back((e * s.out_w + ct.lo) * ldb);
+            offs_b.push_back(vnni ? e * vnni_row : (e * s.out_w + lo) * ldb);
           }
           if (offs_a.empty()) continue;
-          const int64_t lda = direct ? sw * s.in_c : phase_w;
-          int64_t depth = ct.hi - ct.lo;
+          const int64_t lda = direct ? sw * s.in_c : row_w;
+          int64_t depth = hi - lo;
           if (direct && rows_contiguous(offs_a, depth * lda, offs_b, depth * ldb)) {
             // One long reduction instead of a batch of short rows (7 pixels each on 7x7 maps).
             depth *= static_cast<int64_t>(offs_a.size());
@@ -674,7 +702,8 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
               Desc d;
               d.m = std::min(bc, c_count - cb * bc), d.n = std::min(bk, kg - k_first);
               d.k = depth;
-              d.lda = lda, d.ldb = ldb, d.ldc = s.out_c, d.isa = isa;
+              d.lda = lda, d.ldb = vnni ? ld_vnni : ldb, d.ldc = s.out_c, d.isa = isa;
+              d.b_vnni = vnni;
               d.a_transposed = direct;
               d.a_dtype = d.b_dtype = dtype_of<T>();
               d.beta = seen ? 1.0f : 0.0f;
@@ -685,7 +714,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
                 error = kernel_error;
                 return;
               }
-              (*kernel)(Batch::offsets(a_base + cb * bc * (direct ? 1 : phase_w), offs_a.data(), b_base(g, kb_abs),
+              (*kernel)(Batch::offsets(a_base + cb * bc * (direct ? 1 : row_w), offs_a.data(), b_base(g, kb_abs),
                                        offs_b.data(), offs_a.size()),
                         block_of(r, t, cb, kb));
               seen = 1;
