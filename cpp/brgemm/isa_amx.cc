@@ -171,6 +171,38 @@ using BlockFn = void (*)(const Blocks&, const int64_t*, int, int64_t, const CTil
 constexpr BlockFn kBlockFns[2][2] = {{&tile_block<1, 1>, &tile_block<1, 2>},
                                      {&tile_block<2, 1>, &tile_block<2, 2>}};
 
+// The epilogue on rows [first, rows) of a finished 16 x 16 tile (row0, col0 of C): alpha,
+// beta * C, bias, activation, one float32 or bfloat16 store per row. Its own loop rather
+// than kernel_impl.h's per-vector finish(): the bias is loaded once per tile.
+void finish_tile(const Desc& d, const float* tile, int first, int rows, int64_t row0, int64_t col0,
+                 void* c, float alpha, const float* bias) {
+  const int valid = static_cast<int>(std::min<int64_t>(kTileCols, d.n - col0));
+  const auto mask = Vec::tail_mask(valid);
+  const Vec bias_v = d.has_bias ? Vec::load(bias + col0, mask) : Vec::zero();
+  const Vec alpha_v = Vec::set1(alpha), beta_v = Vec::set1(d.beta);
+  const bool scale = alpha != 1.0f, add_c = d.beta != 0.0f;
+  const Activation act = d.activation;
+  auto value = [&](int i, Vec old) {
+    Vec x = Vec::load(tile + i * kTileCols);
+    if (scale) x = x * alpha_v;
+    if (add_c) x = fmadd(old, beta_v, x);
+    return activate(x + bias_v, act);
+  };
+  if (d.c_dtype == DType::bf16) {
+    uint16_t* out = static_cast<uint16_t*>(c) + row0 * d.ldc + col0;
+    for (int i = first; i < rows; ++i) {
+      const Vec old = add_c ? Vec::load_bf16(out + i * d.ldc, mask) : Vec::zero();
+      value(i, old).store_bf16(out + i * d.ldc, mask);
+    }
+  } else {
+    float* out = static_cast<float*>(c) + row0 * d.ldc + col0;
+    for (int i = first; i < rows; ++i) {
+      const Vec old = add_c ? Vec::load(out + i * d.ldc, mask) : Vec::zero();
+      value(i, old).store(out + i * d.ldc, mask);
+    }
+  }
+}
+
 void run_amx(const Kernel& kern, const Batch& batch, void* c, float alpha, const float* bias) {
   const Desc& d = kern.desc;
   const int64_t count = batch.count;
@@ -196,10 +228,9 @@ void run_amx(const Kernel& kern, const Batch& batch, void* c, float alpha, const
   configure_tiles(rows);
   const int64_t row_tiles = (d.m + kTileRows - 1) / kTileRows;
   const int64_t col_tiles = (d.n + kTileCols - 1) / kTileCols;
-  // Desc::stream_c is not honoured: tiles finish 16 columns at a time, and a non-temporal
-  // store of a half line (a bfloat16 tile row) flushes a partial write-combining buffer
-  // (ResNet-50 layers with 12.8 MB bfloat16 results ran at 140-210 GFLOP/s with it).
-  constexpr bool stream = false;
+  // (Desc::stream_c is not honoured: tiles finish 16 columns at a time, and a non-temporal
+  // store of a half line (a bfloat16 tile row) flushes a partial write-combining buffer;
+  // ResNet-50 layers with 12.8 MB bfloat16 results ran at 140-210 GFLOP/s with it.)
   // Float32 C with nothing to add but C itself (beta 0 or 1): whole tiles go straight to
   // and from C, and only edge tiles take the epilogue.
   const bool direct = d.c_dtype == DType::f32 && (d.beta == 0.0f || d.beta == 1.0f) && alpha == 1.0f &&
@@ -227,18 +258,10 @@ void run_amx(const Kernel& kern, const Batch& batch, void* c, float alpha, const
         }
       }
       kBlockFns[row_pair - 1][col_pair - 1](blocks, row0, rows, ct * kTileCols, tiles);
-      for (int r = 0; r < row_pair; ++r) {
-        for (int cc = 0; cc < col_pair; ++cc) {
-          const float* tile = out[2 * r + cc];
-          if (tiles[2 * r + cc].dst != tile) continue;  // (stored to C directly)
-          const int64_t col0 = (ct + cc) * kTileCols;
-          const int valid = static_cast<int>(std::min<int64_t>(kTileCols, d.n - col0));
-          const Tile t{&d, &batch, row0[r], col0, valid, c, alpha, bias, stream};
-          const auto mask = Vec::tail_mask(valid);
-          for (int i = first[r]; i < rows; ++i)
-            finish(t, Vec::load(tile + i * kTileCols), i, 0, valid < kTileCols, mask);
-        }
-      }
+      for (int r = 0; r < row_pair; ++r)
+        for (int cc = 0; cc < col_pair; ++cc)
+          if (tiles[2 * r + cc].dst == out[2 * r + cc])  // (else stored to C directly)
+            finish_tile(d, out[2 * r + cc], first[r], rows, row0[r], (ct + cc) * kTileCols, c, alpha, bias);
     }
   }
 }
