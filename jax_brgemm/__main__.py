@@ -53,21 +53,23 @@ def overview() -> None:
     print()
     records = kernel.kernel_records(kernel.PAPER_SHAPES, ["stride"], [jb.active_isa()],
                                     ("float32", "bfloat16"), samples=3)
-    common.print_records(records, ["m", "n", "k", "count", "dtype", "isa", "gflops", "pct_of_peak"], False,
+    common.print_records(records, ["m", "n", "k", "count", "dtype", "isa", "b", "gflops", "pct_of_peak"], False,
                          "kernel, single thread, in-cache blocks (python -m jax_brgemm bench kernel):")
 
     print("\nbatched brgemm op under jit, all cores, against XLA's einsum on the same data:")
     rows = []
-    for p_, count, m, n, k in [(64, 16, 64, 64, 64), (8, 9, 56, 64, 64), (256, 8, 32, 32, 32)]:
-        a = jnp.asarray(rng.standard_normal((p_, count, m, k)), jnp.float32)
-        b = jnp.asarray(rng.standard_normal((p_, count, k, n)), jnp.float32)
-        flops = 2.0 * p_ * count * m * n * k
-        t_ours = common.time_jax(jax.jit(jb.brgemm), a, b)
-        t_xla = common.time_jax(jax.jit(lambda a, b: jnp.einsum("pimk,pikn->pmn", a, b)), a, b)
-        rows.append(dict(problems=p_, count=count, m=m, n=n, k=k,
-                         gflops=common.gflops(flops, t_ours),
-                         pct_of_peak=100 * common.gflops(flops, t_ours) / common.machine_peak_gflops(),
-                         xla_gflops=common.gflops(flops, t_xla), speedup_vs_xla=t_xla / t_ours))
+    for dtype in (jnp.float32, jnp.bfloat16):
+        peak = kernel.machine_core_peak(np.dtype(dtype).name) * common.num_cores()
+        for p_, count, m, n, k in [(64, 16, 64, 64, 64), (8, 9, 56, 64, 64), (256, 8, 32, 32, 32)]:
+            a = jnp.asarray(rng.standard_normal((p_, count, m, k)), dtype)
+            b = jnp.asarray(rng.standard_normal((p_, count, k, n)), dtype)
+            flops = 2.0 * p_ * count * m * n * k
+            t_ours = common.time_jax(jax.jit(jb.brgemm), a, b)
+            t_xla = common.time_jax(jax.jit(lambda a, b: jnp.einsum("pimk,pikn->pmn", a, b)), a, b)
+            rows.append(dict(dtype=np.dtype(dtype).name, problems=p_, count=count, m=m, n=n, k=k,
+                             gflops=common.gflops(flops, t_ours),
+                             pct_of_peak=100 * common.gflops(flops, t_ours) / peak,
+                             xla_gflops=common.gflops(flops, t_xla), speedup_vs_xla=t_xla / t_ours))
     common.print_records(rows, list(rows[0]), False)
     if not ok:
         sys.exit(1)

@@ -256,6 +256,15 @@ BF16 = jnp.bfloat16
 BF16_ROUNDING = 2.0**-8  # relative rounding of one bfloat16 value
 
 
+def bf16_pools(rng, form, m, n, k, count, lda, ldb):
+    """Random bfloat16 pools of `count` A (m x k, lda) and B (k x n, ldb) blocks and their
+    offsets, in a shuffled order except for the stride form."""
+    a_pool = rng.standard_normal(count * m * lda).astype(BF16)
+    b_pool = rng.standard_normal(count * k * ldb).astype(BF16)
+    order = rng.permutation(count) if form != "stride" else np.arange(count)
+    return a_pool, b_pool, [int(i) * m * lda for i in order], [int(i) * k * ldb for i in order]
+
+
 @pytest.mark.parametrize("form", ["stride", "offset", "address"])
 @pytest.mark.parametrize("m,n,k,count", [(1, 1, 1, 1), (7, 17, 5, 3), (16, 64, 64, 4), (13, 33, 1, 2),
                                          (16, 16, 15, 3), (9, 5, 7, 2),
@@ -263,11 +272,7 @@ BF16_ROUNDING = 2.0**-8  # relative rounding of one bfloat16 value
 def test_kernel_bf16_all_forms_all_isas(form, m, n, k, count, isa_bf16, rng):
     # Odd k exercises the unpaired last row of the bfloat16 pair layout.
     lda, ldb, ldc = k + 1, n + 3, n + 2
-    a_pool = rng.standard_normal(count * m * lda).astype(BF16)
-    b_pool = rng.standard_normal(count * k * ldb).astype(BF16)
-    order = rng.permutation(count) if form != "stride" else np.arange(count)
-    offs_a = [int(i) * m * lda for i in order]
-    offs_b = [int(i) * k * ldb for i in order]
+    a_pool, b_pool, offs_a, offs_b = bf16_pools(rng, form, m, n, k, count, lda, ldb)
     bias = rng.standard_normal(n).astype(F32)
     # The reference multiplies the same bfloat16-rounded values in float64.
     ref = kernel_reference(a_pool.astype(np.float64), b_pool.astype(np.float64), None, m, n, k,
@@ -297,11 +302,7 @@ def test_amx_tiles_with_vnni_weights(form, m, n, k, count, beta, activation, rng
     # read as is: m not a multiple of 16 (the overlapping last row tile, beta != 0 included),
     # n and k edges (zero-padded tiles), odd k, both the direct-to-C and the epilogue stores.
     lda, ldb, ldc = k + 3, n + 1, n + 2
-    a_pool = rng.standard_normal(count * m * lda).astype(BF16)
-    b_pool = rng.standard_normal(count * k * ldb).astype(BF16)
-    order = rng.permutation(count) if form != "stride" else np.arange(count)
-    offs_a = [int(i) * m * lda for i in order]
-    offs_b = [int(i) * k * ldb for i in order]
+    a_pool, b_pool, offs_a, offs_b = bf16_pools(rng, form, m, n, k, count, lda, ldb)
     c0 = rng.standard_normal((m, ldc)).astype(F32)
     ref = kernel_reference(a_pool.astype(np.float64), b_pool.astype(np.float64), c0, m, n, k,
                            lda, ldb, ldc, offs_a, offs_b, 1.0, beta, activation, None)

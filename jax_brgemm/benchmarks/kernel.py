@@ -42,11 +42,15 @@ def kernel_records(shapes, variants, isas, dtypes=("float32",), samples=7) -> li
     for dtype in dtypes:
         peak = machine_core_peak(dtype)
         for isa in isas:
+            # On AMX, B as the primitives pass their weights (packed once, "vnni") and as a
+            # plain row-major block that the kernel packs on every call.
+            layouts = ["plain", "vnni"] if isa == "amx" and dtype == "bfloat16" else ["plain"]
             for m, n, k, count in shapes:
                 for variant in variants:
-                    rate = ext.bench_kernel(m, n, k, count, variant, isa, dtype, samples)
-                    records.append(dict(m=m, n=n, k=k, count=count, variant=variant, dtype=dtype,
-                                        isa=isa, gflops=rate, pct_of_peak=100.0 * rate / peak))
+                    for layout in layouts:
+                        rate = ext.bench_kernel(m, n, k, count, variant, isa, dtype, samples, layout == "vnni")
+                        records.append(dict(m=m, n=n, k=k, count=count, variant=variant, dtype=dtype,
+                                            isa=isa, b=layout, gflops=rate, pct_of_peak=100.0 * rate / peak))
     return records
 
 
@@ -106,7 +110,7 @@ def main(argv=None) -> None:
     records = kernel_records(shapes, variants, isas, dtypes)
     title = (f"brgemm kernel, single thread, in-cache data; measured peak per core: float32 FMA "
              f"{machine_core_peak():.1f} GFLOP/s, bfloat16 {machine_core_peak('bfloat16'):.1f}")
-    print_records(records, ["m", "n", "k", "count", "variant", "dtype", "isa", "gflops",
+    print_records(records, ["m", "n", "k", "count", "variant", "dtype", "isa", "b", "gflops",
                             "pct_of_peak"], args.json, title)
     if not args.json and not args.no_overhead:
         per_call, dispatch = call_overhead_us("brgemm")
