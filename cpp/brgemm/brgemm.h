@@ -54,7 +54,7 @@ struct Desc {
   bool a_transposed = false;
   // B_i is stored in the pair-interleaved layout the AMX tiles read (pack_b_vnni), so a
   // primitive packs weights it reuses once instead of the kernel packing them every call.
-  // bfloat16 on amx only; ldb is then the pairs per pair-row (see pack_b_vnni).
+  // bfloat16 on amx only; ldb is then the distance between 16-column tiles (pack_b_vnni).
   bool b_vnni = false;
   Isa isa = Isa::ref;
 
@@ -126,16 +126,23 @@ void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols
                     uint16_t* dst, int64_t ldd, Isa isa);
 
 // The pair-interleaved ("VNNI") layout of a bfloat16 B block (k x n), as AMX's TDPBF16PS
-// reads it: vnni_rows(k) = k rounded up to 32 rows, stored as vnni_rows(k) / 2 pair-rows of
-// ld pairs each (ld >= n rounded up to 16): element (p, j) at dst[(p / 2) * 2 * ld + 2 * j
-// + p % 2]. Everything past k rows or n columns is zero, so whole 16 x 32 tiles can be read.
+// reads it: columns in tiles of 16, each tile its vnni_rows(k) / 2 pair-rows of 16 pairs
+// (64 bytes) back to back, tiles ld elements apart (ld >= vnni_tile_ld(k)): element (p, j)
+// at dst[(j / 16) * ld + (p / 2) * 32 + 2 * (j % 16) + p % 2]. vnni_rows(k) is k rounded up
+// to 32; everything past k rows or n columns is zero, so whole tiles can be read. A tile's
+// rows back to back let the hardware prefetchers follow it along k (single thread, B
+// packed once: +5 % on 56x64x64x9, +15 % on 64x64x576 against pair-rows n wide).
 int64_t vnni_rows(int64_t k);
+inline int64_t vnni_tile_ld(int64_t k) { return vnni_rows(k) * 16; }
+// Elements of a packed k x n block (tiles vnni_tile_ld(k) apart).
+inline int64_t vnni_elements(int64_t k, int64_t n) { return (n + 15) / 16 * vnni_tile_ld(k); }
+// Where row p (even) of a B block starts: p * ldb for a plain one, p * 16 in the pair layout.
+inline int64_t b_row_offset(int64_t p, int64_t ldb, bool vnni) { return vnni ? p * 16 : p * ldb; }
 // Whether kernels for `isa` and `dtype` read B in that layout (Desc::b_vnni): a primitive
 // that reuses a B operand across calls packs it so once (pack_b_vnni) instead of the
 // kernel packing it on every call.
 inline bool wants_vnni_b(Isa isa, DType dtype) { return isa == Isa::amx && dtype == DType::bf16; }
-inline int64_t vnni_elements(int64_t k, int64_t ld) { return vnni_rows(k) * ld; }
-// dst (vnni_elements(k, ld_dst) elements) = src (k x n, row-major, leading dimension lds).
+// dst (tiles ld_dst apart) = src (k x n, row-major, leading dimension lds).
 void pack_b_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst,
                  int64_t ld_dst);
 

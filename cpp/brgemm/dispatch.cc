@@ -200,10 +200,10 @@ std::string validate(const Desc& d) {
   if (d.a_transposed && d.a_dtype != DType::f32) return "a_transposed needs float32 inputs";
   if (d.b_vnni && (d.isa != Isa::amx || d.b_dtype != DType::bf16))
     return "b_vnni needs bfloat16 inputs on the amx path";
-  if (d.b_vnni && d.ldb < (d.n + 15) / 16 * 16)
-    return "ldb must be >= n rounded up to 16 (" + std::to_string((d.n + 15) / 16 * 16) +
+  if (d.b_vnni && d.ldb < vnni_tile_ld(d.k))
+    return "ldb must be >= vnni_tile_ld(k) (" + std::to_string(vnni_tile_ld(d.k)) +
            ") for a VNNI B, got " + std::to_string(d.ldb);
-  if (d.ldb < d.n) return "ldb must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldb);
+  if (!d.b_vnni && d.ldb < d.n) return "ldb must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldb);
   if (d.ldc < d.n) return "ldc must be >= n (" + std::to_string(d.n) + "), got " + std::to_string(d.ldc);
   if (d.a_dtype != d.b_dtype) return "a and b must have the same dtype";
   if (!isa_supported(d.isa)) return std::string("isa ") + isa_name(d.isa) + " is not supported by this CPU";
@@ -275,9 +275,9 @@ void pack_b_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_
 #if defined(JBR_HAVE_X86_ISAS)
   if (isa_supported(Isa::amx)) return detail::pack_vnni_amx(src, lds, k, n, dst, ld_dst);
 #endif
-  std::fill(dst, dst + vnni_elements(k, ld_dst), uint16_t{0});
+  for (int64_t t = 0; t < (n + 15) / 16; ++t) std::fill_n(dst + t * ld_dst, vnni_tile_ld(k), uint16_t{0});
   for (int64_t p = 0; p < k; ++p)
-    for (int64_t j = 0; j < n; ++j) dst[(p / 2) * 2 * ld_dst + 2 * j + p % 2] = src[p * lds + j];
+    for (int64_t j = 0; j < n; ++j) dst[(j / 16) * ld_dst + (p / 2) * 32 + 2 * (j % 16) + p % 2] = src[p * lds + j];
 }
 
 double thread_cpu_seconds() {

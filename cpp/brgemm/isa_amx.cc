@@ -56,37 +56,26 @@ void configure_tiles(int rows) {
   if (std::memcmp(&have, &want, sizeof want) != 0) _tile_loadconfig(&want);
 }
 
-int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
-
-// Pair-row q of the VNNI layout: rows 2q and 2q+1 of src (cols columns, the second row
-// missing when `single`) interleaved into dst, zero up to `ld` pairs.
-void pack_pair_row(const uint16_t* row0, const uint16_t* row1, int64_t cols, uint16_t* dst,
-                   int64_t ld) {
+// src (k x n, lds) into the pair layout (brgemm.h: pack_b_vnni), tiles ld apart.
+void pack_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ld) {
   // Interleaving 16-bit lanes works inside 128-bit lanes; the permutes put the four
   // 4-pair pieces of each half back in column order.
   const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
   const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-  for (int64_t j = 0; j < ld; j += 32) {
-    const int64_t valid = std::clamp<int64_t>(cols - j, 0, 32);
-    const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << valid) - 1);
-    const __m512i r0 = _mm512_maskz_loadu_epi16(mask, row0 + j);
-    const __m512i r1 = row1 ? _mm512_maskz_loadu_epi16(mask, row1 + j) : _mm512_setzero_si512();
-    const __m512i lo = _mm512_unpacklo_epi16(r0, r1), hi = _mm512_unpackhi_epi16(r0, r1);
-    _mm512_storeu_si512(dst + 2 * j, _mm512_permutex2var_epi64(lo, first, hi));
-    if (j + 16 < ld) _mm512_storeu_si512(dst + 2 * j + 32, _mm512_permutex2var_epi64(lo, second, hi));
-  }
-}
-
-void pack_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ld) {
-  const int64_t pair_rows = vnni_rows(k) / 2;
-  for (int64_t q = 0; q < pair_rows; ++q) {
-    uint16_t* out = dst + q * 2 * ld;
-    if (2 * q >= k) {
-      std::memset(out, 0, sizeof(uint16_t) * 2 * ld);
-      continue;
-    }
+  const int64_t tiles = (n + kTileCols - 1) / kTileCols;
+  for (int64_t q = 0; q < vnni_rows(k) / 2; ++q) {
+    const uint16_t* row0 = 2 * q < k ? src + 2 * q * lds : nullptr;
     const uint16_t* row1 = 2 * q + 1 < k ? src + (2 * q + 1) * lds : nullptr;
-    pack_pair_row(src + 2 * q * lds, row1, n, out, ld);
+    for (int64_t t = 0; t < tiles; t += 2) {  // two tiles (32 columns) per pair of loads
+      const int64_t j = t * kTileCols, valid = std::clamp<int64_t>(n - j, 0, 32);
+      const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << valid) - 1);
+      const __m512i r0 = row0 ? _mm512_maskz_loadu_epi16(mask, row0 + j) : _mm512_setzero_si512();
+      const __m512i r1 = row1 ? _mm512_maskz_loadu_epi16(mask, row1 + j) : _mm512_setzero_si512();
+      const __m512i lo = _mm512_unpacklo_epi16(r0, r1), hi = _mm512_unpackhi_epi16(r0, r1);
+      _mm512_storeu_si512(dst + t * ld + q * 2 * kTileCols, _mm512_permutex2var_epi64(lo, first, hi));
+      if (t + 1 < tiles)
+        _mm512_storeu_si512(dst + (t + 1) * ld + q * 2 * kTileCols, _mm512_permutex2var_epi64(lo, second, hi));
+    }
   }
 }
 
@@ -101,7 +90,7 @@ struct Blocks {
   const uint16_t* const* a;  // A_i, already offset to the first row of the call
   const uint16_t* const* b;  // B_i in the VNNI layout
   int64_t count, lda, k;
-  int64_t b_pair_ld;         // pairs per pair-row of B
+  int64_t b_tile_ld;         // elements between B's 16-column tiles
 };
 
 // Where a C tile starts and ends: it is loaded from (load) or zeroed, accumulates the
@@ -126,7 +115,7 @@ template <int ROW_TILES, int COL_TILES>
 void tile_block(const Blocks& bl, const int64_t* row0, int rows, int64_t col0, const CTile* c) {
   alignas(64) uint16_t tail[2][kTileRows * kTileK];
   const int64_t full_chunks = bl.k / kTileK, k_tail = bl.k % kTileK;
-  const int64_t lda_bytes = bl.lda * 2, b_stride = bl.b_pair_ld * 4;
+  const int64_t lda_bytes = bl.lda * 2, b_stride = 2 * kTileCols * 2;  // a tile's pair-rows: 64 bytes
   JBR_START_TILE(0, c[0]);
   if constexpr (COL_TILES == 2) JBR_START_TILE(1, c[1]);
   if constexpr (ROW_TILES == 2) JBR_START_TILE(2, c[2]);
@@ -134,9 +123,9 @@ void tile_block(const Blocks& bl, const int64_t* row0, int rows, int64_t col0, c
   for (int64_t i = 0; i < bl.count; ++i) {
     const uint16_t* a0 = bl.a[i] + row0[0] * bl.lda;
     const uint16_t* a1 = bl.a[i] + row0[ROW_TILES - 1] * bl.lda;
-    const uint16_t* b = bl.b[i] + col0 * 2;
+    const uint16_t* b = bl.b[i] + col0 / kTileCols * bl.b_tile_ld;
     for (int64_t kc = 0; kc <= full_chunks; ++kc) {
-      const uint16_t* b_chunk = b + kc * kTileRows * 2 * bl.b_pair_ld;
+      const uint16_t* b_chunk = b + kc * kTileRows * 2 * kTileCols;
       if (kc < full_chunks) {
         _tile_loadd(4, a0 + kc * kTileK, lda_bytes);
         if constexpr (ROW_TILES == 2) _tile_loadd(5, a1 + kc * kTileK, lda_bytes);
@@ -152,7 +141,7 @@ void tile_block(const Blocks& bl, const int64_t* row0, int rows, int64_t col0, c
       _tile_loadd(6, b_chunk, b_stride);
       _tile_dpbf16ps(0, 4, 6);
       if constexpr (COL_TILES == 2) {
-        _tile_loadd(7, b_chunk + 2 * kTileCols, b_stride);
+        _tile_loadd(7, b_chunk + bl.b_tile_ld, b_stride);
         _tile_dpbf16ps(1, 4, 7);
       }
       if constexpr (ROW_TILES == 2) {
@@ -210,19 +199,19 @@ void run_amx(const Kernel& kern, const Batch& batch, void* c, float alpha, const
   thread_local std::vector<uint16_t> packed;
   a_blocks.resize(count), b_blocks.resize(count);
   for (int64_t i = 0; i < count; ++i) a_blocks[i] = block_a<uint16_t>(batch, i);
-  int64_t b_pair_ld = d.ldb;
+  int64_t b_tile_ld = d.ldb;
   if (d.b_vnni) {
     for (int64_t i = 0; i < count; ++i) b_blocks[i] = block_b<uint16_t>(batch, i);
   } else {  // plain B: packed here, once per call, for every row block of the call
-    b_pair_ld = round_up(d.n, kTileCols);
-    const int64_t size = vnni_elements(d.k, b_pair_ld);
+    b_tile_ld = vnni_tile_ld(d.k);
+    const int64_t size = vnni_elements(d.k, d.n);
     packed.resize(count * size);
     for (int64_t i = 0; i < count; ++i) {
-      pack_vnni(block_b<uint16_t>(batch, i), d.ldb, d.k, d.n, packed.data() + i * size, b_pair_ld);
+      pack_vnni(block_b<uint16_t>(batch, i), d.ldb, d.k, d.n, packed.data() + i * size, b_tile_ld);
       b_blocks[i] = packed.data() + i * size;
     }
   }
-  const Blocks blocks{a_blocks.data(), b_blocks.data(), count, d.lda, d.k, b_pair_ld};
+  const Blocks blocks{a_blocks.data(), b_blocks.data(), count, d.lda, d.k, b_tile_ld};
 
   const int rows = static_cast<int>(std::min<int64_t>(d.m, kTileRows));
   configure_tiles(rows);

@@ -92,7 +92,7 @@ void kernel_call(const std::string& form, AnyArray a_pool, AnyArray b_pool, AnyA
   std::vector<uint16_t> vnni_pool;
   if (b_vnni) {
     if (d.b_dtype != DType::bf16) throw nb::value_error("b_vnni: needs bfloat16 inputs");
-    const int64_t ld = (n + 15) / 16 * 16, size = vnni_elements(k, ld);
+    const int64_t ld = vnni_tile_ld(k), size = vnni_elements(k, n);
     vnni_pool.resize(count * size);
     for (int64_t i = 0; i < count; ++i) {
       pack_b_vnni(static_cast<const uint16_t*>(b_pool.data()) + ob[i], ldb, k, n,
@@ -132,9 +132,9 @@ double bench_kernel(int64_t m, int64_t n, int64_t k, int64_t count, const std::s
   d.a_dtype = d.b_dtype = dtype == "bfloat16" ? DType::bf16 : DType::f32;
   // b_vnni: B blocks already in the pair-interleaved layout (as a primitive's packed weights).
   d.b_vnni = b_vnni;
-  if (b_vnni) d.ldb = (n + 15) / 16 * 16;
+  if (b_vnni) d.ldb = vnni_tile_ld(k);
   if (std::string error = validate(d); !error.empty()) throw nb::value_error(error.c_str());
-  const int64_t b_block = b_vnni ? vnni_elements(k, d.ldb) : k * n;
+  const int64_t b_block = b_vnni ? vnni_elements(k, n) : k * n;
   // float32 storage is large enough for either dtype; bfloat16 uses the first half.
   std::vector<float> a(count * m * k), b(count * b_block), c(m * n, 0.0f);
   std::mt19937 rng(0);

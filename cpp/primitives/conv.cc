@@ -82,7 +82,7 @@ const Kernel* kernel_for(Desc d, std::string* error) {
 
 // HWIO weights as the B blocks of a RowPass: dst[g][blk][t] is a rows x bw block (zero
 // past the last block's edge), plain or, where the kernel wants it (AMX), in the pair-
-// interleaved layout (rows of ld pairs, ld = bw rounded up to 16). Forward: rows are the group's input
+// interleaved layout (brgemm.h: pack_b_vnni). Forward: rows are the group's input
 // channels and columns its output channels, w[t][i][g*Kg + col]. Transposed (backward
 // data): rows are output channels, columns input channels, w[t][col][g*Kg + i].
 struct PackedWeights {
@@ -98,8 +98,8 @@ PackedWeights pack_weights(const ConvShape& s, DType dtype, const void* w_in, bo
   const int64_t rows = transposed ? kg : cg, cols = transposed ? cg : kg;
   const int64_t blocks = ceil_div(cols, bw);
   const bool vnni = wants_vnni_b(isa, dtype);
-  const int64_t ld = vnni ? ceil_div(bw, 16) * 16 : bw;
-  const int64_t tap_size = vnni ? vnni_elements(rows, ld) : rows * bw;
+  const int64_t ld = vnni ? vnni_tile_ld(rows) : bw;
+  const int64_t tap_size = vnni ? vnni_elements(rows, bw) : rows * bw;
   auto dst = buffer(s.groups * blocks * taps * tap_size, size_of(dtype));
   with_type(dtype, [&](auto zero) {
     using T = decltype(zero);
@@ -607,7 +607,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
       }
     });
   }
-  const int64_t ld_vnni = ceil_div(bk, 16) * 16, vnni_row = vnni_elements(s.out_w, ld_vnni);
+  const int64_t ld_vnni = vnni_tile_ld(s.out_w), vnni_row = vnni_elements(s.out_w, bk);
   Buffer<T> dy_vnni;  // [g][kb][n * out_h + p] pair-layout blocks of out_w x bk
   if constexpr (std::is_same_v<T, uint16_t>) {
     if (vnni) {

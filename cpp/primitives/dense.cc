@@ -13,7 +13,6 @@ namespace jbr::prim {
 namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 int64_t threads_of(const Executor* executor) {
   return executor ? executor->num_workers() + 1 : 1;
@@ -129,7 +128,7 @@ struct GemmNest {
 // A (rows x depth, lda) @ B (depth x cols, ldb) into c (ldc, c_dtype), as full
 // kReduceBlock-deep blocks in one batch-reduce call plus a tail call. first: overwrite c
 // (beta 0), else accumulate; last: apply the epilogue (bias: this block's columns).
-// b_vnni: B is a VNNI panel (ldb pairs per pair-row); row p of it still starts p * ldb in.
+// b_vnni: B is a panel in the pair layout (ldb: its tiles' distance, brgemm.h).
 template <typename T>
 void reduce_into(const GemmNest<T>& g, const T* a, const T* b, int64_t ldb, bool b_vnni,
                  int64_t rows, int64_t cols, int64_t depth, void* c, int64_t ldc,
@@ -148,11 +147,11 @@ void reduce_into(const GemmNest<T>& g, const T* a, const T* b, int64_t ldb, bool
     d.beta = beta0 ? 0.0f : 1.0f;
     d.has_bias = epilogue && bias != nullptr;
     d.activation = epilogue ? epilogue_act : Activation::none;
-    get_kernel(d)(Batch::strided(ab, k, bb, k * ldb, count), c, 1.0f,
+    get_kernel(d)(Batch::strided(ab, k, bb, b_row_offset(k, ldb, b_vnni), count), c, 1.0f,
                   d.has_bias ? bias : nullptr);
   };
   call(a, b, kb, full, first, last && tail == 0);
-  if (tail > 0) call(a + full * kb, b + full * kb * ldb, tail, 1, false, last);
+  if (tail > 0) call(a + full * kb, b + b_row_offset(full * kb, ldb, b_vnni), tail, 1, false, last);
 }
 
 // bfloat16: A rows a multiple of 4 KB apart all fall in the same L1 sets (8 KB for x of a
@@ -192,7 +191,7 @@ class GemmPlan {
     probe.m = std::min(g_.m, kRowTarget), probe.n = std::min(g_.n, kStripCols);
     probe.k = std::min(g_.r, kReduceBlock);
     probe.lda = padded_a_ ? padded_lda_ : g_.lda, probe.ldb = g_.b_transposed ? probe.n : g_.ldb;
-    if (vnni_) probe.ldb = round_up(probe.n, 16), probe.b_vnni = true;
+    if (vnni_) probe.ldb = vnni_tile_ld(probe.k), probe.b_vnni = true;
     probe.ldc = g_.ldo;
     probe.a_dtype = probe.b_dtype = dtype_of<T>(), probe.c_dtype = g_.out_dtype;
     probe.isa = g_.isa;
@@ -252,8 +251,7 @@ class GemmPlan {
     const int64_t col0 = strip * kStripCols, cols = std::min(kStripCols, g_.n - col0);
     const int64_t row_begin = group * group_rows_, row_end = std::min(g_.m, row_begin + group_rows_);
     const int64_t out_size = size_of(g_.out_dtype), side_size = size_of(g_.side_dtype);
-    const int64_t ld_vnni = round_up(cols, 16);  // pairs per pair-row of a VNNI panel
-    const int64_t panel_size = vnni_ ? vnni_elements(chunk_, ld_vnni) : chunk_ * cols;
+    const int64_t panel_size = vnni_ ? vnni_elements(chunk_, cols) : chunk_ * cols;
     thread_local std::vector<T> panel, plain;  // plain: B^T's chunk before its VNNI packing
     thread_local std::vector<float> sums;
     if (pack_ && panel.size() < static_cast<size_t>(panel_size)) panel.resize(panel_size);
@@ -276,8 +274,8 @@ class GemmPlan {
       }
       if constexpr (!std::is_same_v<T, float>) {
         if (vnni_) {
-          pack_b_vnni(b, ldb, depth, cols, panel.data(), ld_vnni);
-          b = panel.data(), ldb = ld_vnni;
+          pack_b_vnni(b, ldb, depth, cols, panel.data(), vnni_tile_ld(depth));
+          b = panel.data(), ldb = vnni_tile_ld(depth);
         }
       }
       const bool first = r0 == 0, last = r0 + depth == g_.r;

@@ -40,14 +40,15 @@ void transpose_block(const uint16_t* src, int64_t lds, int64_t rows, int64_t col
 // B (k x n) as contiguous column panels of `width` columns (leading dimension width), so a
 // kernel call streams its B block linearly instead of one row per page. With transposed,
 // B is src^T (src is n x k, leading dimension ld). With vnni (AMX bfloat16: see
-// wants_vnni_b) each panel is in the VNNI layout, width pairs per pair-row and k padded to
-// vnni_rows(k), so the kernel calls need not pack B again each time.
+// wants_vnni_b) each panel is in the pair layout (brgemm.h: pack_b_vnni), so the kernel
+// calls need not pack B again each time.
 template <typename T>
 struct Panels {
   Buffer<T> data;
   int64_t k = 0, width = 0, count = 0;
   bool vnni = false;
-  int64_t size() const { return (vnni ? vnni_rows(k) : k) * width; }  // elements per panel
+  int64_t size() const { return vnni ? vnni_elements(k, width) : k * width; }  // per panel
+  int64_t ld() const { return vnni ? vnni_tile_ld(k) : width; }  // the kernel's ldb
   const T* panel(int64_t j) const { return data.get() + j * size(); }
 };
 
@@ -60,7 +61,7 @@ Panels<T> pack_panels(const Executor* ex, Isa isa, const T* src, int64_t ld, boo
     const int64_t j0 = j * width, w = std::min(width, n - j0);
     T* dst = p.data.get() + j * p.size();
     if constexpr (!std::is_same_v<T, float>) {
-      if (p.vnni) {  // (width, kPanel or a unit block of >= 32, is a multiple of 16)
+      if (p.vnni) {
         thread_local std::vector<T> plain;  // the transposed panel before its packing
         const T* b = src + j0;
         int64_t ldb = ld;
@@ -69,7 +70,7 @@ Panels<T> pack_panels(const Executor* ex, Isa isa, const T* src, int64_t ld, boo
           transpose_block(src + j0 * ld, ld, w, k, plain.data(), w, isa);
           b = plain.data(), ldb = w;
         }
-        pack_b_vnni(b, ldb, k, w, dst, width);
+        pack_b_vnni(b, ldb, k, w, dst, p.ld());
         return;
       }
     }
@@ -103,7 +104,7 @@ class Gemm {
     for (int64_t p0 = 0; p0 < k; p0 += kc) {
       const bool last = p0 + kc >= k;
       Desc d;
-      d.m = m, d.n = n, d.k = std::min(kc, k - p0), d.lda = lda, d.ldb = b.width, d.ldc = ldc;
+      d.m = m, d.n = n, d.k = std::min(kc, k - p0), d.lda = lda, d.ldb = b.ld(), d.ldc = ldc;
       d.beta = p0 == 0 ? beta : 1.0f, d.isa = isa_, d.b_vnni = b.vnni;
       d.a_dtype = d.b_dtype = dtype_of<T>();
       d.activation = last ? act : Activation::none, d.has_bias = last && bias != nullptr;
@@ -112,8 +113,7 @@ class Gemm {
         if (error_.empty()) error_ = "lstm: " + error;
         return;
       }
-      // (Row p0 of a VNNI panel also starts p0 * width in, p0 being even.)
-      get_kernel(d)(Batch::strided(a + p0, 0, b.panel(j) + p0 * b.width, 0, 1), c, 1.0f,
+      get_kernel(d)(Batch::strided(a + p0, 0, b.panel(j) + b_row_offset(p0, b.width, b.vnni), 0, 1), c, 1.0f,
                     d.has_bias ? bias : nullptr);
     }
   }
