@@ -1,7 +1,7 @@
 // AMX path (compiled with AVX-512 plus -mamx-tile -mamx-bf16): bfloat16 inputs through the
 // tile unit. One TDPBF16PS multiplies a 16 x 32 tile of A by a 32 x 16 tile of B (held as
-// 16 pair-rows, the VNNI layout of pack_b_vnni) into a 16 x 16 float32 tile of C: 16384
-// flops, ~13x what the FMA units do in the same time here.
+// 16 pair-rows, the layout of pack_b_vnni) into a 16 x 16 float32 tile of C: 16384 flops,
+// ~15x what the FMA units do in the same time here.
 //
 // Register blocking: 2 x 2 C tiles (32 x 32 of C) in tiles 0-3, two A tiles (4, 5) and two
 // B tiles (6, 7); every tile has one shape per kernel (rows = min(m, 16), 64 bytes), so the
@@ -10,9 +10,10 @@
 // go through the epilogue once), B is padded with zeros to whole tiles, and the last
 // partial 32-column chunk of A is copied into a zero-padded tile.
 //
-// Finished C tiles are stored to a small float buffer and the shared AVX-512 epilogue
-// (alpha, beta * C, bias, activation, float32 or bfloat16 store) runs on them from L1.
-// Float32 inputs on this ISA use the AVX-512 kernels (dispatch.cc).
+// Float32 C with beta 0 or 1 and nothing else to apply goes straight between C and the
+// tiles; otherwise finished tiles are stored to a small float buffer and finish_tile
+// (alpha, beta * C, bias, the shared activation math, float32 or bfloat16 store) runs on
+// them from L1. Float32 inputs on this ISA use the AVX-512 kernels (dispatch.cc).
 #define JBR_VEC_AVX512
 #define JBR_ISA_NS amx
 #define JBR_MAX_VECTORS 4
