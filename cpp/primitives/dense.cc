@@ -35,12 +35,14 @@ static_assert(kReduceBlock % 32 == 0);
 constexpr int64_t kGroupRows = 1024;
 // Plain B panels are copied contiguous when their rows lie at least kPackLdb floats apart
 // (2 KB or more: a 64-column strip's rows fall in few L1 sets, and from 4 KB each on its own
-// page) and at least kPackBlocks row blocks share each copy (it costs a pass over the panel).
-// 2048 on Zen 4, where packing narrower strides measured no gain; on the Xeon (48 KB 12-way
-// L1) 512 doubles the float32 forward of 1024-wide layers (1024^3: 121-130 -> 250-257
-// GFLOP/s, 1024x2048x512: 155-161 -> 241-246, 2 cores).
+// page) and at least kPackRows rows share each copy (it costs a pass over the panel).
+// kPackLdb was 2048 on Zen 4, where packing narrower strides measured no gain; on the Xeon
+// (48 KB 12-way L1) 512 doubles the float32 forward of 1024-wide layers (1024^3: 121-130 ->
+// 250-257 GFLOP/s, 1024x2048x512: 155-161 -> 241-246, 2 cores). kPackRows counts rows, not
+// row blocks, since blocks shrink where m splits unevenly: 128 rows in three 43-row blocks
+// do not pay for the copy (128x512x512 forward, one thread: 500-558 -> 480-493 us).
 constexpr int64_t kPackLdb = 512;
-constexpr int64_t kPackBlocks = 3;
+constexpr int64_t kPackRows = 3 * kRowTarget;
 
 // dst[0..size) = src[0..size), rounded to dst's dtype.
 void store_row(const float* __restrict src, void* __restrict dst, DType dtype, int64_t size) {
@@ -220,7 +222,7 @@ class GemmPlan {
     group_rows_ = group_blocks * bm_;
     chunk_ = std::min<int64_t>(g_.r, kReduceChunk * sizeof(float) / sizeof(T));
     // (A VNNI B is always packed: once per panel here, else by every kernel call.)
-    pack_ = vnni_ || g_.b_transposed || (g_.ldb >= kPackLdb && group_blocks >= kPackBlocks);
+    pack_ = vnni_ || g_.b_transposed || (g_.ldb >= kPackLdb && group_rows_ >= kPackRows);
     // A bfloat16 out block that takes several kernel calls (several chunks, or a tail block)
     // is summed in float32 scratch and rounded into out once, after the last.
     accumulate_ = g_.out_dtype != DType::f32 &&
