@@ -64,8 +64,10 @@ inline void apply_activation(Activation act, float* data, int64_t size) {
 }
 
 // ---------------------------------------------------------------- micro-kernel
+// Always inlined: as calls, every batch element of a tile saved and restored all its
+// accumulators around them (~8 % of a 56x64x64x9 call).
 template <class T>
-const T* block_a(const Batch& b, int64_t i) {
+[[gnu::always_inline]] inline const T* block_a(const Batch& b, int64_t i) {
   switch (b.form) {
     case Batch::Form::stride: return static_cast<const T*>(b.a) + i * b.stride_a;
     case Batch::Form::offset: return static_cast<const T*>(b.a) + b.offs_a[i];
@@ -75,7 +77,7 @@ const T* block_a(const Batch& b, int64_t i) {
 }
 
 template <class T>
-const T* block_b(const Batch& b, int64_t i) {
+[[gnu::always_inline]] inline const T* block_b(const Batch& b, int64_t i) {
   switch (b.form) {
     case Batch::Form::stride: return static_cast<const T*>(b.b) + i * b.stride_b;
     case Batch::Form::offset: return static_cast<const T*>(b.b) + b.offs_b[i];

@@ -136,22 +136,26 @@ double bench_kernel(int64_t m, int64_t n, int64_t k, int64_t count, const std::s
   if (std::string error = validate(d); !error.empty()) throw nb::value_error(error.c_str());
   const int64_t b_block = b_vnni ? vnni_elements(k, n) : k * n;
   // float32 storage is large enough for either dtype; bfloat16 uses the first half.
-  std::vector<float> a(count * m * k), b(count * b_block), c(m * n, 0.0f);
+  // 64-byte aligned, as the primitives' packed blocks and XLA's buffers are (a std::vector
+  // this large sits 16 bytes past a page, and every B row load would split a cache line).
+  auto a = prim::work_buffer<float>(count * m * k), b = prim::work_buffer<float>(count * b_block),
+       c = prim::work_buffer<float>(m * n);
   std::mt19937 rng(0);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  for (float& x : a) x = dist(rng);
-  for (float& x : b) x = dist(rng);
+  for (int64_t i = 0; i < count * m * k; ++i) a[i] = dist(rng);
+  for (int64_t i = 0; i < count * b_block; ++i) b[i] = dist(rng);
+  std::fill_n(c.get(), m * n, 0.0f);
   const int64_t size = d.a_dtype == DType::bf16 ? 2 : 4;
   std::vector<int64_t> oa(count), ob(count);
   std::vector<const void*> pa(count), pb(count);
   for (int64_t i = 0; i < count; ++i) {
     oa[i] = i * m * k, ob[i] = i * b_block;
-    pa[i] = reinterpret_cast<const char*>(a.data()) + oa[i] * size;
-    pb[i] = reinterpret_cast<const char*>(b.data()) + ob[i] * size;
+    pa[i] = reinterpret_cast<const char*>(a.get()) + oa[i] * size;
+    pb[i] = reinterpret_cast<const char*>(b.get()) + ob[i] * size;
   }
   Batch batch;
-  if (form == "stride") batch = Batch::strided(a.data(), m * k, b.data(), b_block, count);
-  else if (form == "offset") batch = Batch::offsets(a.data(), oa.data(), b.data(), ob.data(), count);
+  if (form == "stride") batch = Batch::strided(a.get(), m * k, b.get(), b_block, count);
+  else if (form == "offset") batch = Batch::offsets(a.get(), oa.data(), b.get(), ob.data(), count);
   else if (form == "address") batch = Batch::addresses(pa.data(), pb.data(), count);
   else throw nb::value_error("variant: must be 'stride', 'offset' or 'address'");
   const Kernel& kernel = get_kernel(d);
@@ -161,14 +165,14 @@ double bench_kernel(int64_t m, int64_t n, int64_t k, int64_t count, const std::s
   int64_t reps = 1;
   for (;;) {  // calibrate reps to ~20 ms
     const double t0 = thread_cpu_seconds();
-    for (int64_t r = 0; r < reps; ++r) kernel(batch, c.data());
+    for (int64_t r = 0; r < reps; ++r) kernel(batch, c.get());
     if (thread_cpu_seconds() - t0 > 0.02) break;
     reps *= 2;
   }
   std::vector<double> rates;
   for (int s = 0; s < samples; ++s) {
     const double t0 = thread_cpu_seconds();
-    for (int64_t r = 0; r < reps; ++r) kernel(batch, c.data());
+    for (int64_t r = 0; r < reps; ++r) kernel(batch, c.get());
     rates.push_back(flops * reps / (thread_cpu_seconds() - t0) * 1e-9);
   }
   std::sort(rates.begin(), rates.end());
