@@ -30,7 +30,7 @@ void parallel_for(const Executor* executor, int64_t n, const std::function<void(
 // the last call closes, workers park at once and leave the cores to XLA's own threads.
 //
 // Every task is also handed to `also_run` (the handlers pass XLA's intra-op pool), and
-// whichever copy starts first takes the loop's items (the other finds none left). Neither
+// both copies take items from the loop's counter (the later mostly finds none). Neither
 // pool alone starts tasks promptly on the 2-core VMs we measure on: a parked team worker
 // started the first loop of a call within 20 us in 18 % of calls and took over 300 us in
 // 23 % (its core busy with XLA's threads), and XLA's parked threads took 20-900 us to wake;
