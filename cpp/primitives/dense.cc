@@ -225,7 +225,10 @@ class GemmPlan {
     group_rows_ = group_blocks * bm_;
     chunk_ = std::min<int64_t>(g_.r, kReduceChunk * sizeof(float) / sizeof(T));
     // (A VNNI B is always packed: once per panel here, else by every kernel call.)
-    pack_ = vnni_ || g_.b_transposed || (g_.ldb >= kPackLdb && group_rows_ >= kPackRows);
+    // Rows a multiple of 4 KB apart are packed even for few rows: in place, a strip's panel
+    // maps onto 1/32 of L2's sets and does not stay there between row blocks.
+    const bool aliased = (g_.ldb * int64_t{sizeof(T)}) % 4096 == 0;
+    pack_ = vnni_ || g_.b_transposed || (g_.ldb >= kPackLdb && (group_rows_ >= kPackRows || aliased));
     // A bfloat16 out block that takes several kernel calls (several chunks, or a tail block)
     // is summed in float32 scratch and rounded into out once, after the last.
     accumulate_ = g_.out_dtype != DType::f32 &&
