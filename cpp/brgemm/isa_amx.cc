@@ -225,8 +225,7 @@ void run_amx(const Kernel& kern, const Batch& batch, void* c, float alpha, const
   // ResNet-50 layers with 12.8 MB bfloat16 results ran at 140-210 GFLOP/s with it.)
   // Float32 C with nothing to add but C itself (beta 0 or 1): whole tiles go straight to
   // and from C, and only edge tiles take the epilogue.
-  const bool direct = d.c_dtype == DType::f32 && (d.beta == 0.0f || d.beta == 1.0f) && alpha == 1.0f &&
-                      !d.has_bias && d.activation == Activation::none;
+  const bool direct = detail::plain_f32_epilogue(d, alpha);
   alignas(64) float out[4][kTileRows * kTileCols];
 
   for (int64_t ct = 0; ct < col_tiles; ct += 2) {

@@ -29,6 +29,13 @@ struct IsaImpl {
                          uint16_t* dst, int64_t ldd) = nullptr;
 };
 
+// Whether a call's epilogue is only C = acc or C += acc in float32 (no alpha, bias or
+// activation): the kernels then store their accumulators to C directly.
+inline bool plain_f32_epilogue(const Desc& d, float alpha) {
+  return d.c_dtype == DType::f32 && (d.beta == 0.0f || d.beta == 1.0f) && alpha == 1.0f &&
+         !d.has_bias && d.activation == Activation::none;
+}
+
 extern const IsaImpl impl_ref;
 #if defined(JBR_HAVE_X86_ISAS)
 extern const IsaImpl impl_avx2;

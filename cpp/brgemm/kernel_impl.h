@@ -193,8 +193,7 @@ void tile_kernel(const Tile& t) {
   // The common float32 epilogue (C = acc or C += acc, stored normally) inline, in one pass;
   // everything else through finish(), a call per vector that first spills every
   // accumulator (in cache, 64x64x128: 159 -> 175 GFLOP/s inline).
-  if (t.alpha == 1.0f && (d.beta == 0.0f || d.beta == 1.0f) && d.c_dtype == DType::f32 &&
-      !d.has_bias && d.activation == Activation::none && !t.stream) {
+  if (detail::plain_f32_epilogue(d, t.alpha) && !t.stream) {
     float* c = static_cast<float*>(t.c) + t.row0 * d.ldc + t.col0;
     const bool add = d.beta == 1.0f;
 #pragma GCC unroll 32

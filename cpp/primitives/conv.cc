@@ -602,7 +602,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
   // of dy) costs more than it saves. One thread, GFLOP/s: 56x56 64->256 1x1 95 -> 130
   // unpacked, 28x28 128->512 1x1 121 -> 138; 14x14 256->256 3x3 136 unpacked -> 151.
   const int64_t dy_row_bytes = s.out_c * int64_t{sizeof(T)};
-  const bool pack_dy = s.out_c != bk && (dy_row_bytes % 4096 == 0 || (dy_row_bytes >= 1024 && taps * cblocks >= 16));
+  const bool pack_dy = s.out_c != bk && (rows_page_apart<T>(s.out_c) || (dy_row_bytes >= 1024 && taps * cblocks >= 16));
   const int64_t ldb = pack_dy ? bk : s.out_c;
   Buffer<T> dy_packed;
   if (pack_dy && !vnni) {

@@ -162,8 +162,6 @@ void reduce_into(const GemmNest<T>& g, const T* a, const T* b, int64_t ldb, bool
 // (Float32 runs A as it is: tuned and measured so.)
 constexpr int64_t kPadStrips = 16;
 template <typename T>
-bool rows_page_apart(int64_t ld) { return (ld * int64_t{sizeof(T)}) % 4096 == 0; }
-template <typename T>
 bool pad_a(const GemmNest<T>& g) {
   return !std::is_same_v<T, float> && rows_page_apart<T>(g.lda) && g.n >= kPadStrips * kStripCols;
 }
@@ -227,8 +225,8 @@ class GemmPlan {
     // (A VNNI B is always packed: once per panel here, else by every kernel call.)
     // Rows a multiple of 4 KB apart are packed even for few rows: in place, a strip's panel
     // maps onto 1/32 of L2's sets and does not stay there between row blocks.
-    const bool aliased = (g_.ldb * int64_t{sizeof(T)}) % 4096 == 0;
-    pack_ = vnni_ || g_.b_transposed || (g_.ldb >= kPackLdb && (group_rows_ >= kPackRows || aliased));
+    pack_ = vnni_ || g_.b_transposed ||
+            (g_.ldb >= kPackLdb && (group_rows_ >= kPackRows || rows_page_apart<T>(g_.ldb)));
     // A bfloat16 out block that takes several kernel calls (several chunks, or a tail block)
     // is summed in float32 scratch and rounded into out once, after the last.
     accumulate_ = g_.out_dtype != DType::f32 &&
@@ -467,7 +465,7 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
     // it transposed into dx while hot. At twice the margin where w's rows, read in place
     // as A, lie a multiple of 4 KB apart (in the same L1 sets). One thread: 128x512x512
     // 529 -> 461 us, 64x256x256 84 -> 69; 256x1024x1024 would go 3.44 -> 3.64 ms.
-    const int64_t margin = (k * int64_t{sizeof(T)}) % 4096 == 0 ? 2 : 1;
+    const int64_t margin = rows_page_apart<T>(k) ? 2 : 1;
     if (margin * n * (c + k) < c * k) {
       dzt = work_buffer<T>(k * n);
       dxt = work_buffer<float>(c * n);

@@ -22,6 +22,11 @@ auto with_type(DType d, F f) {
   return d == DType::bf16 ? f(uint16_t{}) : f(float{});
 }
 
+// Rows `ld` elements apart lie a multiple of 4 KB apart: each on its own page, all in the
+// same L1 (and few L2) sets.
+template <typename T>
+bool rows_page_apart(int64_t ld) { return (ld * int64_t{sizeof(T)}) % 4096 == 0; }
+
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t h) { return bf16_to_f32(h); }
 inline void store(float v, float* dst) { *dst = v; }
