@@ -32,7 +32,7 @@ struct IsaImpl {
 // Whether a call's epilogue is only C = acc or C += acc in float32 (no alpha, bias or
 // activation): the kernels then store their accumulators to C directly.
 inline bool plain_f32_epilogue(const Desc& d, float alpha) {
-  return d.c_dtype == DType::f32 && (d.beta == 0.0f || d.beta == 1.0f) && alpha == 1.0f &&
+  return alpha == 1.0f && (d.beta == 0.0f || d.beta == 1.0f) && d.c_dtype == DType::f32 &&
          !d.has_bias && d.activation == Activation::none;
 }
 
