@@ -89,6 +89,28 @@ def test_kernel_epilogue_beta_zero_ignores_nan_c(activation, isa, rng):
     assert np.isnan(c[:, n:]).all()  # beyond n, C is untouched
 
 
+@pytest.mark.parametrize("activation", ["none", "relu"])
+def test_kernel_accumulate_bias_relu_epilogue(activation, isa, rng):
+    # beta 1 with a bias and relu: finished from the accumulators in one pass (the float32
+    # tile kernel's inline epilogue), partial last vector included.
+    m, n, k, count = 13, 37, 17, 3
+    a_pool = rng.standard_normal(count * m * k).astype(F32)
+    b_pool = rng.standard_normal(count * k * n).astype(F32)
+    bias = rng.standard_normal(n).astype(F32)
+    c = rng.standard_normal((m, n + 3)).astype(F32)
+    before = c.copy()
+    offs_a = [i * m * k for i in range(count)]
+    offs_b = [i * k * n for i in range(count)]
+    ref = kernel_reference(a_pool, b_pool, c, m, n, k, k, n, n + 3, offs_a, offs_b, 1.0, 1.0,
+                           activation, bias)
+    call_kernel("stride", a_pool, b_pool, c, m, n, k, k, n, n + 3, offs_a, offs_b, beta=1.0,
+                activation=activation, bias=bias)
+    assert rel_err(c[:, :n], ref) < 1e-5
+    if activation == "relu":
+        assert (c[:, :n] >= 0).all() and (c[:, :n] == 0).any()
+    np.testing.assert_array_equal(c[:, n:], before[:, n:])  # beyond n, C is untouched
+
+
 def test_kernel_general_beta_and_activation_extremes(isa):
     # Saturating inputs: the vector exp must give exact 0 / 1 / inf limits, NaN propagates.
     z = np.array([-1e4, -100.0, -20.0, -1e-6, 0.0, 1e-6, 20.0, 100.0, 1e4, np.nan, np.inf, -np.inf], F32)
