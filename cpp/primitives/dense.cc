@@ -168,7 +168,7 @@ bool pad_a(const GemmNest<T>& g) {
 
 // A GemmNest cut into independent work items, (column strip, row group) pairs: run_item(i)
 // for every i < items, in any order and on any threads, computes the whole GEMM. Separate
-// from running it so that two GEMMs of one backward pass share one parallel loop.
+// from running it so that the two GEMMs of a backward pass can run as parallel lanes.
 template <typename T>
 class GemmPlan {
  public:
@@ -321,25 +321,12 @@ class GemmPlan {
   int64_t padded_lda_ = 0;
 };
 
-// Runs every item of the plans (already planned, A copies made) in one parallel loop.
-template <typename T>
-void run_plans(std::initializer_list<const GemmPlan<T>*> plans, const Executor* executor) {
-  int64_t total = 0;
-  for (const GemmPlan<T>* p : plans) total += p->items;
-  parallel_for(executor, total, [&](int64_t item) {
-    for (const GemmPlan<T>* p : plans) {
-      if (item < p->items) return p->run_item(item);
-      item -= p->items;
-    }
-  });
-}
-
 template <typename T>
 std::string run_gemm(const GemmNest<T>& g, const Executor* executor) {
   GemmPlan<T> plan;
   if (std::string e = plan.plan(g, threads_of(executor)); !e.empty()) return e;
   plan.copy_a(executor);
-  run_plans<T>({&plan}, executor);
+  parallel_for(executor, plan.items, [&](int64_t i) { plan.run_item(i); });
   return "";
 }
 
@@ -422,39 +409,42 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
   Buffer<T> dz_store;
   const T* dz = dy;
   if (p.activation != Activation::none) dz_store = work_buffer<T>(n * k), dz = dz_store.get();
-  if (p.activation != Activation::none || p.dbias) {
-    constexpr int64_t slab = 256;
-    parallel_for(executor, ceil_div(k, slab), [&](int64_t s) {
-      const int64_t j0 = s * slab, cols = std::min(slab, k - j0);
-      float sums[slab] = {};
-      thread_local std::vector<float> scratch;  // a float32 row of dz, where T is not float
-      scratch.resize(slab);
-      for (int64_t i = 0; i < n; ++i) {
-        if (p.activation == Activation::none) {
-          for (int64_t j = 0; j < cols; ++j) sums[j] += to_float(dy[i * k + j0 + j]);
-          continue;
-        }
-        T* dz_row = dz_store.get() + i * k + j0;
-        float* row = scratch.data();
-        if constexpr (std::is_same_v<T, float>) row = dz_row;
-        with_type(p.saved_dtype, [&](auto zero) {
-          using S = decltype(zero);
-          activation_grad(p.activation, dy + i * k + j0, static_cast<const S*>(p.saved) + i * k + j0,
-                          row, cols);
-          return 0;
-        });
-        if constexpr (!std::is_same_v<T, float>) store_row(row, dz_row, dtype_of<T>(), cols);
-        for (int64_t j = 0; j < cols; ++j) sums[j] += row[j];
+  constexpr int64_t slab = 256;
+  auto dz_slab = [&](int64_t s) {
+    const int64_t j0 = s * slab, cols = std::min(slab, k - j0);
+    float sums[slab] = {};
+    thread_local std::vector<float> scratch;  // a float32 row of dz, where T is not float
+    scratch.resize(slab);
+    for (int64_t i = 0; i < n; ++i) {
+      if (p.activation == Activation::none) {
+        for (int64_t j = 0; j < cols; ++j) sums[j] += to_float(dy[i * k + j0 + j]);
+        continue;
       }
-      if (p.dbias) store_row(sums, static_cast<char*>(p.dbias) + j0 * size_of(p.dbias_dtype), p.dbias_dtype, cols);
-    });
-  }
+      T* dz_row = dz_store.get() + i * k + j0;
+      float* row = scratch.data();
+      if constexpr (std::is_same_v<T, float>) row = dz_row;
+      with_type(p.saved_dtype, [&](auto zero) {
+        using S = decltype(zero);
+        activation_grad(p.activation, dy + i * k + j0, static_cast<const S*>(p.saved) + i * k + j0,
+                        row, cols);
+        return 0;
+      });
+      if constexpr (!std::is_same_v<T, float>) store_row(row, dz_row, dtype_of<T>(), cols);
+      for (int64_t j = 0; j < cols; ++j) sums[j] += row[j];
+    }
+    if (p.dbias) store_row(sums, static_cast<char*>(p.dbias) + j0 * size_of(p.dbias_dtype), p.dbias_dtype, cols);
+  };
+  // The GEMMs need dz first; dbias alone (no activation) is a lane beside them.
+  if (p.activation != Activation::none) parallel_for(executor, ceil_div(k, slab), dz_slab);
 
-  // dx and dw are independent GEMMs: planned apart, their items run in one parallel loop
-  // (one wake-up of the workers, and the two balance each other's tails).
+  // dx and dw are independent GEMMs, planned apart and run as two lanes: the first thread
+  // to take a lane makes its transposed operand and runs its items, so each GEMM's data
+  // stays on one core, as when XLA runs its dx and dW dots side by side; whoever finishes
+  // first helps with the other's items.
   GemmPlan<T> dx_plan, dw_plan;
   Buffer<T> dzt, xt;
   Buffer<float> dxt;
+  std::vector<Lane> lanes;
   const int64_t threads = threads_of(executor);
   if (p.dx && c > 0) {
     const T* w = static_cast<const T*>(p.w);
@@ -469,7 +459,6 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
     if (margin * n * (c + k) < c * k) {
       dzt = work_buffer<T>(k * n);
       dxt = work_buffer<float>(c * n);
-      transpose(dz, k, n, k, dzt.get(), n, executor);
       g.m = c, g.n = n, g.r = k;
       g.a = w, g.lda = k;
       g.b = dzt.get(), g.ldb = n;
@@ -483,20 +472,29 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
       g.out = p.dx, g.out_dtype = p.dx_dtype, g.ldo = c;
     }
     if (std::string e = dx_plan.plan(g, threads); !e.empty()) return e;
-    dx_plan.copy_a(executor);
+    lanes.push_back({[&] {
+                       if (dzt) transpose(dz, k, n, k, dzt.get(), n, nullptr);
+                       dx_plan.copy_a(nullptr);
+                     },
+                     dx_plan.items, [&](int64_t i) { dx_plan.run_item(i); }});
   }
   if (p.dw && c > 0) {  // weight-update: dw (c x k) = x^T (c x n, packed once) @ dz
     xt = work_buffer<T>(c * n);  // not zeroed: fully written
-    transpose(static_cast<const T*>(p.x), c, n, c, xt.get(), n, executor);
     GemmNest<T> g;
     g.m = c, g.n = k, g.r = n;
     g.a = xt.get(), g.lda = n;
     g.b = dz, g.ldb = k;
     g.out = p.dw, g.out_dtype = p.dw_dtype, g.ldo = k, g.isa = p.isa;
     if (std::string e = dw_plan.plan(g, threads); !e.empty()) return e;
-    dw_plan.copy_a(executor);
+    lanes.push_back({[&] {
+                       transpose(static_cast<const T*>(p.x), c, n, c, xt.get(), n, nullptr);
+                       dw_plan.copy_a(nullptr);
+                     },
+                     dw_plan.items, [&](int64_t i) { dw_plan.run_item(i); }});
   }
-  run_plans<T>({&dx_plan, &dw_plan}, executor);
+  if (p.activation == Activation::none && p.dbias)
+    lanes.push_back({[&] { for (int64_t s = 0; s < ceil_div(k, slab); ++s) dz_slab(s); }, 0, nullptr});
+  parallel_lanes(executor, lanes);
   return "";
 }
 

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace jbr::prim {
 
@@ -20,6 +21,21 @@ class Executor {
 // returns once every item has run and never waits for a task that has not started: it
 // cannot deadlock when the caller is itself a worker. `executor` may be null.
 void parallel_for(const Executor* executor, int64_t n, const std::function<void(int64_t)>& body);
+
+// Independent pieces of work for parallel_lanes: `prepare` (may be empty) runs once, then
+// `item(i)` for every i in [0, items), after it and in any order.
+struct Lane {
+  std::function<void()> prepare;
+  int64_t items = 0;
+  std::function<void(int64_t)> item;
+};
+
+// Runs the lanes side by side: every joining thread (the caller first) takes the next
+// lane nobody has started, prepares it and runs its items; a thread with no lane left
+// takes items of prepared lanes. So each lane's data (say one GEMM of a backward pass,
+// with its packed operand) mostly stays on the core that prepared it, while the threads
+// still balance each other's tails. Same guarantees as parallel_for.
+void parallel_lanes(const Executor* executor, const std::vector<Lane>& lanes);
 
 // The library's own worker threads, serving one call (an FFI handler's lifetime) as an
 // Executor: `threads - 1` workers besides the caller, shared by every call in the process.
