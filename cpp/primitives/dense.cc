@@ -434,17 +434,17 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
     }
     if (p.dbias) store_row(sums, static_cast<char*>(p.dbias) + j0 * size_of(p.dbias_dtype), p.dbias_dtype, cols);
   };
-  // The GEMMs need dz first; dbias alone (no activation) is a lane beside them.
-  if (p.activation != Activation::none) parallel_for(executor, ceil_div(k, slab), dz_slab);
-
-  // dx and dw are independent GEMMs, planned apart and run as two lanes: the first thread
+  // dx and dw are independent GEMMs. Both wanted: they run as two lanes, the first thread
   // to take a lane makes its transposed operand and runs its items, so each GEMM's data
-  // stays on one core, as when XLA runs its dx and dW dots side by side; whoever finishes
-  // first helps with the other's items.
+  // stays on one core (as when XLA runs its dx and dW dots side by side), and whoever
+  // finishes first helps with the other's items; dbias alone (no activation) is a third
+  // lane. One wanted: its transpose and items are parallel loops of their own.
+  const bool two_lanes = p.dx && p.dw && c > 0;
+  if (p.activation != Activation::none || (p.dbias && !two_lanes))
+    parallel_for(executor, ceil_div(k, slab), dz_slab);  // the GEMMs need dz first
   GemmPlan<T> dx_plan, dw_plan;
   Buffer<T> dzt, xt;
   Buffer<float> dxt;
-  std::vector<Lane> lanes;
   const int64_t threads = threads_of(executor);
   if (p.dx && c > 0) {
     const T* w = static_cast<const T*>(p.w);
@@ -472,11 +472,6 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
       g.out = p.dx, g.out_dtype = p.dx_dtype, g.ldo = c;
     }
     if (std::string e = dx_plan.plan(g, threads); !e.empty()) return e;
-    lanes.push_back({[&] {
-                       if (dzt) transpose(dz, k, n, k, dzt.get(), n, nullptr);
-                       dx_plan.copy_a(nullptr);
-                     },
-                     dx_plan.items, [&](int64_t i) { dx_plan.run_item(i); }});
   }
   if (p.dw && c > 0) {  // weight-update: dw (c x k) = x^T (c x n, packed once) @ dz
     xt = work_buffer<T>(c * n);  // not zeroed: fully written
@@ -486,12 +481,24 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
     g.b = dz, g.ldb = k;
     g.out = p.dw, g.out_dtype = p.dw_dtype, g.ldo = k, g.isa = p.isa;
     if (std::string e = dw_plan.plan(g, threads); !e.empty()) return e;
-    lanes.push_back({[&] {
-                       transpose(static_cast<const T*>(p.x), c, n, c, xt.get(), n, nullptr);
-                       dw_plan.copy_a(nullptr);
-                     },
-                     dw_plan.items, [&](int64_t i) { dw_plan.run_item(i); }});
   }
+  auto prepare_dx = [&](const Executor* ex) {
+    if (dzt) transpose(dz, k, n, k, dzt.get(), n, ex);
+    dx_plan.copy_a(ex);
+  };
+  auto prepare_dw = [&](const Executor* ex) {
+    if (xt) transpose(static_cast<const T*>(p.x), c, n, c, xt.get(), n, ex);
+    dw_plan.copy_a(ex);
+  };
+  if (!two_lanes) {
+    GemmPlan<T>& plan = p.dx ? dx_plan : dw_plan;
+    p.dx ? prepare_dx(executor) : prepare_dw(executor);
+    parallel_for(executor, plan.items, [&](int64_t i) { plan.run_item(i); });
+    return "";
+  }
+  std::vector<Lane> lanes = {
+      {[&] { prepare_dx(nullptr); }, dx_plan.items, [&](int64_t i) { dx_plan.run_item(i); }},
+      {[&] { prepare_dw(nullptr); }, dw_plan.items, [&](int64_t i) { dw_plan.run_item(i); }}};
   if (p.activation == Activation::none && p.dbias)
     lanes.push_back({[&] { for (int64_t s = 0; s < ceil_div(k, slab); ++s) dz_slab(s); }, 0, nullptr});
   parallel_lanes(executor, lanes);
