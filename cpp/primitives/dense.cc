@@ -434,18 +434,19 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
     }
     if (p.dbias) store_row(sums, static_cast<char*>(p.dbias) + j0 * size_of(p.dbias_dtype), p.dbias_dtype, cols);
   };
-  // dx and dw are independent GEMMs. Both wanted: they run as two lanes, the first thread
-  // to take a lane makes its transposed operand and runs its items, so each GEMM's data
-  // stays on one core (as when XLA runs its dx and dW dots side by side), and whoever
-  // finishes first helps with the other's items; dbias alone (no activation) is a third
-  // lane. One wanted: its transpose and items are parallel loops of their own.
-  const bool two_lanes = p.dx && p.dw && c > 0;
+  // dx and dw are independent GEMMs. Both wanted, on two threads: they run as two lanes,
+  // the first thread to take a lane makes its transposed operand and runs its items, so
+  // each GEMM's data stays on one core (as when XLA runs its dx and dW dots side by side),
+  // and whoever finishes first helps with the other's items; dbias alone (no activation)
+  // is a third lane. Otherwise (one GEMM, or more threads than lanes, which would idle
+  // through the single-threaded transposes) transposes and items are parallel loops.
+  const int64_t threads = threads_of(executor);
+  const bool two_lanes = p.dx && p.dw && c > 0 && threads == 2;
   if (p.activation != Activation::none || (p.dbias && !two_lanes))
     parallel_for(executor, ceil_div(k, slab), dz_slab);  // the GEMMs need dz first
   GemmPlan<T> dx_plan, dw_plan;
   Buffer<T> dzt, xt;
   Buffer<float> dxt;
-  const int64_t threads = threads_of(executor);
   if (p.dx && c > 0) {
     const T* w = static_cast<const T*>(p.w);
     GemmNest<T> g;
@@ -491,9 +492,10 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
     dw_plan.copy_a(ex);
   };
   if (!two_lanes) {
-    GemmPlan<T>& plan = p.dx ? dx_plan : dw_plan;
-    p.dx ? prepare_dx(executor) : prepare_dw(executor);
-    parallel_for(executor, plan.items, [&](int64_t i) { plan.run_item(i); });
+    prepare_dx(executor), prepare_dw(executor);
+    parallel_for(executor, dx_plan.items + dw_plan.items, [&](int64_t i) {
+      i < dx_plan.items ? dx_plan.run_item(i) : dw_plan.run_item(i - dx_plan.items);
+    });
     return "";
   }
   std::vector<Lane> lanes = {
