@@ -91,8 +91,9 @@ def check_all(x, w, b, act, dy, fn=dense):
 
 
 @pytest.mark.parametrize("act", ACTS)
+# (128, 512, 10): a classifier head, whose weight gradient goes through dw^T = dz^T @ x.
 @pytest.mark.parametrize("n,c,k", [(1, 1, 1), (3, 17, 5), (17, 1023, 3), (1000, 3, 1025),
-                                   (65, 1025, 130), (257, 200, 64)])
+                                   (65, 1025, 130), (257, 200, 64), (128, 512, 10)])
 def test_shapes_and_activations(rng, n, c, k, act):
     check_all(*make(rng, (n,), c, k)[:3], act, make(rng, (n,), c, k)[3])
 
