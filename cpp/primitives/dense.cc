@@ -506,6 +506,8 @@ std::string backward(const DenseBackward& p, const Executor* executor) {
     if (dzt) transpose(dz, k, n, k, dzt.get(), n, ex);
     dx_plan.copy_a(ex);
   };
+  // (dzt and dzt_w are never both made: the few-rows route needs n < k, the few-outputs
+  // route 2k < n.)
   auto prepare_dw = [&](const Executor* ex) {
     if (xt) transpose(static_cast<const T*>(p.x), c, n, c, xt.get(), n, ex);
     if (dzt_w) transpose(dz, k, n, k, dzt_w.get(), n, ex);

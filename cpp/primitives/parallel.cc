@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 namespace jbr::prim {
 namespace {
@@ -27,6 +28,57 @@ struct SharedWork {
     if (mine > 0) finished.fetch_add(mine, std::memory_order_acq_rel);
   }
 };
+
+// The claim counters of parallel_lanes, shared with late tasks (which find nothing left).
+struct SharedLanes {
+  explicit SharedLanes(const std::vector<Lane>& lanes)
+      : lanes(lanes), next_item(lanes.size()), prepared(lanes.size()) {
+    for (const Lane& l : lanes) items.push_back(l.items), units += l.items + 1;  // + 1: prepare
+  }
+  // Only dereferenced for a lane or item just claimed, i.e. before the call returns.
+  const std::vector<Lane>& lanes;
+  std::vector<int64_t> items;
+  int64_t units = 0;
+  std::atomic<size_t> next_lane{0};
+  std::vector<std::atomic<int64_t>> next_item;
+  std::vector<std::atomic<bool>> prepared;
+  std::atomic<int64_t> finished{0};
+
+  int64_t drain(size_t l) {
+    int64_t mine = 0;
+    for (int64_t i; (i = next_item[l].fetch_add(1, std::memory_order_relaxed)) < items[l]; ++mine)
+      lanes[l].item(i);
+    return mine;
+  }
+
+  void work() {
+    int64_t mine = 0;
+    for (size_t l; (l = next_lane.fetch_add(1, std::memory_order_relaxed)) < items.size();) {
+      if (lanes[l].prepare) lanes[l].prepare();
+      prepared[l].store(true, std::memory_order_release);
+      mine += 1 + drain(l);
+    }
+    // Every lane is taken: help with the others' items once they are prepared.
+    for (size_t l = 0; l < items.size(); ++l) {
+      if (next_item[l].load(std::memory_order_relaxed) >= items[l]) continue;
+      while (!prepared[l].load(std::memory_order_acquire)) std::this_thread::yield();
+      mine += drain(l);
+    }
+    if (mine > 0) finished.fetch_add(mine, std::memory_order_acq_rel);
+  }
+};
+
+// Hands `work` (SharedWork or SharedLanes: counters that late tasks find exhausted, kept
+// alive by the shared_ptr) to `workers` tasks, works on it from the calling thread too, and
+// returns once `units` of it have finished. What is left by then is at most one unit per
+// worker, already running: poll rather than park (a parked caller waits as long to be
+// woken as the workers do).
+template <class Work>
+void share(const Executor& executor, int64_t workers, const std::shared_ptr<Work>& work, int64_t units) {
+  for (int64_t w = 0; w < workers; ++w) executor.schedule([work] { work->work(); });
+  work->work();
+  while (work->finished.load(std::memory_order_acquire) != units) std::this_thread::yield();
+}
 
 // Tasks in a queue that workers poll, then park on. Process-wide and never destroyed
 // (its threads are detached: a static destructor would race them at exit).
@@ -128,57 +180,8 @@ void parallel_for(const Executor* executor, int64_t n, const std::function<void(
     for (int64_t i = 0; i < n; ++i) body(i);
     return;
   }
-  // Late-starting tasks only touch the counters, kept alive by their shared_ptr.
-  auto work = std::make_shared<SharedWork>(n, body);
-  for (int64_t w = 0; w < workers; ++w) executor->schedule([work] { work->work(); });
-  work->work();
-  // What is left is at most one item per worker, already running: poll rather than park
-  // (a parked caller waits as long to be woken as the workers do).
-  while (work->finished.load(std::memory_order_acquire) != n) std::this_thread::yield();
+  share(*executor, workers, std::make_shared<SharedWork>(n, body), n);
 }
-
-namespace {
-
-// The claim counters of parallel_lanes, shared with late tasks (which find nothing left).
-struct SharedLanes {
-  explicit SharedLanes(const std::vector<Lane>& lanes)
-      : lanes(lanes), next_item(lanes.size()), prepared(lanes.size()) {
-    for (const Lane& l : lanes) items.push_back(l.items), units += l.items + 1;  // + 1: prepare
-  }
-  // Only dereferenced for a lane or item just claimed, i.e. before the call returns.
-  const std::vector<Lane>& lanes;
-  std::vector<int64_t> items;
-  int64_t units = 0;
-  std::atomic<size_t> next_lane{0};
-  std::vector<std::atomic<int64_t>> next_item;
-  std::vector<std::atomic<bool>> prepared;
-  std::atomic<int64_t> finished{0};
-
-  int64_t drain(size_t l) {
-    int64_t mine = 0;
-    for (int64_t i; (i = next_item[l].fetch_add(1, std::memory_order_relaxed)) < items[l]; ++mine)
-      lanes[l].item(i);
-    return mine;
-  }
-
-  void work() {
-    int64_t mine = 0;
-    for (size_t l; (l = next_lane.fetch_add(1, std::memory_order_relaxed)) < items.size();) {
-      if (lanes[l].prepare) lanes[l].prepare();
-      prepared[l].store(true, std::memory_order_release);
-      mine += 1 + drain(l);
-    }
-    // Every lane is taken: help with the others' items once they are prepared.
-    for (size_t l = 0; l < items.size(); ++l) {
-      if (next_item[l].load(std::memory_order_relaxed) >= items[l]) continue;
-      while (!prepared[l].load(std::memory_order_acquire)) std::this_thread::yield();
-      mine += drain(l);
-    }
-    if (mine > 0) finished.fetch_add(mine, std::memory_order_acq_rel);
-  }
-};
-
-}  // namespace
 
 void parallel_lanes(const Executor* executor, const std::vector<Lane>& lanes) {
   int64_t parts = 0;
@@ -192,9 +195,7 @@ void parallel_lanes(const Executor* executor, const std::vector<Lane>& lanes) {
     return;
   }
   auto work = std::make_shared<SharedLanes>(lanes);
-  for (int64_t w = 0; w < workers; ++w) executor->schedule([work] { work->work(); });
-  work->work();
-  while (work->finished.load(std::memory_order_acquire) != work->units) std::this_thread::yield();
+  share(*executor, workers, work, work->units);
 }
 
 }  // namespace jbr::prim
