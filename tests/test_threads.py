@@ -83,3 +83,25 @@ def test_bad_spin_setting_is_a_clear_error(value):
                             text=True, timeout=120,
                             env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_BRGEMM_SPIN_US=value))
     assert result.returncode != 0 and "JAX_BRGEMM_SPIN_US" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("n, threads, item_us", [
+    (0, 2, 0), (1, 2, 0), (2, 2, 0), (7, 8, 0), (1000, 2, 5), (1000, 4, 5), (100003, 3, 0),
+    ((1 << 16) + 1, 8, 0)])
+def test_parallel_loop_runs_every_item_once(n, threads, item_us):
+    from jax_brgemm._ext import ext
+    runners = ext.parallel_for_runners(n, threads, item_us)
+    assert len(runners) == n
+    assert all(0 <= r < threads for r in runners), sorted(set(runners))
+
+
+def test_parallel_loop_gives_each_thread_contiguous_items():
+    """Neighbouring items (rows of one image, blocks of one panel) share data: on two
+    threads each runs its own half front to back and then takes the other's last items,
+    so the loop is at most four runs of one thread each, whoever joins late."""
+    from jax_brgemm._ext import ext
+    for item_us in (0, 20):
+        runners = ext.parallel_for_runners(2000, 2, item_us)
+        assert set(runners) <= {0, 1}
+        runs = 1 + sum(a != b for a, b in zip(runners, runners[1:]))
+        assert runs <= 4, runs

@@ -7,9 +7,11 @@
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <random>
 #include <stdexcept>
+#include <thread>
 
 #include "ffi/common.h"
 
@@ -190,6 +192,34 @@ nb::ndarray<nb::numpy, T, nb::ndim<2>> transpose_array(
   return nb::ndarray<nb::numpy, T, nb::ndim<2>>(out, {size_t(cols), size_t(rows)}, owner);
 }
 
+// Which thread ran each item of prim::parallel_for on a team of `threads` (0: the caller,
+// then workers numbered as they first claim), how many times each item ran in `counts`:
+// tests of the loop's split.
+std::vector<int64_t> parallel_for_runners(int64_t n, int64_t threads, int64_t item_us) {
+  if (n < 0 || threads < 1) throw nb::value_error("parallel_for_runners: n must be >= 0 and threads >= 1");
+  std::vector<std::atomic<int64_t>> runner(n), counts(n);
+  std::atomic<int64_t> next_id{1};
+  static std::atomic<int64_t> calls{0};
+  const int64_t call = ++calls;
+  const std::thread::id caller = std::this_thread::get_id();
+  {
+    nb::gil_scoped_release release;
+    prim::TeamCall team(threads);
+    prim::parallel_for(&team, n, [&](int64_t i) {
+      thread_local int64_t id = -1;
+      thread_local int64_t id_call = 0;
+      if (id_call != call) id_call = call, id = std::this_thread::get_id() == caller ? 0 : next_id++;
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(item_us);
+      while (std::chrono::steady_clock::now() < until) {}
+      runner[i] = id;
+      counts[i]++;
+    });
+  }
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < n; ++i) out.push_back(counts[i] == 1 ? runner[i].load() : -1 - counts[i]);
+  return out;
+}
+
 }  // namespace
 }  // namespace jbr::ffi_handlers
 
@@ -237,4 +267,8 @@ NB_MODULE(_jax_brgemm, m) {
         nb::arg("ldc"), nb::arg("count"), nb::arg("stride_a"), nb::arg("stride_b"),
         nb::arg("offs_a"), nb::arg("offs_b"), nb::arg("alpha"), nb::arg("beta"),
         nb::arg("activation"), nb::arg("bias").none(), nb::arg("isa"), nb::arg("b_vnni") = false);
+  m.def("parallel_for_runners", &parallel_for_runners, nb::arg("n"), nb::arg("threads"),
+        nb::arg("item_us") = 0,
+        "Per item of a parallel loop on `threads`: the thread that ran it (0: the caller), or "
+        "-1 - times run where it did not run exactly once (tests).");
 }

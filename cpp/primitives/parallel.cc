@@ -14,17 +14,47 @@
 namespace jbr::prim {
 namespace {
 
+// The items of a parallel_for, split into one contiguous range per thread. A thread runs
+// its own range front to back, then takes items from the back of the others' ranges, so
+// neighbouring items (which share input rows, weight panels and prefetch streams) mostly
+// run on one core, and a thread that joins late or runs slow is still relieved.
 struct SharedWork {
-  explicit SharedWork(int64_t n, const std::function<void(int64_t)>& body) : n(n), body(body) {}
-  const int64_t n;
+  SharedWork(int64_t n, int64_t slots, const std::function<void(int64_t)>& body)
+      : body(body), ranges(slots) {
+    for (int64_t s = 0; s < slots; ++s) ranges[s].set(n * s / slots, n * (s + 1) / slots);
+  }
   // Only dereferenced while items remain, i.e. before parallel_for returns.
   const std::function<void(int64_t)>& body;
-  std::atomic<int64_t> next{0};
+  // Unclaimed items [front, back) of one range, packed in one word so that the owner
+  // (claiming at the front) and a thief (at the back) agree on the last item.
+  struct alignas(64) Range {
+    std::atomic<uint64_t> bounds;
+    void set(int64_t front, int64_t back) { bounds.store(uint64_t(front) | uint64_t(back) << 32); }
+    bool claim(bool from_front, int64_t* item) {
+      uint64_t b = bounds.load(std::memory_order_relaxed);
+      for (;;) {
+        const int64_t front = b & 0xffffffffu, back = b >> 32;
+        if (front >= back) return false;
+        const uint64_t next = from_front ? b + 1 : b - (uint64_t{1} << 32);
+        if (bounds.compare_exchange_weak(b, next, std::memory_order_relaxed)) {
+          *item = from_front ? front : back - 1;
+          return true;
+        }
+      }
+    }
+  };
+  std::vector<Range> ranges;
+  std::atomic<int64_t> joined{0};
   std::atomic<int64_t> finished{0};
 
   void work() {
+    const int64_t slots = ranges.size(), slot = joined.fetch_add(1, std::memory_order_relaxed);
     int64_t mine = 0;
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n; ++mine) body(i);
+    for (int64_t k = 0, i; k < slots; ++k) {
+      Range& range = ranges[(slot + k) % slots];
+      const bool own = k == 0 && slot < slots;
+      while (range.claim(own, &i)) body(i), ++mine;
+    }
     if (mine > 0) finished.fetch_add(mine, std::memory_order_acq_rel);
   }
 };
@@ -180,7 +210,14 @@ void parallel_for(const Executor* executor, int64_t n, const std::function<void(
     for (int64_t i = 0; i < n; ++i) body(i);
     return;
   }
-  share(*executor, workers, std::make_shared<SharedWork>(n, body), n);
+  // Ranges hold 32-bit bounds: loops of more items run in parts.
+  constexpr int64_t kMaxItems = int64_t{1} << 31;
+  if (n > kMaxItems) {
+    for (int64_t start = 0; start < n; start += kMaxItems)
+      parallel_for(executor, std::min(kMaxItems, n - start), [&](int64_t i) { body(start + i); });
+    return;
+  }
+  share(*executor, workers, std::make_shared<SharedWork>(n, workers + 1, body), n);
 }
 
 void parallel_lanes(const Executor* executor, const std::vector<Lane>& lanes) {
