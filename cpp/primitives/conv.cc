@@ -15,6 +15,7 @@ namespace {
 // Block sizes and cache budgets (measured on Zen 4: 32 KiB L1d, 1 MiB L2 per core).
 constexpr int64_t kBlock = 64;                  // channel block: 4 AVX-512 vectors wide
 constexpr int64_t kMaxRows = 56;                // output pixels per call (a multiple of 7 and 8)
+constexpr int64_t kCallReduce = 56 * 256;       // pixels x reduced elements a call should reach
 constexpr int64_t kMaxReduce = 1024;            // weight-update: pixels reduced per call
 constexpr int64_t kPadWidth = 32;               // rows up to this many pixels get a padded copy
 constexpr int64_t kPanelBudget = 512 << 10;     // bytes of packed weights kept in L2 at once
@@ -196,6 +197,14 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   }
   std::vector<Piece> pieces;
   std::vector<ColTap> col_taps;
+  // Short reductions (a pointwise layer over 64 channels) leave each call too little work
+  // to hide its fixed costs: there calls take up to 4 x kMaxRows pixels of a long row
+  // (float32 56x56 64->64 1x1, 2 threads: 300 -> 340 GFLOP/s). Not on AMX, where calls
+  // of more than 56 pixels measured no faster (session 5).
+  const int64_t reduce = rp.kg * rp.taps_r * rp.taps_s;
+  const int64_t max_rows = wants_vnni_b(rp.isa, rp.in)
+                               ? kMaxRows
+                               : std::clamp(kCallReduce / reduce / kMaxRows, int64_t{1}, int64_t{4}) * kMaxRows;
   for (int64_t f = 0; f < rp.phases; ++f) {
     const int64_t count = ceil_div(rp.out_cols - f, rp.phases);
     struct Range { int64_t s, col0, lo, hi; };
@@ -214,8 +223,8 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
     std::sort(cuts.begin(), cuts.end());
     cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
     for (size_t c = 0; c + 1 < cuts.size(); ++c) {
-      for (int64_t j0 = cuts[c]; j0 < cuts[c + 1]; j0 += kMaxRows) {
-        Piece piece{f, j0, std::min(j0 + kMaxRows, cuts[c + 1]), int64_t(col_taps.size()), 0};
+      for (int64_t j0 = cuts[c]; j0 < cuts[c + 1]; j0 += max_rows) {
+        Piece piece{f, j0, std::min(j0 + max_rows, cuts[c + 1]), int64_t(col_taps.size()), 0};
         for (const Range& rg : ranges)
           if (rg.lo <= piece.j0 && piece.j1 <= rg.hi) col_taps.push_back({rg.s, rg.col0 + j0 * step});
         piece.tap1 = col_taps.size();
