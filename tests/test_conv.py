@@ -87,6 +87,9 @@ GRID = [
     (1, 5, 16, 16, 1, 2, ((0, 2), (0, 1)), 1, 1, None),  # stride 2, 1x1, a last row of padding
     (2, 13, 17, 16, 1, 1, "VALID", 1, 1, "relu"),     # pointwise: one long row
     (1, 13, 9, 9, 3, 3, ((-1, 2), (1, -2)), 1, 1, None),  # negative padding crops
+    (1, 13, 5, 8, 3, 1, "SAME", (1, 2), 1, None),     # few channels, dilated columns: widened tap by tap
+    (1, 5, 3, 4, 7, 1, "SAME", 1, 1, "relu"),         # few channels, filter wider than x: both edges in one run
+    (1, 9, 3, 4, 3, 2, ((0, 1), (-1, 2)), 1, 1, None),  # few channels, negative left padding
 ]
 
 
