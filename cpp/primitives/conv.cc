@@ -395,10 +395,22 @@ void narrow_gradient(const ConvShape& s, const float* wide, DType out, void* dx,
     const float* src = wide + nh * row;
     thread_local std::vector<float> sum;
     sum.assign(pixels, 0.0f);
-    for_each_wide_pixel(s, [&](int64_t v, int64_t at) {
-      if (v >= 0)
-        for (int64_t c = 0; c < s.in_c; ++c) sum[v * s.in_c + c] += src[at + c];
-    });
+    if (s.dil_w != 1) {
+      for_each_wide_pixel(s, [&](int64_t v, int64_t at) {
+        if (v >= 0)
+          for (int64_t c = 0; c < s.in_c; ++c) sum[v * s.in_c + c] += src[at + c];
+      });
+    } else {
+      // Undilated: each wide pixel adds one run of adjacent pixels (see widen_input).
+      const int64_t span = s.taps_w * s.in_c;
+      for (int64_t q = 0; q < s.out_w; ++q) {
+        const int64_t v0 = q * s.stride_w - s.pad_left;
+        const int64_t lo = std::clamp<int64_t>(-v0, 0, s.taps_w), hi = std::clamp<int64_t>(s.in_w - v0, lo, s.taps_w);
+        float* to = sum.data() + (v0 + lo) * s.in_c;
+        const float* from = src + q * span + lo * s.in_c;
+        for (int64_t i = 0; i < (hi - lo) * s.in_c; ++i) to[i] += from[i];
+      }
+    }
     with_type(out, [&](auto zero) {
       using T = decltype(zero);
       T* dst = static_cast<T*>(dx) + nh * pixels;
