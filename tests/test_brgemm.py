@@ -132,7 +132,7 @@ def test_kernel_general_beta_and_activation_extremes(isa):
 def test_kernel_rejects_bad_descriptors():
     a = np.ones(16, F32)
     with pytest.raises(ValueError, match="lda"):
-        call_kernel("stride", a, a, np.zeros((2, 2), F32), 2, 2, 2, 1, 2, 2, [0], [0])
+        call_kernel("stride", a, a, np.zeros((2, 2), F32), 2, 2, 2, 0, 2, 2, [0], [0])
     with pytest.raises(ValueError, match="m must be >= 1"):
         call_kernel("stride", a, a, np.zeros((2, 2), F32), 0, 2, 2, 2, 2, 2, [0], [0])
     with pytest.raises(ValueError, match="a_pool"):
@@ -309,6 +309,23 @@ def test_kernel_bf16_all_forms_all_isas(form, m, n, k, count, isa_bf16, rng):
     assert errors[F32] < 1e-5  # float32 accumulation of exact bfloat16 products
     # A bfloat16 result adds one rounding and nothing else.
     assert errors[BF16] < errors[F32] + BF16_ROUNDING
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernel_reads_overlapping_a_rows(dtype, isa_bf16, rng):
+    """lda < k: rows of A overlap (read-only), as the widened convolution reads runs of
+    S * C input values sw * C apart (the stem: 21 values, 6 apart)."""
+    m, n, k, count, lda, ldb, ldc = 9, 64, 21, 3, 6, 64, 67
+    as_dtype = F32 if dtype == "float32" else BF16
+    a_pool = rng.standard_normal((count + 1) * 64).astype(as_dtype)
+    b_pool = rng.standard_normal(count * k * ldb).astype(as_dtype)
+    offs_a, offs_b = [64, 0, 128], [k * ldb, 0, 2 * k * ldb]
+    ref = kernel_reference(a_pool.astype(np.float64), b_pool.astype(np.float64), None, m, n, k,
+                           lda, ldb, ldc, offs_a, offs_b, 1.0, 0.0, "relu", None)
+    c = np.full((m, ldc), np.nan, F32)
+    pools = (a_pool, b_pool) if dtype == "float32" else (a_pool.view(np.uint16), b_pool.view(np.uint16))
+    call_kernel("offset", *pools, c, m, n, k, lda, ldb, ldc, offs_a, offs_b, activation="relu")
+    assert rel_err(c[:, :n], ref) < 1e-5
 
 
 needs_amx = pytest.mark.skipif("amx" not in jb.supported_isas(), reason="no AMX on this CPU")

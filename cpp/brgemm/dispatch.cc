@@ -195,8 +195,9 @@ std::string validate(const Desc& d) {
     if (auto e = positive(name, v); !e.empty()) return e;
   if (d.a_transposed && d.lda < d.m)
     return "lda must be >= m (" + std::to_string(d.m) + ") for a transposed A, got " + std::to_string(d.lda);
-  if (!d.a_transposed && d.lda < d.k)
-    return "lda must be >= k (" + std::to_string(d.k) + "), got " + std::to_string(d.lda);
+  // A's rows may overlap (lda < k; A is only read): the widened convolution reads runs of
+  // adjacent pixels in place, one row per output pixel, sw * C apart.
+  if (!d.a_transposed && d.lda < 1) return "lda must be >= 1, got " + std::to_string(d.lda);
   if (d.a_transposed && d.a_dtype != DType::f32) return "a_transposed needs float32 inputs";
   if (d.b_vnni && (d.isa != Isa::amx || d.b_dtype != DType::bf16))
     return "b_vnni needs bfloat16 inputs on the amx path";

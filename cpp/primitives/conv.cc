@@ -454,6 +454,28 @@ std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const vo
                            const float* bias, Activation act, DType out, void* y, Isa isa,
                            const Executor* executor) {
   if (std::string e = validate(s); !e.empty()) return e;
+  const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(kg, kBlock);
+  if (widen_pays(s) && s.dil_w == 1) {
+    // Undilated, a wide pixel is the run of S * C values of x from column q * sw - pl on:
+    // the calls read those runs in place (rows lda = sw * C apart, overlapping) from a copy
+    // of x with zero columns at both ends, instead of a widened copy S / sw times x's size
+    // (the stem: 4.9 instead of 17 MB written).
+    const ConvShape ws = widened(s);
+    auto packed = pack_weights(ws, in, w, /*transposed=*/false, bn, isa, executor);
+    RowPass rp;
+    rp.images = s.batch, rp.groups = 1, rp.taps_r = s.taps_h, rp.taps_s = 1;
+    rp.out_rows = s.out_h, rp.out_cols = s.out_w, rp.out_pix = s.out_c;
+    rp.in_rows = s.in_h, rp.in_cols = s.in_w, rp.in_pix = s.in_c;
+    rp.kg = ws.in_c, rp.ng = kg, rp.bn = bn, rp.phases = 1;
+    rp.rows = {s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
+    rp.cols = {s.stride_w, 0, -s.pad_left, 1, s.in_w};
+    rp.in = in, rp.out_dtype = out;
+    rp.a = x, rp.b = packed.data.get(), rp.ldb = packed.ld, rp.tap_size = packed.tap_size, rp.b_vnni = packed.vnni;
+    rp.bias = bias, rp.out = y, rp.act = act, rp.isa = isa;
+    const int64_t left = std::max<int64_t>(0, s.pad_left);
+    const int64_t right = std::max<int64_t>(0, (s.out_w - 1) * s.stride_w - s.pad_left + s.taps_w - s.in_w);
+    return run_rows_padded(rp, left, right, executor);
+  }
   if (widen_pays(s)) {  // k = S * C per call instead of C, S times fewer calls
     return with_type(in, [&](auto zero) {
       using T = decltype(zero);
@@ -461,7 +483,6 @@ std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const vo
       return conv2d_forward(widened(s), in, wide.get(), w, bias, act, out, y, isa, executor);
     });
   }
-  const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(kg, kBlock);
   auto packed = pack_weights(s, in, w, /*transposed=*/false, bn, isa, executor);
   RowPass rp;
   rp.images = s.batch, rp.groups = s.groups, rp.taps_r = s.taps_h, rp.taps_s = s.taps_w;
