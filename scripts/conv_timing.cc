@@ -24,6 +24,22 @@ using namespace jbr;
 
 namespace {
 
+// 64-byte aligned storage, as XLA's buffers are (std::vector's 16-byte alignment would
+// silently turn off the kernel's streaming stores, which need aligned rows).
+template <class T>
+struct Aligned {
+  using value_type = T;
+  Aligned() = default;
+  template <class U>
+  Aligned(const Aligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)); }
+  void deallocate(T* p, size_t) { std::free(p); }
+  bool operator==(const Aligned&) const { return true; }
+  bool operator!=(const Aligned&) const { return false; }
+};
+using Floats = std::vector<float, Aligned<float>>;
+
+
 double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -60,8 +76,8 @@ int main(int argc, char** argv) {
   s.stride_h = s.stride_w = stride, s.pad_top = s.pad_left = pad;
   s.out_h = s.out_w = (hw + 2 * pad - taps) / stride + 1;
   const int64_t out = s.out_h;
-  std::vector<float> x(batch * hw * hw * c), w(taps * taps * c * k), dy(batch * out * out * k);
-  std::vector<float> y(dy.size()), dx(x.size()), dw(w.size());
+  Floats x(batch * hw * hw * c), w(taps * taps * c * k), dy(batch * out * out * k);
+  Floats y(dy.size()), dx(x.size()), dw(w.size());
   for (auto* v : {&x, &w, &dy})
     for (float& e : *v) e = static_cast<float>(std::rand() % 1000) / 1000.0f - 0.5f;
   const Isa isa = active_isa();

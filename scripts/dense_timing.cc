@@ -24,6 +24,22 @@ using namespace jbr;
 
 namespace {
 
+// 64-byte aligned storage, as XLA's buffers are (std::vector's 16-byte alignment would
+// silently turn off the kernel's streaming stores, which need aligned rows).
+template <class T>
+struct Aligned {
+  using value_type = T;
+  Aligned() = default;
+  template <class U>
+  Aligned(const Aligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)); }
+  void deallocate(T* p, size_t) { std::free(p); }
+  bool operator==(const Aligned&) const { return true; }
+  bool operator!=(const Aligned&) const { return false; }
+};
+using Floats = std::vector<float, Aligned<float>>;
+
+
 double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -53,7 +69,7 @@ int main(int argc, char** argv) {
   const int64_t n = std::atoll(argv[1]), c = std::atoll(argv[2]), k = std::atoll(argv[3]);
   const char* pass = argc > 4 ? argv[4] : "all";
   const int threads = argc > 5 ? std::atoi(argv[5]) : 1;
-  std::vector<float> x(n * c), w(c * k), dy(n * k), bias(k), y(n * k), dx(n * c), dw(c * k), db(k);
+  Floats x(n * c), w(c * k), dy(n * k), bias(k), y(n * k), dx(n * c), dw(c * k), db(k);
   for (auto* v : {&x, &w, &dy, &bias})
     for (float& e : *v) e = static_cast<float>(std::rand() % 1000) / 1000.0f - 0.5f;
   const Isa isa = active_isa();

@@ -36,6 +36,17 @@ def amx():
 
 
 @pytest.fixture
+def streaming():
+    """Results of 1 MB and more written with non-temporal stores (Desc::stream_c) for the
+    test: by default only results over a quarter of the L3 cache are, which on a CPU with
+    a large L3 may be none that a test makes."""
+    from jax_brgemm._ext import ext
+    ext.set_stream_bytes(1 << 20)
+    yield
+    ext.set_stream_bytes(0)
+
+
+@pytest.fixture
 def rng(request):
     # Fresh random inputs per test, reproducible from the test's name (and JAX_BRGEMM_SEED).
     seed = zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("JAX_BRGEMM_SEED", "0"))

@@ -107,9 +107,9 @@ def test_isa_paths(isa, rng):
     _check(rng, 2, (7, 9), 17, 33, 1, (2, 3), "VALID")
 
 
-def test_large_outputs_on_every_isa(isa, rng):
-    """16 MB results (the forward's y, then backward-data's dx) are written with
-    non-temporal stores (Desc::stream_c) by the paths that have them: still exact."""
+def test_large_outputs_on_every_isa(isa, streaming, rng):
+    """16 MB results (the forward's y, then backward-data's dx), written with non-temporal
+    stores (Desc::stream_c) by the paths that have them: still exact."""
     _check(rng, 1, 64, 32, 1024, 1, 1, "VALID", act="relu")
     _check(rng, 1, 64, 1024, 32, 1, 1, "VALID")
 
@@ -286,9 +286,10 @@ def test_bfloat16_isa_paths(isa_bf16, rng):
     _check_bf16(rng, 2, (7, 9), 17, 33, 1, (2, 3), "VALID", 1, 1, None)  # strided 1x1: gathered pixels
 
 
-def test_bfloat16_large_outputs_on_every_isa(isa_bf16, rng):
-    """8 MB bfloat16 results (forward y, then backward-data's dx) go out as non-temporal
-    stores (Desc::stream_c) where the path has them: still within bfloat16 tolerance."""
+def test_bfloat16_large_outputs_on_every_isa(isa_bf16, streaming, rng):
+    """8 MB bfloat16 results (forward y, then backward-data's dx), written with
+    non-temporal stores (Desc::stream_c) where the path has them: still within bfloat16
+    tolerance."""
     _check_bf16(rng, 1, 64, 32, 1024, 1, 1, "VALID", 1, 1, "relu")
     _check_bf16(rng, 1, 64, 1024, 32, 1, 1, "VALID", 1, 1, None)
 

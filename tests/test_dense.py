@@ -110,8 +110,8 @@ def test_every_isa(isa, rng):
         check_all(x, w, b, act, dy)
 
 
-def test_large_weight_gradient_on_every_isa(isa, rng):
-    """A 16 MB dkernel finished by one kernel call per block is written with non-temporal
+def test_large_weight_gradient_on_every_isa(isa, streaming, rng):
+    """A 16 MB dkernel finished by one kernel call per block, written with non-temporal
     stores (Desc::stream_c) by the paths that have them: still exact."""
     x, w, b, dy = make(rng, (64,), 2048, 2048)
     check_all(x, w, b, "relu", dy)

@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "ffi/common.h"
+#include "primitives/elements.h"
 
 namespace nb = nanobind;
 
@@ -267,6 +268,11 @@ NB_MODULE(_jax_brgemm, m) {
         nb::arg("ldc"), nb::arg("count"), nb::arg("stride_a"), nb::arg("stride_b"),
         nb::arg("offs_a"), nb::arg("offs_b"), nb::arg("alpha"), nb::arg("beta"),
         nb::arg("activation"), nb::arg("bias").none(), nb::arg("isa"), nb::arg("b_vnni") = false);
+  m.def("set_stream_bytes", [](int64_t bytes) { prim::set_stream_bytes(std::max<int64_t>(bytes, 0)); },
+        nb::arg("bytes"),
+        "Results of at least this many bytes are written with non-temporal stores where a "
+        "loop nest can (0: the default, a quarter of the L3 cache and at least 8 MB); tests.");
+  m.def("stream_bytes", [] { return prim::stream_bytes(); });
   m.def("parallel_for_runners", &parallel_for_runners, nb::arg("n"), nb::arg("threads"),
         nb::arg("item_us") = 0,
         "Per item of a parallel loop on `threads`: the thread that ran it (0: the caller), or "
