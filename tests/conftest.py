@@ -38,8 +38,8 @@ def amx():
 @pytest.fixture
 def streaming():
     """Results of 1 MB and more written with non-temporal stores (Desc::stream_c) for the
-    test: by default only results over a quarter of the L3 cache are, which on a CPU with
-    a large L3 may be none that a test makes."""
+    test: by default convolution results only over a quarter of the L3 cache are, which on
+    a CPU with a large L3 is none that a test makes."""
     from jax_brgemm._ext import ext
     ext.set_stream_bytes(1 << 20)
     yield

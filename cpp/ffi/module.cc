@@ -271,8 +271,9 @@ NB_MODULE(_jax_brgemm, m) {
   m.def("set_stream_bytes", [](int64_t bytes) { prim::set_stream_bytes(std::max<int64_t>(bytes, 0)); },
         nb::arg("bytes"),
         "Results of at least this many bytes are written with non-temporal stores where a "
-        "loop nest can (0: the default, a quarter of the L3 cache and at least 8 MB); tests.");
-  m.def("stream_bytes", [] { return prim::stream_bytes(); });
+        "loop nest can (0: the defaults, 8 MB for dense, a quarter of the L3 cache and at "
+        "least 8 MB for convolutions); tests.");
+  m.def("conv_stream_bytes", [] { return prim::conv_stream_bytes(); });
   m.def("parallel_for_runners", &parallel_for_runners, nb::arg("n"), nb::arg("threads"),
         nb::arg("item_us") = 0,
         "Per item of a parallel loop on `threads`: the thread that ran it (0: the caller), or "

@@ -239,7 +239,7 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   d.k = rp.kg, d.lda = step * rp.in_pix, d.ldb = rp.ldb, d.ldc = rp.phases * rp.out_pix;
   d.b_vnni = rp.b_vnni;
   d.activation = rp.act, d.has_bias = rp.bias != nullptr, d.isa = rp.isa;
-  d.stream_c = rp.images * rp.out_rows * rp.out_cols * rp.out_pix * size_of(rp.out_dtype) >= stream_bytes();
+  d.stream_c = rp.images * rp.out_rows * rp.out_cols * rp.out_pix * size_of(rp.out_dtype) >= conv_stream_bytes();
   d.a_dtype = d.b_dtype = rp.in, d.c_dtype = rp.out_dtype;
   const int64_t in_size = size_of(rp.in), out_size = size_of(rp.out_dtype);
   std::vector<const Kernel*> kernels(2 * pieces.size());  // [piece][last block?]

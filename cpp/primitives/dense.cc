@@ -234,7 +234,7 @@ class GemmPlan {
     // call, nothing read back from it) streams past the caches.
     const bool one_call = g_.r <= chunk_ && (g_.r <= kReduceBlock || g_.r % kReduceBlock == 0);
     g_.stream_out = one_call && !accumulate_ && !g_.act_out && !g_.out_t &&
-                    g_.out_dtype == DType::f32 && g_.m * g_.n * int64_t{sizeof(float)} >= stream_bytes();
+                    g_.out_dtype == DType::f32 && g_.m * g_.n * int64_t{sizeof(float)} >= dense_stream_bytes();
     items = strips_ * groups;
     return "";
   }

@@ -36,31 +36,34 @@ inline float to_float(uint16_t h) { return bf16_to_f32(h); }
 inline void store(float v, float* dst) { *dst = v; }
 inline void store(float v, uint16_t* dst) { *dst = round_to_bf16(v); }
 
-// Outputs at least this large are written once with non-temporal stores (Desc::stream_c)
-// where one kernel call finishes each block: those that would not stay in the last-level
-// cache anyway, a quarter of its size and at least 8 MB. Zen 4 (32 MB L3), 2 cores: float32
-// convolution outputs of 25 MB 25-30 % faster streamed, of 12.8 MB 6-20 %, of 6.4 MB no
-// change; bfloat16 12.8 MB outputs ~5 %. The Xeon of session 8 (480 MB L3): streaming 8-26
-// MB outputs was 8-35 % slower (the lines come back from DRAM for the next read).
-inline int64_t default_stream_bytes() {
-  static const int64_t bytes = [] {
+// Results at least this large are written once with non-temporal stores (Desc::stream_c)
+// where one kernel call finishes each block. Dense: 8 MB (Zen 4 and the Xeon of session 8
+// alike: 16-64 MB results 2-8 % faster streamed there, 2 threads). Convolutions: only
+// results that would not stay in the last-level cache, a quarter of it and at least 8 MB.
+// On Zen 4 (32 MB L3), 2 cores, float32 convolution outputs of 25 MB were 25-30 % faster
+// streamed, of 12.8 MB 6-20 %, of 6.4 MB no change; on the Xeon (480 MB L3) streaming
+// 8-26 MB convolution outputs was 8-35 % slower (its lines come back from DRAM for the
+// next read; the short reductions write them fast). set_stream_bytes overrides both
+// (tests force the streaming path with it; 0: these defaults).
+inline std::atomic<int64_t>& forced_stream_bytes() {
+  static std::atomic<int64_t> bytes{0};
+  return bytes;
+}
+inline void set_stream_bytes(int64_t bytes) { forced_stream_bytes().store(bytes, std::memory_order_relaxed); }
+inline int64_t dense_stream_bytes() {
+  const int64_t forced = forced_stream_bytes().load(std::memory_order_relaxed);
+  return forced > 0 ? forced : int64_t{8} << 20;
+}
+inline int64_t conv_stream_bytes() {
+  static const int64_t beyond_cache = [] {
     long l3 = 0;
 #ifdef _SC_LEVEL3_CACHE_SIZE
     l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);  // 0 or -1 where unknown
 #endif
     return std::max<int64_t>(int64_t{8} << 20, l3 > 0 ? l3 / 4 : 0);
   }();
-  return bytes;
-}
-// Set through set_stream_bytes (tests force the streaming path with it); 0: the default.
-inline std::atomic<int64_t>& forced_stream_bytes() {
-  static std::atomic<int64_t> bytes{0};
-  return bytes;
-}
-inline int64_t stream_bytes() {
   const int64_t forced = forced_stream_bytes().load(std::memory_order_relaxed);
-  return forced > 0 ? forced : default_stream_bytes();
+  return forced > 0 ? forced : beyond_cache;
 }
-inline void set_stream_bytes(int64_t bytes) { forced_stream_bytes().store(bytes, std::memory_order_relaxed); }
 
 }  // namespace jbr::prim
