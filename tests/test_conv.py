@@ -90,6 +90,7 @@ GRID = [
     (1, 13, 5, 8, 3, 1, "SAME", (1, 2), 1, None),     # few channels, dilated columns: widened tap by tap
     (1, 5, 3, 4, 7, 1, "SAME", 1, 1, "relu"),         # few channels, filter wider than x: both edges in one run
     (1, 9, 3, 4, 3, 2, ((0, 1), (-1, 2)), 1, 1, None),  # few channels, negative left padding
+    (2, 9, 3, 8, (1, 5), 1, "VALID", 1, 1, None),     # few channels, 1x5: widened, one tap row
 ]
 
 

@@ -450,11 +450,31 @@ Buffer<T> subsample_input(const ConvShape& s, const T* x, const Executor* execut
 
 }  // namespace
 
+namespace {
+
+// The forward pass of shape s as rows of output pixels (before any one-long-row view).
+RowPass forward_rows(const ConvShape& s, DType in, const void* x, const PackedWeights& packed, int64_t bn,
+                     const float* bias, Activation act, DType out, void* y, Isa isa) {
+  RowPass rp;
+  rp.images = s.batch, rp.groups = s.groups, rp.taps_r = s.taps_h, rp.taps_s = s.taps_w;
+  rp.out_rows = s.out_h, rp.out_cols = s.out_w, rp.out_pix = s.out_c;
+  rp.in_rows = s.in_h, rp.in_cols = s.in_w, rp.in_pix = s.in_c;
+  rp.kg = s.in_c / s.groups, rp.ng = s.out_c / s.groups, rp.bn = bn, rp.phases = 1;
+  rp.rows = {s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
+  rp.cols = {s.stride_w, s.dil_w, -s.pad_left, 1, s.in_w};
+  rp.in = in, rp.out_dtype = out;
+  rp.a = x, rp.b = packed.data.get(), rp.ldb = packed.ld, rp.tap_size = packed.tap_size, rp.b_vnni = packed.vnni;
+  rp.bias = bias, rp.out = y, rp.act = act, rp.isa = isa;
+  return rp;
+}
+
+}  // namespace
+
 std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const void* w,
                            const float* bias, Activation act, DType out, void* y, Isa isa,
                            const Executor* executor) {
   if (std::string e = validate(s); !e.empty()) return e;
-  const int64_t cg = s.in_c / s.groups, kg = s.out_c / s.groups, bn = std::min(kg, kBlock);
+  const int64_t bn = std::min(s.out_c / s.groups, kBlock);
   if (widen_pays(s) && s.dil_w == 1) {
     // Undilated, a wide pixel is the run of S * C values of x from column q * sw - pl on:
     // the calls read those runs in place (rows lda = sw * C apart, overlapping) from a copy
@@ -462,16 +482,9 @@ std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const vo
     // (the stem: 4.9 instead of 17 MB written).
     const ConvShape ws = widened(s);
     auto packed = pack_weights(ws, in, w, /*transposed=*/false, bn, isa, executor);
-    RowPass rp;
-    rp.images = s.batch, rp.groups = 1, rp.taps_r = s.taps_h, rp.taps_s = 1;
-    rp.out_rows = s.out_h, rp.out_cols = s.out_w, rp.out_pix = s.out_c;
-    rp.in_rows = s.in_h, rp.in_cols = s.in_w, rp.in_pix = s.in_c;
-    rp.kg = ws.in_c, rp.ng = kg, rp.bn = bn, rp.phases = 1;
-    rp.rows = {s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
+    RowPass rp = forward_rows(ws, in, x, packed, bn, bias, act, out, y, isa);
+    rp.in_cols = s.in_w, rp.in_pix = s.in_c;
     rp.cols = {s.stride_w, 0, -s.pad_left, 1, s.in_w};
-    rp.in = in, rp.out_dtype = out;
-    rp.a = x, rp.b = packed.data.get(), rp.ldb = packed.ld, rp.tap_size = packed.tap_size, rp.b_vnni = packed.vnni;
-    rp.bias = bias, rp.out = y, rp.act = act, rp.isa = isa;
     const int64_t left = std::max<int64_t>(0, s.pad_left);
     const int64_t right = std::max<int64_t>(0, (s.out_w - 1) * s.stride_w - s.pad_left + s.taps_w - s.in_w);
     return run_rows_padded(rp, left, right, executor);
@@ -484,17 +497,8 @@ std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const vo
     });
   }
   auto packed = pack_weights(s, in, w, /*transposed=*/false, bn, isa, executor);
-  RowPass rp;
-  rp.images = s.batch, rp.groups = s.groups, rp.taps_r = s.taps_h, rp.taps_s = s.taps_w;
-  rp.out_rows = s.out_h, rp.out_cols = s.out_w, rp.out_pix = s.out_c;
-  rp.in_rows = s.in_h, rp.in_cols = s.in_w, rp.in_pix = s.in_c;
-  rp.kg = cg, rp.ng = kg, rp.bn = bn, rp.phases = 1;
-  rp.rows = {s.stride_h, s.dil_h, -s.pad_top, 1, s.in_h};
-  rp.cols = {s.stride_w, s.dil_w, -s.pad_left, 1, s.in_w};
+  RowPass rp = forward_rows(s, in, x, packed, bn, bias, act, out, y, isa);
   if (pointwise(s)) as_one_row(s, &rp);
-  rp.in = in, rp.out_dtype = out;
-  rp.a = x, rp.b = packed.data.get(), rp.ldb = packed.ld, rp.tap_size = packed.tap_size, rp.b_vnni = packed.vnni;
-  rp.bias = bias, rp.out = y, rp.act = act, rp.isa = isa;
   return run_rows(rp, executor);
 }
 
