@@ -10,53 +10,24 @@
 //
 // pass: fwd, dx (backward-data), wu (weight-update) or all. Batch 8 unless given. Prints
 // the best and the median of 15 rounds of ~30 ms.
-#include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <vector>
 
 #include "primitives/conv.h"
+#include "timing.h"
 
 using namespace jbr;
+using timing::Floats;
 
 namespace {
 
-// 64-byte aligned storage, as XLA's buffers are (std::vector's 16-byte alignment would
-// silently turn off the kernel's streaming stores, which need aligned rows).
-template <class T>
-struct Aligned {
-  using value_type = T;
-  Aligned() = default;
-  template <class U>
-  Aligned(const Aligned<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)); }
-  void deallocate(T* p, size_t) { std::free(p); }
-  bool operator==(const Aligned&) const { return true; }
-  bool operator!=(const Aligned&) const { return false; }
-};
-using Floats = std::vector<float, Aligned<float>>;
-
-
-double now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 template <class F>
 void report(const char* name, double flops, F run) {
-  for (int i = 0; i < 3; ++i) run();
-  std::vector<double> t;
-  for (int r = 0; r < 15; ++r) {
-    const double t0 = now();
-    int calls = 0;
-    while (now() - t0 < 0.03) run(), ++calls;
-    t.push_back((now() - t0) / calls);
-  }
-  std::sort(t.begin(), t.end());
-  std::printf("%-3s best %8.1f us (%6.1f GFLOP/s)  median %8.1f us (%6.1f GFLOP/s)\n", name, t[0] * 1e6,
-              flops / t[0] * 1e-9, t[t.size() / 2] * 1e6, flops / t[t.size() / 2] * 1e-9);
+  const timing::Times t = timing::time_calls(run, 3, 15, 0.03);
+  std::printf("%-3s best %8.1f us (%6.1f GFLOP/s)  median %8.1f us (%6.1f GFLOP/s)\n", name, t.best * 1e6,
+              flops / t.best * 1e-9, t.median * 1e6, flops / t.median * 1e-9);
 }
 
 }  // namespace

@@ -11,52 +11,23 @@
 //
 // pass: fwd (with bias), dx, dw (with dbias), bwd (dx, dw, dbias) or all. Prints the best
 // and the median of 40 rounds of ~10 ms.
-#include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <vector>
 
 #include "primitives/dense.h"
+#include "timing.h"
 
 using namespace jbr;
+using timing::Floats;
 
 namespace {
 
-// 64-byte aligned storage, as XLA's buffers are (std::vector's 16-byte alignment would
-// silently turn off the kernel's streaming stores, which need aligned rows).
-template <class T>
-struct Aligned {
-  using value_type = T;
-  Aligned() = default;
-  template <class U>
-  Aligned(const Aligned<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64)); }
-  void deallocate(T* p, size_t) { std::free(p); }
-  bool operator==(const Aligned&) const { return true; }
-  bool operator!=(const Aligned&) const { return false; }
-};
-using Floats = std::vector<float, Aligned<float>>;
-
-
-double now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
 template <class F>
 void report(const char* name, int64_t n, int64_t c, int64_t k, double flops, F run) {
-  for (int i = 0; i < 20; ++i) run();
-  std::vector<double> t;
-  for (int r = 0; r < 40; ++r) {
-    const double t0 = now();
-    int calls = 0;
-    while (now() - t0 < 0.01) run(), ++calls;
-    t.push_back((now() - t0) / calls);
-  }
-  std::sort(t.begin(), t.end());
+  const timing::Times t = timing::time_calls(run, 20, 40, 0.01);
   std::printf("%ldx%ldx%ld %-3s best %8.1f us (%6.1f GFLOP/s)  median %8.1f us\n", (long)n, (long)c,
-              (long)k, name, t[0] * 1e6, flops / t[0] * 1e-9, t[t.size() / 2] * 1e6);
+              (long)k, name, t.best * 1e6, flops / t.best * 1e-9, t.median * 1e6);
 }
 
 }  // namespace
