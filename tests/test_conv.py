@@ -91,6 +91,7 @@ GRID = [
     (1, 5, 3, 4, 7, 1, "SAME", 1, 1, "relu"),         # few channels, filter wider than x: both edges in one run
     (1, 9, 3, 4, 3, 2, ((0, 1), (-1, 2)), 1, 1, None),  # few channels, negative left padding
     (2, 9, 3, 8, (1, 5), 1, "VALID", 1, 1, None),     # few channels, 1x5: widened, one tap row
+    (2, 13, 17, 24, 1, 2, "VALID", 1, 1, "relu"),     # strided 1x1, 7-pixel rows: gathered first
 ]
 
 

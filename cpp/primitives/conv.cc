@@ -496,6 +496,18 @@ std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const vo
       return conv2d_forward(widened(s), in, wide.get(), w, bias, act, out, y, isa, executor);
     });
   }
+  // A strided pointwise layer with narrow output rows (7 pixels at 14x14 -> 7x7) would make
+  // each call one tile that re-reads its weight panel for 7 pixels; gathered, the pixels
+  // make one long row (float32 14x14 1024->2048/2, 2 threads: 297-317 -> 360-373 GFLOP/s;
+  // at 28 or 14 output pixels per row the copy costs more than it saves). Not on AMX,
+  // where it was not measured.
+  if (subsample_pays(s) && s.out_w <= 8 && !wants_vnni_b(isa, in)) {
+    return with_type(in, [&](auto zero) {
+      using T = decltype(zero);
+      auto sub = subsample_input(s, static_cast<const T*>(x), executor);
+      return conv2d_forward(subsampled(s), in, sub.get(), w, bias, act, out, y, isa, executor);
+    });
+  }
   auto packed = pack_weights(s, in, w, /*transposed=*/false, bn, isa, executor);
   RowPass rp = forward_rows(s, in, x, packed, bn, bias, act, out, y, isa);
   if (pointwise(s)) as_one_row(s, &rp);
