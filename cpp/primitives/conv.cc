@@ -361,6 +361,17 @@ void for_each_wide_pixel(const ConvShape& s, Visit visit) {
     }
 }
 
+// Undilated, wide pixel q is the run of S adjacent input pixels from column q * sw - pl
+// on; its taps [lo, hi) lie inside x (the others read the padding).
+struct WideRun {
+  int64_t first, lo, hi;
+};
+WideRun wide_run(const ConvShape& s, int64_t q) {
+  const int64_t first = q * s.stride_w - s.pad_left;
+  const int64_t lo = std::clamp<int64_t>(-first, 0, s.taps_w);
+  return {first, lo, std::clamp<int64_t>(s.in_w - first, lo, s.taps_w)};
+}
+
 template <typename T>
 Buffer<T> widen_input(const ConvShape& s, const T* x, const Executor* executor) {
   const int64_t span = s.taps_w * s.in_c, row = s.out_w * span;
@@ -377,11 +388,10 @@ Buffer<T> widen_input(const ConvShape& s, const T* x, const Executor* executor) 
     // Undilated, a wide pixel is one run of S adjacent input pixels: copy it whole (the
     // stem's widening took 27 % of its forward element by element), zeros past the edges.
     for (int64_t q = 0; q < s.out_w; ++q, dst += span) {
-      const int64_t v0 = q * s.stride_w - s.pad_left;
-      const int64_t lo = std::clamp<int64_t>(-v0, 0, s.taps_w), hi = std::clamp<int64_t>(s.in_w - v0, lo, s.taps_w);
-      std::fill(dst, dst + lo * s.in_c, T{});
-      std::copy(src + (v0 + lo) * s.in_c, src + (v0 + hi) * s.in_c, dst + lo * s.in_c);
-      std::fill(dst + hi * s.in_c, dst + span, T{});
+      const WideRun run = wide_run(s, q);
+      std::fill(dst, dst + run.lo * s.in_c, T{});
+      std::copy(src + (run.first + run.lo) * s.in_c, src + (run.first + run.hi) * s.in_c, dst + run.lo * s.in_c);
+      std::fill(dst + run.hi * s.in_c, dst + span, T{});
     }
   });
   return wide;
@@ -404,11 +414,10 @@ void narrow_gradient(const ConvShape& s, const float* wide, DType out, void* dx,
       // Undilated: each wide pixel adds one run of adjacent pixels (see widen_input).
       const int64_t span = s.taps_w * s.in_c;
       for (int64_t q = 0; q < s.out_w; ++q) {
-        const int64_t v0 = q * s.stride_w - s.pad_left;
-        const int64_t lo = std::clamp<int64_t>(-v0, 0, s.taps_w), hi = std::clamp<int64_t>(s.in_w - v0, lo, s.taps_w);
-        float* to = sum.data() + (v0 + lo) * s.in_c;
-        const float* from = src + q * span + lo * s.in_c;
-        for (int64_t i = 0; i < (hi - lo) * s.in_c; ++i) to[i] += from[i];
+        const WideRun run = wide_run(s, q);
+        float* to = sum.data() + (run.first + run.lo) * s.in_c;
+        const float* from = src + q * span + run.lo * s.in_c;
+        for (int64_t i = 0; i < (run.hi - run.lo) * s.in_c; ++i) to[i] += from[i];
       }
     }
     with_type(out, [&](auto zero) {
@@ -447,10 +456,6 @@ Buffer<T> subsample_input(const ConvShape& s, const T* x, const Executor* execut
   });
   return sub;
 }
-
-}  // namespace
-
-namespace {
 
 // The forward pass of shape s as rows of output pixels (before any one-long-row view).
 RowPass forward_rows(const ConvShape& s, DType in, const void* x, const PackedWeights& packed, int64_t bn,
