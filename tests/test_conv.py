@@ -107,6 +107,11 @@ def test_isa_paths(isa, rng):
     _check(rng, 3, 7, 17, 33, 1, 1, "VALID")
     # Strided 1x1, unpadded: the weight-update gathers every stride-th pixel first.
     _check(rng, 2, (7, 9), 17, 33, 1, (2, 3), "VALID")
+    # Rows of more than 8 pixels: each border pixel's column is one call over the rows
+    # whose row taps all land inside x, with the bias and activation in its epilogue.
+    _check(rng, 2, (9, 13), 17, 33, 3, 1, "SAME", 1, 1, "relu")
+    # A narrow row with a border on one side only goes by column too (no padded copy).
+    _check(rng, 1, 14, 8, 16, 3, 2, "SAME", 1, 1, None)
 
 
 def test_large_outputs_on_every_isa(isa, streaming, rng):

@@ -17,7 +17,7 @@ constexpr int64_t kBlock = 64;                  // channel block: 4 AVX-512 vect
 constexpr int64_t kMaxRows = 56;                // output pixels per call (a multiple of 7 and 8)
 constexpr int64_t kCallReduce = 56 * 256;       // pixels x reduced elements a call should reach
 constexpr int64_t kMaxReduce = 1024;            // weight-update: pixels reduced per call
-constexpr int64_t kPadWidth = 32;               // rows up to this many pixels get a padded copy
+constexpr int64_t kPadWidth = 8;                // rows this narrow, bordered both sides: padded copy
 constexpr int64_t kPanelBudget = 512 << 10;     // bytes of packed weights kept in L2 at once
 constexpr int64_t kPartialBudget = 1 << 20;     // floats of weight-update partial sums, all splits
 constexpr int64_t kTransposeBudget = 64 << 10;  // floats of transposed input per chunk
@@ -182,18 +182,22 @@ std::string run_rows_padded(const RowPass& rp, int64_t left, int64_t right, cons
 
 std::string run_rows(const RowPass& rp, const Executor* executor) {
   const int64_t step = rp.phases * rp.cols.mul / rp.cols.div;  // A columns per output pixel
-  // On AMX a border pixel's own call re-reads every B tile for one row of C: there every
-  // row gets the padded copy (ResNet 3x3/64 at 56x56, bfloat16: +15 % forward and backward).
-  const bool pad = rp.out_cols <= kPadWidth || wants_vnni_b(rp.isa, rp.in);
-  if (rp.phases == 1 && rp.cols.div == 1 && pad) {
+  // Border pixels that miss some column taps get calls of their own, and most of those go
+  // down the columns (below). Rows of a few pixels with borders on both sides keep a
+  // padded copy of A instead: there the corner pixels' calls are a large share (7x7 512->512
+  // 3x3, 2 threads: 410 GFLOP/s padded, 320 by columns). On AMX a border pixel's own call
+  // re-reads every B tile for one row of C: there every row gets the padded copy (ResNet
+  // 3x3/64 at 56x56, bfloat16: +15 % forward and backward).
+  const bool amx = wants_vnni_b(rp.isa, rp.in);
+  if (rp.phases == 1 && rp.cols.div == 1 && (amx || rp.out_cols <= kPadWidth)) {
     int64_t first = rp.cols.off, last = first;  // A columns the taps reach
     for (int64_t s = 0; s < rp.taps_s; ++s) {
       const int64_t col0 = s * rp.cols.tmul + rp.cols.off;
       first = std::min(first, col0), last = std::max(last, col0 + (rp.out_cols - 1) * step);
     }
     const int64_t left = std::max<int64_t>(0, -first), right = std::max<int64_t>(0, last - rp.cols.extent + 1);
-    if ((left > 0 || right > 0) && left + right <= rp.in_cols)
-      return run_rows_padded(rp, left, right, executor);
+    const bool borders = amx ? left > 0 || right > 0 : left > 0 && right > 0;
+    if (borders && left + right <= rp.in_cols) return run_rows_padded(rp, left, right, executor);
   }
   std::vector<Piece> pieces;
   std::vector<ColTap> col_taps;
@@ -252,6 +256,43 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
     if (!(kernels[2 * i + 1] = kernel_for(d, &error))) return error;
   }
 
+  // A border pixel that misses some column taps is a piece of its own, and one call per
+  // output row would be a one-row block re-reading the whole B panel for a single pixel.
+  // Over the output rows whose row taps all land inside A (one contiguous run), the pixel's
+  // column is one call instead, its rows the output rows: A rows one input row (times the
+  // row stride) apart, C rows one output row apart. 2 threads, forward and backward-data:
+  // 56x56 64->64 3x3 +4 %, 28x28 128->128 3x3 +5 % (was a padded copy), 5x5 on 28x28 +4 %,
+  // 56x56 -> 28x28 3x3 stride 2 forward +18 %.
+  int64_t col_lo = 0, col_hi = 0;  // output rows [col_lo, col_hi) go by column
+  if (rp.rows.div == 1) {
+    auto all_rows = [&](int64_t o) {
+      int64_t row;
+      for (int64_t r = 0; r < rp.taps_r; ++r)
+        if (!rp.rows.at(o, r, &row)) return false;
+      return true;
+    };
+    while (col_lo < rp.out_rows && !all_rows(col_lo)) ++col_lo;
+    for (col_hi = col_lo; col_hi < rp.out_rows && all_rows(col_hi); ++col_hi) {}
+  }
+  std::vector<int64_t> col_pieces;  // pieces that go by column over [col_lo, col_hi)
+  if (col_hi - col_lo >= 2)
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const Piece& pc = pieces[i];
+      if (pc.j1 - pc.j0 == 1 && pc.tap1 > pc.tap0 && pc.tap1 - pc.tap0 < rp.taps_s) col_pieces.push_back(i);
+    }
+  std::vector<char> by_column(pieces.size(), 0);
+  for (int64_t i : col_pieces) by_column[i] = 1;
+  std::vector<const Kernel*> col_kernels(2);  // [last block?]
+  if (!col_pieces.empty()) {
+    Desc dc = d;
+    dc.m = col_hi - col_lo;
+    dc.lda = rp.rows.mul * rp.in_cols * rp.in_pix, dc.ldc = rp.out_cols * rp.out_pix;
+    dc.n = rp.bn;
+    if (!(col_kernels[0] = kernel_for(dc, &error))) return error;
+    dc.n = last_n;
+    if (!(col_kernels[1] = kernel_for(dc, &error))) return error;
+  }
+
   // Loop order (outer to inner): group, image, set of channel blocks, output row, piece,
   // block of the set. A set's B panels stay in L2 while every row of A that uses them
   // streams through once per set, not once per block. Where reading all of B once per
@@ -280,28 +321,14 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
       std::memset(static_cast<char*>(rp.out) + c * chunk, 0, std::min(chunk, size - c * chunk));
     });
   }
-  const int64_t n_pieces = pieces.size();
-  const int64_t items = rp.groups * rp.images * blocks * rp.out_rows * n_pieces;
-  parallel_for(executor, items, [&](int64_t item) {
-    const int64_t blk_in_set = item % per_set;
-    int64_t rest = item / per_set;
-    const int64_t piece = rest % n_pieces;
-    const Piece& pc = pieces[piece];
-    rest /= n_pieces;
-    const int64_t o = rest % rp.out_rows;
-    rest /= rp.out_rows;
-    int64_t set, img;
-    if (images_inside) img = rest % rp.images, rest /= rp.images, set = rest % sets, rest /= sets;
-    else set = rest % sets, rest /= sets, img = rest % rp.images, rest /= rp.images;
-    const int64_t blk = set * per_set + blk_in_set, g = rest;
-
+  // One call: piece pc of output row o (its first row, for a column call) of image img,
+  // group g, channel block blk, reducing over every tap that lands inside A.
+  auto call = [&](const Kernel& kernel, int64_t g, int64_t img, int64_t o, const Piece& pc, int64_t blk) {
     const int64_t channel = g * rp.ng + blk * rp.bn;
-    const Kernel& kernel = *kernels[2 * piece + (blk + 1 == blocks)];
     char* out = static_cast<char*>(rp.out) +
                 ((img * rp.out_rows + o) * rp.out_cols + pc.phase + pc.j0 * rp.phases) * rp.out_pix * out_size +
                 channel * out_size;
     const float* bias = rp.bias ? rp.bias + channel : nullptr;
-
     thread_local std::vector<int64_t> offs_a, offs_b;
     offs_a.clear(), offs_b.clear();
     const char* b_block = static_cast<const char*>(rp.b) + (g * blocks + blk) * rp.taps_r * rp.taps_s * rp.tap_size * in_size;
@@ -318,8 +345,29 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
       if (!zeroed) fill_epilogue(out, rp.out_dtype, kernel.desc.m, kernel.desc.n, kernel.desc.ldc, bias, rp.act, rp.isa);
       return;
     }
-    kernel(Batch::offsets(rp.a, offs_a.data(), b_block, offs_b.data(), offs_a.size()), out, 1.0f,
-           bias);
+    kernel(Batch::offsets(rp.a, offs_a.data(), b_block, offs_b.data(), offs_a.size()), out, 1.0f, bias);
+  };
+  const int64_t n_pieces = pieces.size(), n_cols = col_pieces.size();
+  const int64_t row_items = rp.groups * rp.images * blocks * rp.out_rows * n_pieces;
+  const int64_t items = row_items + rp.groups * rp.images * n_cols * blocks;
+  parallel_for(executor, items, [&](int64_t item) {
+    if (item >= row_items) {  // a column call: (group, image, column piece, block)
+      const int64_t rest = item - row_items, blk = rest % blocks, cp = rest / blocks % n_cols;
+      const int64_t img = rest / blocks / n_cols % rp.images, g = rest / blocks / n_cols / rp.images;
+      return call(*col_kernels[blk + 1 == blocks], g, img, col_lo, pieces[col_pieces[cp]], blk);
+    }
+    const int64_t blk_in_set = item % per_set;
+    int64_t rest = item / per_set;
+    const int64_t piece = rest % n_pieces;
+    rest /= n_pieces;
+    const int64_t o = rest % rp.out_rows;
+    rest /= rp.out_rows;
+    int64_t set, img;
+    if (images_inside) img = rest % rp.images, rest /= rp.images, set = rest % sets, rest /= sets;
+    else set = rest % sets, rest /= sets, img = rest % rp.images, rest /= rp.images;
+    const int64_t blk = set * per_set + blk_in_set, g = rest;
+    if (by_column[piece] && o >= col_lo && o < col_hi) return;  // its column call does it
+    call(*kernels[2 * piece + (blk + 1 == blocks)], g, img, o, pieces[piece], blk);
   });
   return "";
 }
