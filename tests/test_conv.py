@@ -79,6 +79,8 @@ GRID = [
     (1, (13, 7), 6, 10, (3, 5), 2, ((1, 2), (3, 1)), (2, 1), 2, None),
     (2, 7, 34, 66, 3, 1, "SAME", 1, 2, None),
     (2, 7, 33, 33, 3, 1, "SAME", 1, 33, None),        # depthwise
+    (2, 13, 34, 66, 3, 1, "SAME", 1, 2, "relu"),      # groups, border pixels by column
+    (1, 13, 33, 33, 3, 1, "SAME", 1, 33, None),       # depthwise, border pixels by column
     (1, 13, 8, 16, 3, 2, "VALID", 1, 8, "relu"),      # depthwise, channel multiplier 2
     (3, 1, 17, 33, 1, 1, "VALID", 1, 1, None),        # 1x1 spatial
     (2, 1, 5, 7, 3, 1, "SAME", 1, 1, None),           # every tap but the centre is padding
