@@ -81,6 +81,7 @@ GRID = [
     (2, 7, 33, 33, 3, 1, "SAME", 1, 33, None),        # depthwise
     (2, 13, 34, 66, 3, 1, "SAME", 1, 2, "relu"),      # groups, border pixels by column
     (1, 13, 33, 33, 3, 1, "SAME", 1, 33, None),       # depthwise, border pixels by column
+    (1, (9, 21), 17, 16, 3, (1, 2), "SAME", 1, 1, None),  # column stride 2, border pixels by column
     (1, 13, 8, 16, 3, 2, "VALID", 1, 8, "relu"),      # depthwise, channel multiplier 2
     (3, 1, 17, 33, 1, 1, "VALID", 1, 1, None),        # 1x1 spatial
     (2, 1, 5, 7, 3, 1, "SAME", 1, 1, None),           # every tap but the centre is padding
