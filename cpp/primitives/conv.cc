@@ -206,9 +206,8 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   // (float32 56x56 64->64 1x1, 2 threads: 300 -> 340 GFLOP/s). Not on AMX, where calls
   // of more than 56 pixels measured no faster (session 5).
   const int64_t reduce = rp.kg * rp.taps_r * rp.taps_s;
-  const int64_t max_rows = wants_vnni_b(rp.isa, rp.in)
-                               ? kMaxRows
-                               : std::clamp(kCallReduce / reduce / kMaxRows, int64_t{1}, int64_t{4}) * kMaxRows;
+  const int64_t max_rows =
+      amx ? kMaxRows : std::clamp(kCallReduce / reduce / kMaxRows, int64_t{1}, int64_t{4}) * kMaxRows;
   for (int64_t f = 0; f < rp.phases; ++f) {
     const int64_t count = ceil_div(rp.out_cols - f, rp.phases);
     struct Range { int64_t s, col0, lo, hi; };
