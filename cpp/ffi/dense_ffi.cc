@@ -8,6 +8,7 @@
 // all float32 or all bfloat16; bias and the pre-activation are float32; y, dx, dkernel,
 // dbias and the saved output may each be float32 or bfloat16 (each rounded once).
 #include <string>
+#include <vector>
 
 #include "ffi/common.h"
 #include "primitives/dense.h"
@@ -112,10 +113,12 @@ ffi::Error dense_fwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
-ffi::Error dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer x,
-                          ffi::AnyBuffer w, ffi::AnyBuffer saved, ffi::Result<ffi::AnyBuffer> dx,
-                          ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::AnyBuffer> dbias,
-                          std::string_view activation) {
+// The backward pass's problems (one, or one per leading problem when the weights are not
+// shared), checked against the buffers.
+ffi::Error plan_backward(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer saved,
+                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> dw,
+                         ffi::Result<ffi::AnyBuffer> dbias, std::string_view activation,
+                         std::vector<prim::DenseBackward>* problems_out) {
   prim::DenseBackward p;
   if (auto e = setup(activation, &p.activation, &p.isa); e.failure()) return e;
   if (auto e = expect_dtype(dy, "dy", &p.in); e.failure()) return e;
@@ -155,7 +158,6 @@ ffi::Error dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffe
   }
 
   prefer_huge_pages(dx, dw, dbias);
-  prim::TeamCall executor = team_call(pool);
   // Shared weights whose gradients are summed over problems: one fold into the minibatch.
   const bool fold = w_shared && (!want_dw || dw_shared) && (!want_db || db_shared);
   const int64_t runs = fold ? 1 : problems;
@@ -171,9 +173,58 @@ ffi::Error dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffe
     q.dx = want_dx ? at(static_cast<char*>(dx->untyped_data()), p.dx_dtype, i * nc) : nullptr;
     q.dw = want_dw ? at(static_cast<char*>(dw->untyped_data()), p.dw_dtype, i * ck) : nullptr;
     q.dbias = want_db ? at(static_cast<char*>(dbias->untyped_data()), p.dbias_dtype, i * p.k) : nullptr;
-    if (std::string e = prim::dense_backward(q, &executor); !e.empty()) return invalid(e);
+    problems_out->push_back(q);
   }
   return ffi::Error::Success();
+}
+
+ffi::Future finished(ffi::Error error) {
+  ffi::Promise promise;
+  if (error.failure()) promise.SetError(std::move(error));
+  else promise.SetAvailable();
+  return ffi::Future(promise);
+}
+
+ffi::Error run_backward(const std::vector<prim::DenseBackward>& problems, const prim::Executor* executor) {
+  for (const prim::DenseBackward& q : problems)
+    if (std::string e = prim::dense_backward(q, executor); !e.empty()) return invalid(e);
+  return ffi::Error::Success();
+}
+
+// Multiply-adds up to which a call computing only dx or only dkernel runs as one task.
+constexpr int64_t kSmallLoneMacs = int64_t{8} << 20;
+
+// The backward pass as a future. A small call computing only one of dx and dkernel (in a
+// network, the first layer's weight gradient, which ends the backward pass) runs as a
+// single-threaded task on XLA's pool: two threads gain little on it (128x64x512 dkernel:
+// 48 us on one thread, 44 on two) and XLA's executor meanwhile goes on with the other
+// layers' optimizer updates instead of waiting (Flax digits MLP step +3-6 %, in-process
+// A/B, 2 cores). Every other call runs here, on all threads. (Both gradients of a layer as
+// two such tasks, on half the threads each: MLP +4 %, but the CNN and LSTM steps 3-5 %
+// slower, the two tasks often queued on one thread; docs/design-notes.md, session 10.)
+ffi::Future dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer x,
+                           ffi::AnyBuffer w, ffi::AnyBuffer saved, ffi::Result<ffi::AnyBuffer> dx,
+                           ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::AnyBuffer> dbias,
+                           std::string_view activation) {
+  std::vector<prim::DenseBackward> problems;
+  if (auto e = plan_backward(dy, x, w, saved, dx, dw, dbias, activation, &problems); e.failure())
+    return finished(std::move(e));
+  int64_t macs = 0;
+  bool both = false;
+  for (const prim::DenseBackward& q : problems)
+    macs += q.n * q.c * q.k * ((q.dx != nullptr) + (q.dw != nullptr)), both |= q.dx && q.dw;
+  if (problems.empty() || both || macs > kSmallLoneMacs) {
+    prim::TeamCall executor = team_call(pool);
+    return finished(run_backward(problems, &executor));
+  }
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  // (The task must not use `pool`: it is only valid during this call.)
+  pool.Schedule([problems = std::move(problems), promise]() mutable {
+    if (ffi::Error e = run_backward(problems, nullptr); e.failure()) promise.SetError(std::move(e));
+    else promise.SetAvailable();
+  });
+  return future;
 }
 
 }  // namespace
