@@ -199,9 +199,11 @@ constexpr int64_t kSmallLoneMacs = int64_t{8} << 20;
 // single-threaded task on XLA's pool: two threads gain little on it (128x64x512 dkernel:
 // 48 us on one thread, 44 on two) and XLA's executor meanwhile goes on with the other
 // layers' optimizer updates instead of waiting (Flax digits MLP step +3-6 %, in-process
-// A/B, 2 cores). Every other call runs here, on all threads. (Both gradients of a layer as
-// two such tasks, on half the threads each: MLP +4 %, but the CNN and LSTM steps 3-5 %
-// slower, the two tasks often queued on one thread; docs/design-notes.md, session 10.)
+// A/B, 2 cores). Every other call runs here, on all threads. Measured and not done
+// (docs/design-notes.md, session 10): both gradients of a layer as two such tasks, on half
+// the threads each (MLP +4 %, CNN and LSTM steps 3-5 % slower: the two tasks often queued
+// on one thread); the CNN's first convolution weight update as a task (2.4M multiply-adds,
+// where two threads do gain: 98 -> 77 us; CNN step 2 % slower).
 ffi::Future dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer x,
                            ffi::AnyBuffer w, ffi::AnyBuffer saved, ffi::Result<ffi::AnyBuffer> dx,
                            ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::AnyBuffer> dbias,
