@@ -191,19 +191,20 @@ ffi::Error run_backward(const std::vector<prim::DenseBackward>& problems, const 
   return ffi::Error::Success();
 }
 
-// Multiply-adds up to which a call computing only dx or only dkernel runs as one task.
-constexpr int64_t kSmallLoneMacs = int64_t{8} << 20;
+// Multiply-adds (dx and dkernel together) up to which a backward call runs as one task.
+constexpr int64_t kSmallTaskMacs = int64_t{8} << 20;
 
-// The backward pass as a future. A small call computing only one of dx and dkernel (in a
-// network, the first layer's weight gradient, which ends the backward pass) runs as a
+// The backward pass as a future. A small call (in the digits MLP: the 512->10 layer's and
+// the first layer's, whose weight gradient ends the backward pass) runs as a
 // single-threaded task on XLA's pool: two threads gain little on it (128x64x512 dkernel:
-// 48 us on one thread, 44 on two) and XLA's executor meanwhile goes on with the other
-// layers' optimizer updates instead of waiting (Flax digits MLP step +3-6 %, in-process
-// A/B, 2 cores). Every other call runs here, on all threads. Measured and not done
-// (docs/design-notes.md, session 10): both gradients of a layer as two such tasks, on half
-// the threads each (MLP +4 %, CNN and LSTM steps 3-5 % slower: the two tasks often queued
-// on one thread); the CNN's first convolution weight update as a task (2.4M multiply-adds,
-// where two threads do gain: 98 -> 77 us; CNN step 2 % slower).
+// 48 us on one thread, 44 on two) and XLA's executor meanwhile goes on with other thunks,
+// the other layers' optimizer updates, instead of waiting (Flax MLP step +3-6 % for the
+// first layer's call, +3 % more for the 512->10 layer's; CNN +2 %, within its noise;
+// in-process A/B, 2 cores). Larger calls run here, on all threads. Measured and not done
+// (docs/design-notes.md, session 10): a larger layer's two gradients as two such tasks,
+// on half the threads each (MLP +4 %, CNN and LSTM steps 3-5 % slower: the two tasks
+// often queued on one thread); the CNN's first convolution weight update as a task (2.4M
+// multiply-adds, where two threads do gain: 98 -> 77 us; CNN step 2 % slower).
 ffi::Future dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer x,
                            ffi::AnyBuffer w, ffi::AnyBuffer saved, ffi::Result<ffi::AnyBuffer> dx,
                            ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::AnyBuffer> dbias,
@@ -212,10 +213,8 @@ ffi::Future dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuff
   if (auto e = plan_backward(dy, x, w, saved, dx, dw, dbias, activation, &problems); e.failure())
     return finished(std::move(e));
   int64_t macs = 0;
-  bool both = false;
-  for (const prim::DenseBackward& q : problems)
-    macs += q.n * q.c * q.k * ((q.dx != nullptr) + (q.dw != nullptr)), both |= q.dx && q.dw;
-  if (problems.empty() || both || macs > kSmallLoneMacs) {
+  for (const prim::DenseBackward& q : problems) macs += q.n * q.c * q.k * ((q.dx != nullptr) + (q.dw != nullptr));
+  if (macs > kSmallTaskMacs) {
     prim::TeamCall executor = team_call(pool);
     return finished(run_backward(problems, &executor));
   }
