@@ -89,4 +89,41 @@ inline prim::TeamCall team_call(ffi::ThreadPool& pool) {
                         [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); });
 }
 
+// A future that is already complete (with `error` when it failed).
+inline ffi::Future finished(ffi::Error error) {
+  ffi::Promise promise;
+  if (error.failure()) promise.SetError(std::move(error));
+  else promise.SetAvailable();
+  return ffi::Future(promise);
+}
+
+// Calls of at most this many multiply-adds run as tasks (run_sized).
+inline constexpr int64_t kSmallTaskMacs = int64_t{8} << 20;
+
+// Runs `work(executor)` (returning ffi::Error) and returns its future. A call of more than
+// kSmallTaskMacs multiply-adds runs here, on the team and XLA's pool (team_call). A smaller
+// one runs as a single-threaded task on XLA's pool and the handler returns at once: two
+// threads gain little on it (a 128x64x512 weight gradient: 48 us on one thread, 44 on
+// two), no helper is woken for it, and XLA's executor goes on with other thunks meanwhile
+// (the optimizer's updates of other layers) instead of waiting. Flax digits MLP step
+// (in-process A/B, 2 cores): its small backward calls as tasks +3-6 %, then its small
+// forwards (64->512, 512->10) as tasks +12-13 % (1.05-1.08x stock); CNN level. (Small
+// convolution calls as tasks, the CNN's first layer: level or 2 % slower, so convolutions
+// do not use this; docs/design-notes.md, session 10.) `work` must own what it uses: it
+// may run after the handler returns, when `pool` is no longer valid.
+template <typename Work>
+ffi::Future run_sized(ffi::ThreadPool& pool, int64_t macs, Work work) {
+  if (macs > kSmallTaskMacs) {
+    prim::TeamCall executor = team_call(pool);
+    return finished(work(&executor));
+  }
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  pool.Schedule([work = std::move(work), promise]() mutable {
+    if (ffi::Error e = work(nullptr); e.failure()) promise.SetError(std::move(e));
+    else promise.SetAvailable();
+  });
+  return future;
+}
+
 }  // namespace jbr::ffi_handlers

@@ -64,9 +64,11 @@ ffi::Error setup(std::string_view activation, Activation* act, Isa* isa) {
   return current_isa(isa);
 }
 
-ffi::Error dense_fwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
-                          ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
-                          ffi::Result<ffi::AnyBuffer> preact, std::string_view activation) {
+// The forward pass's problems (one, or one per leading problem when the weights are not
+// shared), checked against the buffers.
+ffi::Error plan_forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
+                        ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> preact,
+                        std::string_view activation, std::vector<prim::DenseForward>* problems_out) {
   prim::DenseForward p;
   if (auto e = setup(activation, &p.activation, &p.isa); e.failure()) return e;
   if (auto e = expect_dtype(x, "x", &p.in); e.failure()) return e;
@@ -96,7 +98,6 @@ ffi::Error dense_fwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   if (lead_count(*y, 2) != problems) return invalid("y's leading dims must match x's");
 
   prefer_huge_pages(y, preact);
-  prim::TeamCall executor = team_call(pool);
   const bool fold = w_shared && b_shared;
   const int64_t runs = fold ? 1 : problems;
   if (fold) p.n *= problems;
@@ -108,9 +109,24 @@ ffi::Error dense_fwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
     q.bias = has_bias ? static_cast<const float*>(bias.untyped_data()) + (b_shared ? 0 : i * p.k) : nullptr;
     q.y = at(static_cast<char*>(y->untyped_data()), p.out, i * y_step);
     q.preact = save ? static_cast<float*>(preact->untyped_data()) + i * y_step : nullptr;
-    if (std::string e = prim::dense_forward(q, &executor); !e.empty()) return invalid(e);
+    problems_out->push_back(q);
   }
   return ffi::Error::Success();
+}
+
+ffi::Future dense_fwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                           ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                           ffi::Result<ffi::AnyBuffer> preact, std::string_view activation) {
+  std::vector<prim::DenseForward> problems;
+  if (auto e = plan_forward(x, w, bias, y, preact, activation, &problems); e.failure())
+    return finished(std::move(e));
+  int64_t macs = 0;
+  for (const prim::DenseForward& q : problems) macs += q.n * q.c * q.k;
+  return run_sized(pool, macs, [problems = std::move(problems)](const prim::Executor* executor) {
+    for (const prim::DenseForward& q : problems)
+      if (std::string e = prim::dense_forward(q, executor); !e.empty()) return invalid(e);
+    return ffi::Error::Success();
+  });
 }
 
 // The backward pass's problems (one, or one per leading problem when the weights are not
@@ -178,33 +194,6 @@ ffi::Error plan_backward(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer w, 
   return ffi::Error::Success();
 }
 
-ffi::Future finished(ffi::Error error) {
-  ffi::Promise promise;
-  if (error.failure()) promise.SetError(std::move(error));
-  else promise.SetAvailable();
-  return ffi::Future(promise);
-}
-
-ffi::Error run_backward(const std::vector<prim::DenseBackward>& problems, const prim::Executor* executor) {
-  for (const prim::DenseBackward& q : problems)
-    if (std::string e = prim::dense_backward(q, executor); !e.empty()) return invalid(e);
-  return ffi::Error::Success();
-}
-
-// Multiply-adds (dx and dkernel together) up to which a backward call runs as one task.
-constexpr int64_t kSmallTaskMacs = int64_t{8} << 20;
-
-// The backward pass as a future. A small call (in the digits MLP: the 512->10 layer's and
-// the first layer's, whose weight gradient ends the backward pass) runs as a
-// single-threaded task on XLA's pool: two threads gain little on it (128x64x512 dkernel:
-// 48 us on one thread, 44 on two) and XLA's executor meanwhile goes on with other thunks,
-// the other layers' optimizer updates, instead of waiting (Flax MLP step +3-6 % for the
-// first layer's call, +3 % more for the 512->10 layer's; CNN +2 %, within its noise;
-// in-process A/B, 2 cores). Larger calls run here, on all threads. Measured and not done
-// (docs/design-notes.md, session 10): a larger layer's two gradients as two such tasks,
-// on half the threads each (MLP +4 %, CNN and LSTM steps 3-5 % slower: the two tasks
-// often queued on one thread); the CNN's first convolution weight update as a task (2.4M
-// multiply-adds, where two threads do gain: 98 -> 77 us; CNN step 2 % slower).
 ffi::Future dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer x,
                            ffi::AnyBuffer w, ffi::AnyBuffer saved, ffi::Result<ffi::AnyBuffer> dx,
                            ffi::Result<ffi::AnyBuffer> dw, ffi::Result<ffi::AnyBuffer> dbias,
@@ -212,20 +201,16 @@ ffi::Future dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuff
   std::vector<prim::DenseBackward> problems;
   if (auto e = plan_backward(dy, x, w, saved, dx, dw, dbias, activation, &problems); e.failure())
     return finished(std::move(e));
-  int64_t macs = 0;
+  int64_t macs = 0;  // (dx and dkernel together)
   for (const prim::DenseBackward& q : problems) macs += q.n * q.c * q.k * ((q.dx != nullptr) + (q.dw != nullptr));
-  if (macs > kSmallTaskMacs) {
-    prim::TeamCall executor = team_call(pool);
-    return finished(run_backward(problems, &executor));
-  }
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  // (The task must not use `pool`: it is only valid during this call.)
-  pool.Schedule([problems = std::move(problems), promise]() mutable {
-    if (ffi::Error e = run_backward(problems, nullptr); e.failure()) promise.SetError(std::move(e));
-    else promise.SetAvailable();
+  // Measured and not done (docs/design-notes.md, session 10): a larger layer's two
+  // gradients as two tasks on half the threads each (Flax MLP +4 %, CNN and LSTM steps
+  // 3-5 % slower: the two tasks often queued on one thread).
+  return run_sized(pool, macs, [problems = std::move(problems)](const prim::Executor* executor) {
+    for (const prim::DenseBackward& q : problems)
+      if (std::string e = prim::dense_backward(q, executor); !e.empty()) return invalid(e);
+    return ffi::Error::Success();
   });
-  return future;
 }
 
 }  // namespace
