@@ -129,7 +129,10 @@ class Team {
       ++started_;
     }
   }
-  void close_call() { open_calls_.fetch_sub(1, std::memory_order_acq_rel); }
+  void close_call() {
+    last_close_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+    open_calls_.fetch_sub(1, std::memory_order_acq_rel);
+  }
 
   void schedule(std::function<void()> task) {
     {
@@ -141,9 +144,21 @@ class Team {
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+
   Team() {
     const char* spin = std::getenv("JAX_BRGEMM_SPIN_US");
     spin_ = std::chrono::microseconds(spin ? std::atoll(spin) : 300);
+    const char* linger = std::getenv("JAX_BRGEMM_LINGER_US");
+    linger_ = std::chrono::microseconds(linger ? std::atoll(linger) : 150);
+  }
+
+  // A call is open, or the last one closed less than linger_ ago.
+  bool busy() const {
+    if (open_calls_.load(std::memory_order_acquire) > 0) return true;
+    const Clock::duration since_close(Clock::now().time_since_epoch().count() -
+                                      last_close_.load(std::memory_order_relaxed));
+    return since_close < linger_;
   }
 
   void serve() {
@@ -154,13 +169,12 @@ class Team {
   }
 
   std::function<void()> next() {
-    auto polled_since = std::chrono::steady_clock::now();
+    const auto polled_since = Clock::now();
     for (;;) {
       if (queued_.load(std::memory_order_acquire) > 0) {
         std::lock_guard<std::mutex> lock(mutex_);
         if (!tasks_.empty()) return pop();
-      } else if (open_calls_.load(std::memory_order_acquire) > 0 &&
-                 std::chrono::steady_clock::now() - polled_since < spin_) {
+      } else if (busy() && Clock::now() - polled_since < spin_) {
         std::this_thread::yield();
       } else {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -185,8 +199,9 @@ class Team {
   std::atomic<int64_t> queued_{0};
   std::atomic<int64_t> parked_{0};
   std::atomic<int64_t> open_calls_{0};
+  std::atomic<Clock::rep> last_close_{0};  // when the last call closed (Clock ticks)
   int64_t started_ = 0;
-  std::chrono::microseconds spin_;
+  std::chrono::microseconds spin_, linger_;
 };
 
 }  // namespace
