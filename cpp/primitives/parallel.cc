@@ -150,7 +150,7 @@ class Team {
     const char* spin = std::getenv("JAX_BRGEMM_SPIN_US");
     spin_ = std::chrono::microseconds(spin ? std::atoll(spin) : 300);
     const char* linger = std::getenv("JAX_BRGEMM_LINGER_US");
-    linger_ = std::chrono::microseconds(linger ? std::atoll(linger) : 150);
+    linger_ = std::chrono::microseconds(linger ? std::atoll(linger) : 0);
   }
 
   // A call is open, or the last one closed less than linger_ ago.

@@ -41,14 +41,14 @@ void parallel_lanes(const Executor* executor, const std::vector<Lane>& lanes);
 // The library's own worker threads, serving one call (an FFI handler's lifetime) as an
 // Executor: `threads - 1` workers besides the caller, shared by every call in the process.
 // The handlers pass the size of XLA's intra-op pool, so XLA's thread settings hold.
-// While any call is open, and for JAX_BRGEMM_LINGER_US microseconds (default 150) after the
-// last one closed, an idle worker polls for the next task (yielding the core to any other
-// runnable thread) for up to JAX_BRGEMM_SPIN_US microseconds (default 300; 0: park at
-// once), so the many parallel loops of one call (an LSTM's time steps) and calls made back
-// to back (a loop of jitted ops) find it awake: isolated 56x56 1x1 convolution passes
-// +6-9 % with the linger, Flax training steps level (session 10; earlier, before the small
-// dense calls ran as tasks, it cost the Flax MLP step 4-12 %). Then workers park and leave
-// the cores to XLA's own threads.
+// While any call is open, and for JAX_BRGEMM_LINGER_US microseconds after the last one
+// closed (default 0), an idle worker polls for the next task (yielding the core to any
+// other runnable thread) for up to JAX_BRGEMM_SPIN_US microseconds (default 300; 0: park at
+// once), so the many parallel loops of one call (an LSTM's time steps) find it awake; then
+// workers park and leave the cores to XLA's own threads. A linger helps calls made back to
+// back from Python (150 us: isolated 56x56 1x1 convolution passes +6-9 %) but costs a
+// training step whose XLA thunks run between our calls (Flax digits MLP step 3-5 % in
+// `bench flax`, session 10; 4-12 % in sessions 3-9), so it is opt-in.
 //
 // Every task is also handed to `also_run` (the handlers pass XLA's intra-op pool), and
 // both copies join the loop (the later takes whatever is left when it starts). Neither
