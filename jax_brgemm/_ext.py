@@ -13,10 +13,12 @@ if _env_error:
     raise ValueError(f"jax_brgemm: {_env_error}")
 # Read by the worker team (cpp/primitives/parallel.cc) when it starts: checked here, where
 # a bad value can still be a clear error.
-_spin = os.environ.get("JAX_BRGEMM_SPIN_US")
-if _spin is not None and not _spin.strip().isdigit():
-    raise ValueError(f"jax_brgemm: JAX_BRGEMM_SPIN_US={_spin!r} must be a whole number of "
-                     "microseconds >= 0 (how long an idle worker polls before it parks)")
+for _var, _what in (("JAX_BRGEMM_SPIN_US", "how long an idle worker polls before it parks"),
+                    ("JAX_BRGEMM_LINGER_US", "how long after the last call workers keep polling")):
+    _value = os.environ.get(_var)
+    if _value is not None and not _value.strip().isdigit():
+        raise ValueError(f"jax_brgemm: {_var}={_value!r} must be a whole number of "
+                         f"microseconds >= 0 ({_what})")
 
 for _name, _capsule in ext.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

@@ -68,8 +68,9 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("env", [
     {"JAX_BRGEMM_SPIN_US": "0"},        # park at once: every call wakes its workers
     {"JAX_BRGEMM_SPIN_US": "300"},      # the default polling
+    {"JAX_BRGEMM_LINGER_US": "5000"},   # workers keep polling between calls
     {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"},
-], ids=["park-at-once", "default-polling", "one-thread"])
+], ids=["park-at-once", "default-polling", "linger", "one-thread"])
 def test_calls_from_many_threads_are_right_under_every_thread_setting(env):
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                             timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", **env))
@@ -77,12 +78,12 @@ def test_calls_from_many_threads_are_right_under_every_thread_setting(env):
     assert "failures []" in result.stdout, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("var", ["JAX_BRGEMM_SPIN_US", "JAX_BRGEMM_LINGER_US"])
 @pytest.mark.parametrize("value", ["-5", "1.5", "fast", ""])
-def test_bad_spin_setting_is_a_clear_error(value):
+def test_bad_polling_setting_is_a_clear_error(var, value):
     result = subprocess.run([sys.executable, "-c", "import jax_brgemm"], capture_output=True,
-                            text=True, timeout=120,
-                            env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_BRGEMM_SPIN_US=value))
-    assert result.returncode != 0 and "JAX_BRGEMM_SPIN_US" in result.stderr, result.stderr
+                            text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu", **{var: value}))
+    assert result.returncode != 0 and var in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("n, threads, item_us", [
