@@ -419,3 +419,23 @@ def test_second_order_derivatives_are_a_clear_error(rng):
     assert grad(x).shape == x.shape  # first order works
     with pytest.raises(NotImplementedError, match="dense: second-order"):
         jax.grad(lambda x: jnp.sum(grad(x)))(x)
+
+
+@pytest.mark.parametrize("n", [4, 4096])  # a small call (a task on XLA's pool) and a large one
+def test_handler_errors_reach_python(n):
+    """Operands inconsistent with the results (only possible by calling the FFI target
+    directly) are a clear runtime error from the handler, whether the call would run as a
+    task or in the handler."""
+    import jax_brgemm  # noqa: F401  (registers the targets)
+    x = jnp.ones((n, 8), jnp.float32)
+    w = jnp.ones((7, 3000), jnp.float32)  # 7 != 8 in-features
+    outs = (jax.ShapeDtypeStruct((n, 3000), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))
+    call = jax.ffi.ffi_call("jax_brgemm_dense_fwd", outs)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="kernel must have shape"):
+        jax.block_until_ready(call(x, w, jnp.zeros((0,), jnp.float32), activation="none"))
+    dy = jnp.ones((n, 3000), jnp.float32)
+    outs = (jax.ShapeDtypeStruct((n, 8), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32),
+            jax.ShapeDtypeStruct((0,), jnp.float32))
+    call = jax.ffi.ffi_call("jax_brgemm_dense_bwd", outs)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="kernel must have shape"):
+        jax.block_until_ready(call(dy, x, w, jnp.zeros((0,), jnp.float32), activation="none"))

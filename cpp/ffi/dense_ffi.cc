@@ -203,9 +203,8 @@ ffi::Future dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuff
     return finished(std::move(e));
   int64_t macs = 0;  // (dx and dkernel together)
   for (const prim::DenseBackward& q : problems) macs += q.n * q.c * q.k * ((q.dx != nullptr) + (q.dw != nullptr));
-  // Measured and not done (docs/design-notes.md, session 10): a larger layer's two
-  // gradients as two tasks on half the threads each (Flax MLP +4 %, CNN and LSTM steps
-  // 3-5 % slower: the two tasks often queued on one thread).
+  // (A larger layer's dx and dkernel as two tasks, on half the threads each: the Flax MLP
+  // step level once the small calls were tasks; docs/design-notes.md, session 10.)
   return run_sized(pool, macs, [problems = std::move(problems)](const prim::Executor* executor) {
     for (const prim::DenseBackward& q : problems)
       if (std::string e = prim::dense_backward(q, executor); !e.empty()) return invalid(e);
