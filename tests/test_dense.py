@@ -426,7 +426,6 @@ def test_handler_errors_reach_python(n):
     """Operands inconsistent with the results (only possible by calling the FFI target
     directly) are a clear runtime error from the handler, whether the call would run as a
     task or in the handler."""
-    import jax_brgemm  # noqa: F401  (registers the targets)
     x = jnp.ones((n, 8), jnp.float32)
     w = jnp.ones((7, 3000), jnp.float32)  # 7 != 8 in-features
     outs = (jax.ShapeDtypeStruct((n, 3000), jnp.float32), jax.ShapeDtypeStruct((0,), jnp.float32))

@@ -146,12 +146,15 @@ class Team {
  private:
   using Clock = std::chrono::steady_clock;
 
-  Team() {
-    const char* spin = std::getenv("JAX_BRGEMM_SPIN_US");
-    spin_ = std::chrono::microseconds(spin ? std::atoll(spin) : 300);
-    const char* linger = std::getenv("JAX_BRGEMM_LINGER_US");
-    linger_ = std::chrono::microseconds(linger ? std::atoll(linger) : 0);
+  // Settings in microseconds (jax_brgemm/_ext.py checks them before the team starts).
+  static std::chrono::microseconds micros_from_env(const char* name, int64_t fallback) {
+    const char* value = std::getenv(name);
+    return std::chrono::microseconds(value ? std::atoll(value) : fallback);
   }
+
+  Team()
+      : spin_(micros_from_env("JAX_BRGEMM_SPIN_US", 300)),
+        linger_(micros_from_env("JAX_BRGEMM_LINGER_US", 0)) {}
 
   // A call is open, or the last one closed less than linger_ ago.
   bool busy() const {
