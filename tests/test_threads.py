@@ -2,7 +2,8 @@
 at once and must be woken for every call, a team of one (XLA told to use one thread), and
 calls made from several Python threads at once. Every task is also offered to XLA's pool, so
 copies that start after their loop (or their call) has finished must find nothing to do.
-An LSTM call runs a parallel loop per time step. Each setting runs in a fresh interpreter,
+An LSTM call runs a parallel loop per time step, a convolution several parallel loops
+(weight packing, then the rows). Each setting runs in a fresh interpreter,
 since the team reads its settings once per process."""
 
 import os
@@ -43,6 +44,12 @@ SCRIPT = textwrap.dedent("""
 
     want_hs = lstm_reference()
     lstm = jax.jit(lambda *a: nn.lstm(*a)[0])
+    img = rng.standard_normal((2, 12, 12, 24)).astype(np.float32)
+    kern = (rng.standard_normal((3, 3, 24, 40)) / 15).astype(np.float32)
+    conv = jax.jit(lambda x, k: nn.conv2d(x, k, padding="SAME"))
+    want_conv = np.asarray(jax.lax.conv_general_dilated(
+        img.astype(np.float64), kern.astype(np.float64), (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")))
     failures = []
 
     def check(rounds):
@@ -55,6 +62,8 @@ SCRIPT = textwrap.dedent("""
                     failures.append("gradient")
             if not np.allclose(np.asarray(lstm(xs, w_ih, w_hh, lb)), want_hs, rtol=1e-4, atol=1e-4):
                 failures.append("lstm")
+            if not np.allclose(np.asarray(conv(img, kern)), want_conv, rtol=1e-4, atol=1e-4):
+                failures.append("conv")
             time.sleep(0.003)  # longer than the polling time below: workers park
 
     threads = [threading.Thread(target=check, args=(5,)) for _ in range(3)]
