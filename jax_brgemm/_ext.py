@@ -14,7 +14,7 @@ if _env_error:
 # Read by the worker team (cpp/primitives/parallel.cc) when it starts: checked here, where
 # a bad value can still be a clear error.
 for _var, _what in (("JAX_BRGEMM_SPIN_US", "how long an idle worker polls before it parks"),
-                    ("JAX_BRGEMM_LINGER_US", "how long after the last call workers keep polling")):
+                    ("JAX_BRGEMM_LINGER_US", "how long after each call workers keep polling")):
     _value = os.environ.get(_var)
     if _value is not None and not _value.strip().isdigit():
         raise ValueError(f"jax_brgemm: {_var}={_value!r} must be a whole number of "

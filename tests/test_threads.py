@@ -115,3 +115,15 @@ def test_parallel_loop_gives_each_thread_contiguous_items():
         assert set(runners) <= {0, 1}
         runs = 1 + sum(a != b for a, b in zip(runners, runners[1:]))
         assert runs <= 4, runs
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_late_copies_of_a_task_add_no_thread(threads):
+    """Every task is offered twice (the team and XLA's pool): the copies that start first
+    take the ranges, one thread each, and a later copy returns at once instead of joining
+    as an extra thief (which ran loops on three threads on two cores)."""
+    from jax_brgemm._ext import ext
+    runners = ext.parallel_for_runners(2000, threads, 10, second_copies=True)
+    assert all(r >= 0 for r in runners), "an item did not run exactly once"
+    assert len(set(runners)) <= threads, sorted(set(runners))
+

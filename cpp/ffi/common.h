@@ -84,9 +84,10 @@ inline bool parse_activation(std::string_view name, Activation* act) {
 
 // The executor of one handler call: the library's worker team, with every task also
 // offered to XLA's intra-op pool (prim::TeamCall says why).
-inline prim::TeamCall team_call(ffi::ThreadPool& pool) {
+inline prim::TeamCall team_call(ffi::ThreadPool& pool,
+                                std::chrono::microseconds linger = std::chrono::microseconds(0)) {
   return prim::TeamCall(pool.num_threads(),
-                        [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); });
+                        [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); }, linger);
 }
 
 // A future that is already complete (with `error` when it failed).

@@ -196,7 +196,7 @@ nb::ndarray<nb::numpy, T, nb::ndim<2>> transpose_array(
 // Which thread ran each item of prim::parallel_for on a team of `threads` (0: the caller,
 // then workers numbered as they first claim), how many times each item ran in `counts`:
 // tests of the loop's split.
-std::vector<int64_t> parallel_for_runners(int64_t n, int64_t threads, int64_t item_us) {
+std::vector<int64_t> parallel_for_runners(int64_t n, int64_t threads, int64_t item_us, bool second_copies) {
   if (n < 0 || threads < 1) throw nb::value_error("parallel_for_runners: n must be >= 0 and threads >= 1");
   std::vector<std::atomic<int64_t>> runner(n), counts(n);
   std::atomic<int64_t> next_id{1};
@@ -205,7 +205,13 @@ std::vector<int64_t> parallel_for_runners(int64_t n, int64_t threads, int64_t it
   const std::thread::id caller = std::this_thread::get_id();
   {
     nb::gil_scoped_release release;
-    prim::TeamCall team(threads);
+    // second_copies: every task also runs on a thread of its own, as the handlers' tasks
+    // also go to XLA's pool (a copy that starts late must neither run an item twice nor
+    // add a thread once every range has one).
+    prim::TeamCall team(threads, second_copies ? prim::TeamCall::Runner([](std::function<void()> task) {
+                                   std::thread(std::move(task)).detach();
+                                 })
+                                               : nullptr);
     prim::parallel_for(&team, n, [&](int64_t i) {
       thread_local int64_t id = -1;
       thread_local int64_t id_call = 0;
@@ -275,7 +281,7 @@ NB_MODULE(_jax_brgemm, m) {
         "least 8 MB for convolutions); tests.");
   m.def("conv_stream_bytes", [] { return prim::conv_stream_bytes(); });
   m.def("parallel_for_runners", &parallel_for_runners, nb::arg("n"), nb::arg("threads"),
-        nb::arg("item_us") = 0,
+        nb::arg("item_us") = 0, nb::arg("second_copies") = false,
         "Per item of a parallel loop on `threads`: the thread that ran it (0: the caller), or "
         "-1 - times run where it did not run exactly once (tests).");
 }

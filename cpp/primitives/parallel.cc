@@ -8,6 +8,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -17,7 +18,12 @@ namespace {
 // The items of a parallel_for, split into one contiguous range per thread. A thread runs
 // its own range front to back, then takes items from the back of the others' ranges, so
 // neighbouring items (which share input rows, weight panels and prefetch streams) mostly
-// run on one core, and a thread that joins late or runs slow is still relieved.
+// run on one core, and a thread that joins late or runs slow is still relieved. Each task
+// has two copies (team, XLA's pool): once every range has its thread, a later copy returns
+// at once, so a loop never runs on more threads than it was split for. As an extra thief
+// it put three threads on two cores whenever our worker was already awake (polling after
+// a convolution) and XLA's thread woke later: in-process A/B, isolated 56x56 256->64 1x1
+// backward-data with the convolution linger 0.81x without this, 1.02x with it (session 11).
 struct SharedWork {
   SharedWork(int64_t n, int64_t slots, const std::function<void(int64_t)>& body)
       : body(body), ranges(slots) {
@@ -49,6 +55,7 @@ struct SharedWork {
 
   void work() {
     const int64_t slots = ranges.size(), slot = joined.fetch_add(1, std::memory_order_relaxed);
+    if (slot >= slots) return;  // a later copy: every range has its thread
     int64_t mine = 0;
     for (int64_t k = 0, i; k < slots; ++k) {
       Range& range = ranges[(slot + k) % slots];
@@ -129,8 +136,12 @@ class Team {
       ++started_;
     }
   }
-  void close_call() {
-    last_close_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+  // A call closes; idle workers keep polling for `linger` more (JAX_BRGEMM_LINGER_US, where
+  // set, instead), unless another call already keeps them longer.
+  void close_call(std::chrono::microseconds linger) {
+    const Clock::rep until = (Clock::now() + linger_.value_or(linger)).time_since_epoch().count();
+    Clock::rep current = linger_until_.load(std::memory_order_relaxed);
+    while (current < until && !linger_until_.compare_exchange_weak(current, until, std::memory_order_relaxed)) {}
     open_calls_.fetch_sub(1, std::memory_order_acq_rel);
   }
 
@@ -146,22 +157,22 @@ class Team {
  private:
   using Clock = std::chrono::steady_clock;
 
-  // Settings in microseconds (jax_brgemm/_ext.py checks them before the team starts).
-  static std::chrono::microseconds micros_from_env(const char* name, int64_t fallback) {
+  // Settings in microseconds, empty where unset (jax_brgemm/_ext.py checks them before the
+  // team starts).
+  static std::optional<std::chrono::microseconds> micros_from_env(const char* name) {
     const char* value = std::getenv(name);
-    return std::chrono::microseconds(value ? std::atoll(value) : fallback);
+    if (!value) return std::nullopt;
+    return std::chrono::microseconds(std::atoll(value));
   }
 
   Team()
-      : spin_(micros_from_env("JAX_BRGEMM_SPIN_US", 300)),
-        linger_(micros_from_env("JAX_BRGEMM_LINGER_US", 0)) {}
+      : spin_(micros_from_env("JAX_BRGEMM_SPIN_US").value_or(std::chrono::microseconds(300))),
+        linger_(micros_from_env("JAX_BRGEMM_LINGER_US")) {}
 
-  // A call is open, or the last one closed less than linger_ ago.
+  // A call is open, or the last one closed less than its linger ago.
   bool busy() const {
-    if (open_calls_.load(std::memory_order_acquire) > 0) return true;
-    const Clock::duration since_close(Clock::now().time_since_epoch().count() -
-                                      last_close_.load(std::memory_order_relaxed));
-    return since_close < linger_;
+    return open_calls_.load(std::memory_order_acquire) > 0 ||
+           Clock::now().time_since_epoch().count() < linger_until_.load(std::memory_order_relaxed);
   }
 
   void serve() {
@@ -202,19 +213,20 @@ class Team {
   std::atomic<int64_t> queued_{0};
   std::atomic<int64_t> parked_{0};
   std::atomic<int64_t> open_calls_{0};
-  std::atomic<Clock::rep> last_close_{0};  // when the last call closed (Clock ticks)
+  std::atomic<Clock::rep> linger_until_{0};  // idle workers poll until then (Clock ticks)
   int64_t started_ = 0;
-  std::chrono::microseconds spin_, linger_;
+  std::chrono::microseconds spin_;
+  std::optional<std::chrono::microseconds> linger_;
 };
 
 }  // namespace
 
-TeamCall::TeamCall(int64_t threads, Runner also_run)
-    : workers_(std::max<int64_t>(threads - 1, 0)), also_run_(std::move(also_run)) {
+TeamCall::TeamCall(int64_t threads, Runner also_run, std::chrono::microseconds linger)
+    : workers_(std::max<int64_t>(threads - 1, 0)), also_run_(std::move(also_run)), linger_(linger) {
   Team::instance().open_call(workers_);
 }
 
-TeamCall::~TeamCall() { Team::instance().close_call(); }
+TeamCall::~TeamCall() { Team::instance().close_call(linger_); }
 
 void TeamCall::schedule(std::function<void()> task) const {
   if (also_run_) also_run_(task);

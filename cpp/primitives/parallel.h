@@ -2,6 +2,7 @@
 // primitives only see the Executor interface (no XLA types here).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -41,17 +42,18 @@ void parallel_lanes(const Executor* executor, const std::vector<Lane>& lanes);
 // The library's own worker threads, serving one call (an FFI handler's lifetime) as an
 // Executor: `threads - 1` workers besides the caller, shared by every call in the process.
 // The handlers pass the size of XLA's intra-op pool, so XLA's thread settings hold.
-// While any call is open, and for JAX_BRGEMM_LINGER_US microseconds after the last one
-// closed (default 0), an idle worker polls for the next task (yielding the core to any
-// other runnable thread) for up to JAX_BRGEMM_SPIN_US microseconds (default 300; 0: park at
-// once), so the many parallel loops of one call (an LSTM's time steps) find it awake; then
-// workers park and leave the cores to XLA's own threads. A linger helps calls made back to
-// back from Python (150 us: isolated 56x56 1x1 convolution passes +6-9 %) but costs a
-// training step whose XLA thunks run between our calls (Flax digits MLP step 3-5 % in
-// `bench flax`, session 10; 4-12 % in sessions 3-9), so it is opt-in.
+// While any call is open, and for its `linger` after a call closes (JAX_BRGEMM_LINGER_US
+// microseconds instead, for every call, where that is set), an idle worker polls for the
+// next task (yielding the core to any other runnable thread) for up to JAX_BRGEMM_SPIN_US
+// microseconds (default 300; 0: park at once), so the many parallel loops of one call (an
+// LSTM's time steps) find it awake; then workers park and leave the cores to XLA's own
+// threads. A linger helps calls that come back to back (convolutions pass 150 us) but costs
+// a training step whose XLA thunks run between our calls (a linger after every call: Flax
+// digits MLP step 3-5 % slower in `bench flax`, session 10), so other calls pass none.
 //
 // Every task is also handed to `also_run` (the handlers pass XLA's intra-op pool), and
-// both copies join the loop (the later takes whatever is left when it starts). Neither
+// the first copies to start join the loop, up to one thread per range of items (a later
+// copy returns at once: parallel.cc, SharedWork). Neither
 // pool alone starts tasks promptly on the 2-core VMs we measure on: a parked team worker
 // started the first loop of a call within 20 us in 18 % of calls and took over 300 us in
 // 23 % (its core busy with XLA's threads), and XLA's parked threads took 20-900 us to wake;
@@ -60,7 +62,8 @@ void parallel_lanes(const Executor* executor, const std::vector<Lane>& lanes);
 class TeamCall final : public Executor {
  public:
   using Runner = std::function<void(std::function<void()>)>;
-  explicit TeamCall(int64_t threads, Runner also_run = nullptr);
+  explicit TeamCall(int64_t threads, Runner also_run = nullptr,
+                    std::chrono::microseconds linger = std::chrono::microseconds(0));
   ~TeamCall() override;
   TeamCall(const TeamCall&) = delete;
   TeamCall& operator=(const TeamCall&) = delete;
@@ -70,6 +73,7 @@ class TeamCall final : public Executor {
  private:
   int64_t workers_;
   Runner also_run_;
+  std::chrono::microseconds linger_;
 };
 
 }  // namespace jbr::prim
