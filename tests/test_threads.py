@@ -126,4 +126,3 @@ def test_late_copies_of_a_task_add_no_thread(threads):
     runners = ext.parallel_for_runners(2000, threads, 10, second_copies=True)
     assert all(r >= 0 for r in runners), "an item did not run exactly once"
     assert len(set(runners)) <= threads, sorted(set(runners))
-

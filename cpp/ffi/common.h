@@ -90,11 +90,16 @@ inline prim::TeamCall team_call(ffi::ThreadPool& pool,
                         [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); }, linger);
 }
 
+// Completes `promise` with the outcome of a call (an error where it failed).
+inline void settle(ffi::Promise& promise, ffi::Error error) {
+  if (error.failure()) promise.SetError(std::move(error));
+  else promise.SetAvailable();
+}
+
 // A future that is already complete (with `error` when it failed).
 inline ffi::Future finished(ffi::Error error) {
   ffi::Promise promise;
-  if (error.failure()) promise.SetError(std::move(error));
-  else promise.SetAvailable();
+  settle(promise, std::move(error));
   return ffi::Future(promise);
 }
 
@@ -120,10 +125,7 @@ ffi::Future run_sized(ffi::ThreadPool& pool, int64_t macs, Work work) {
   }
   ffi::Promise promise;
   ffi::Future future(promise);
-  pool.Schedule([work = std::move(work), promise]() mutable {
-    if (ffi::Error e = work(nullptr); e.failure()) promise.SetError(std::move(e));
-    else promise.SetAvailable();
-  });
+  pool.Schedule([work = std::move(work), promise]() mutable { settle(promise, work(nullptr)); });
   return future;
 }
 

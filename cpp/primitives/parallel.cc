@@ -59,8 +59,7 @@ struct SharedWork {
     int64_t mine = 0;
     for (int64_t k = 0, i; k < slots; ++k) {
       Range& range = ranges[(slot + k) % slots];
-      const bool own = k == 0 && slot < slots;
-      while (range.claim(own, &i)) body(i), ++mine;
+      while (range.claim(/*from_front=*/k == 0, &i)) body(i), ++mine;
     }
     if (mine > 0) finished.fetch_add(mine, std::memory_order_acq_rel);
   }
