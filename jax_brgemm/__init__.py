@@ -9,6 +9,7 @@ from CPUID; JAX_BRGEMM_ISA=avx512|avx2|ref forces one), so jit, grad and vmap wo
 from ._ext import active_isa, set_isa, supported_isas
 from .ops import brgemm, brgemm_indexed
 from . import nn
+from ._optimize import explain, optimize
 
-__all__ = ["brgemm", "brgemm_indexed", "nn", "active_isa", "set_isa", "supported_isas"]
+__all__ = ["brgemm", "brgemm_indexed", "nn", "optimize", "explain", "active_isa", "set_isa", "supported_isas"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
 from .dense import dense, mlp, mlp_init
 from .conv import conv2d
+from .conv_transpose import conv_transpose
 from .lstm import lstm
 
-__all__: list[str] = ["dense", "mlp", "mlp_init", "conv2d", "lstm"]
+__all__: list[str] = ["dense", "mlp", "mlp_init", "conv2d", "conv_transpose", "lstm"]

@@ -1,0 +1,240 @@
+"""When the kernel serves a convolution or a matmul, and how: the one rule set that both
+`jax_brgemm.optimize` and `flax_layers` use.
+
+A rule takes the arguments of `lax.conv_general_dilated` / `lax.dot_general` as they appear
+in a jaxpr (shapes, dtypes, explicit paddings, dimension numbers) and returns either a plan
+that says which `jax_brgemm.nn` op computes the same result, or a `Refusal` with the reason
+the op stays in XLA. `run_conv` / `run_dot` execute a plan, with an optional fused epilogue:
+a per-output-channel scale folded into the weights, a per-channel bias and an activation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from . import nn
+from .ops import brgemm
+
+_F32 = np.dtype(jnp.float32)
+_BF16 = np.dtype(jnp.bfloat16)
+KERNEL_DTYPES = (_F32, _BF16)
+
+# Below this many multiply-adds XLA's own op wins: the FFI call, its argument checks and
+# thread start cost a few microseconds, which is the whole runtime of a tiny product.
+# Measured with `python -m jax_brgemm bench threshold` (see docs/design.md, "optimize").
+DEFAULT_MIN_MACS = 1 << 16
+
+
+class Refusal(NamedTuple):
+    """Why an op stays in XLA (shown by `jax_brgemm.explain`)."""
+
+    reason: str
+
+
+class ConvPlan(NamedTuple):
+    """A `conv_general_dilated` as `nn.conv2d` (or its transpose) in NHWC / HWIO."""
+
+    spatial: int                    # 1 or 2 (a 1-D convolution gets a unit height)
+    lhs_perm: tuple                 # lhs -> (N, *spatial, C)
+    rhs_perm: tuple                 # rhs -> (*spatial, I, O)
+    out_perm: tuple                 # (N, *spatial, K) -> the jaxpr's output layout
+    strides: tuple
+    dilation: tuple
+    pads: tuple                     # ((lo, hi), ...) per spatial dim
+    input_dilation: tuple           # all 1, or the strides of a transposed convolution
+    groups: int
+    out_dtype: np.dtype
+    channel_axis: int               # the output's feature axis (where a bias broadcasts)
+    macs: int
+
+    @property
+    def op(self) -> str:
+        return "nn.conv_transpose" if any(d != 1 for d in self.input_dilation) else "nn.conv2d"
+
+
+class DotPlan(NamedTuple):
+    """A `dot_general` as `nn.dense` (no batch dims) or a batched `jb.brgemm`."""
+
+    batched: bool
+    lhs_perm: tuple                 # lhs -> (*batch, *free, *contract)
+    rhs_perm: tuple                 # rhs -> (*batch, *contract, *free)
+    lhs_free: tuple                 # sizes
+    rhs_free: tuple
+    batch: tuple
+    k: int
+    out_dtype: np.dtype
+    channel_axis: int | None        # where a bias broadcasts (the last axis, if one rhs free dim)
+    macs: int
+
+    @property
+    def op(self) -> str:
+        return "jb.brgemm" if self.batched else "nn.dense"
+
+
+def _kernel_dtypes(lhs_dtype, rhs_dtype, preferred):
+    """The result dtype when the kernel can compute these dtypes exactly as XLA would, else a
+    Refusal."""
+    lhs_dtype, rhs_dtype = np.dtype(lhs_dtype), np.dtype(rhs_dtype)
+    if lhs_dtype != rhs_dtype:
+        return Refusal(f"mixed dtypes {lhs_dtype} x {rhs_dtype}")
+    if lhs_dtype not in KERNEL_DTYPES:
+        return Refusal(str(lhs_dtype))
+    out = lhs_dtype if preferred is None else np.dtype(preferred)
+    if out not in KERNEL_DTYPES:
+        return Refusal(f"{out} result")
+    if lhs_dtype == _F32 and out != _F32:
+        return Refusal(f"float32 inputs with a {out} result")
+    return out
+
+
+def _too_small(macs, min_macs):
+    if macs < min_macs:
+        return Refusal(f"too small: {_count(macs)} multiply-adds (min_macs={_count(min_macs)})")
+    return None
+
+
+def _count(n):
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+# ------------------------------------------------------------------ convolution
+
+
+def conv_rule(lhs_shape, lhs_dtype, rhs_shape, rhs_dtype, *, window_strides, padding,
+              lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count=1,
+              batch_group_count=1, preferred_element_type=None, out_sharding=None,
+              min_macs=DEFAULT_MIN_MACS, **_unused):
+    """A ConvPlan for these `conv_general_dilated` parameters, or a Refusal."""
+    dn = dimension_numbers
+    spatial = len(lhs_shape) - 2
+    if spatial not in (1, 2):
+        return Refusal(f"{spatial}-D convolution")
+    if out_sharding is not None:
+        return Refusal("out_sharding given")
+    out_dtype = _kernel_dtypes(lhs_dtype, rhs_dtype, preferred_element_type)
+    if isinstance(out_dtype, Refusal):
+        return out_dtype
+    if batch_group_count != 1:
+        return Refusal("batch_group_count > 1 (a weight-gradient convolution)")
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    strides, dilation = tuple(window_strides), tuple(rhs_dilation)
+    input_dilation = tuple(lhs_dilation)
+    if any(lo < 0 or hi < 0 for lo, hi in pads):
+        return Refusal("negative padding")
+    lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+    n, c = lhs_shape[lhs_spec[0]], lhs_shape[lhs_spec[1]]
+    in_sizes = [lhs_shape[d] for d in lhs_spec[2:]]
+    k, taps = rhs_shape[rhs_spec[0]], [rhs_shape[d] for d in rhs_spec[2:]]
+    groups = int(feature_group_count)
+    if any(d != 1 for d in input_dilation):
+        # A transposed convolution: the backward-data pass of a strided convolution, which
+        # needs unit window strides and pads within the dilated kernel's reach.
+        if any(s != 1 for s in strides):
+            return Refusal("input dilation with window strides")
+        if out_dtype != np.dtype(lhs_dtype):
+            return Refusal("input dilation with a result dtype other than the inputs'")
+        span = [(t - 1) * d for t, d in zip(taps, dilation)]
+        if any(lo > sp or hi > sp for (lo, hi), sp in zip(pads, span)):
+            return Refusal("input dilation with padding beyond the kernel's span")
+        in_sizes = [(size - 1) * d + 1 for size, d in zip(in_sizes, input_dilation)]
+    out_sizes = [(size + lo + hi - (d * (t - 1) + 1)) // s + 1
+                 for size, (lo, hi), t, s, d in zip(in_sizes, pads, taps, strides, dilation)]
+    if min(out_sizes + [n, c, k]) < 1:
+        return Refusal("empty convolution")
+    macs = n * math.prod(out_sizes) * k * math.prod(taps) * (c // groups)
+    if (small := _too_small(macs, min_macs)) is not None:
+        return small
+    lhs_perm = (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])
+    rhs_perm = (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])
+    # out_perm takes the NHWC result to out_spec's layout: output dim out_spec[j] is NHWC dim j'.
+    nhwc_of_spec = (0, spatial + 1) + tuple(range(1, spatial + 1))  # spec position -> NHWC dim
+    out_perm = [0] * (spatial + 2)
+    for pos, dim in enumerate(out_spec):
+        out_perm[dim] = nhwc_of_spec[pos]
+    return ConvPlan(spatial, lhs_perm, rhs_perm, tuple(out_perm), strides, dilation, pads,
+                    input_dilation, groups, out_dtype, out_spec[1], macs)
+
+
+def _transpose(x, perm):
+    return x if tuple(perm) == tuple(range(x.ndim)) else jnp.transpose(x, perm)
+
+
+def run_conv(plan: ConvPlan, lhs, rhs, *, scale=None, bias=None, activation=None):
+    """The convolution of `plan` on the kernel: ``activation(conv(lhs, rhs) * scale + bias)``
+    with scale and bias per output channel (scale folded into the weights)."""
+    x, w = _transpose(lhs, plan.lhs_perm), _transpose(rhs, plan.rhs_perm)
+    strides, dilation, pads, input_dilation = plan.strides, plan.dilation, plan.pads, plan.input_dilation
+    if plan.spatial == 1:  # a unit height in front of the width
+        x, w = x[:, None], w[None]
+        strides, dilation, input_dilation = (1, *strides), (1, *dilation), (1, *input_dilation)
+        pads = ((0, 0), *pads)
+    if scale is not None:
+        w = w * scale.astype(w.dtype)
+    if plan.op == "nn.conv_transpose":
+        y = nn.conv_transpose(x, w, bias, input_dilation=input_dilation, padding=pads,
+                              dilation=dilation, feature_group_count=plan.groups,
+                              activation=activation, out_dtype=plan.out_dtype)
+    else:
+        y = nn.conv2d(x, w.astype(x.dtype), bias, strides=strides, padding=pads, dilation=dilation,
+                      feature_group_count=plan.groups, activation=activation,
+                      out_dtype=plan.out_dtype)
+    if plan.spatial == 1:
+        y = y[:, 0]
+    return _transpose(y, plan.out_perm)
+
+
+# ------------------------------------------------------------------ matmul
+
+
+def dot_rule(lhs_shape, lhs_dtype, rhs_shape, rhs_dtype, *, dimension_numbers,
+             preferred_element_type=None, out_sharding=None, min_macs=DEFAULT_MIN_MACS,
+             **_unused):
+    """A DotPlan for these `dot_general` parameters, or a Refusal."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    if out_sharding is not None:
+        return Refusal("out_sharding given")
+    out_dtype = _kernel_dtypes(lhs_dtype, rhs_dtype, preferred_element_type)
+    if isinstance(out_dtype, Refusal):
+        return out_dtype
+    lc, rc, lb, rb = map(tuple, (lc, rc, lb, rb))
+    lfree = tuple(d for d in range(len(lhs_shape)) if d not in lc + lb)
+    rfree = tuple(d for d in range(len(rhs_shape)) if d not in rc + rb)
+    k = math.prod(lhs_shape[d] for d in lc)
+    batch = tuple(lhs_shape[d] for d in lb)
+    lhs_free = tuple(lhs_shape[d] for d in lfree)
+    rhs_free = tuple(rhs_shape[d] for d in rfree)
+    m, n = math.prod(lhs_free), math.prod(rhs_free)
+    macs = math.prod(batch) * m * n * k
+    if min(m, n, k, math.prod(batch)) < 1:
+        return Refusal("empty matmul")
+    if not lb and out_dtype != np.dtype(lhs_dtype):
+        return Refusal("bfloat16 inputs with a float32 result (nn.dense returns bfloat16)")
+    if (small := _too_small(macs, min_macs)) is not None:
+        return small
+    out_rank = len(batch) + len(lhs_free) + len(rhs_free)
+    channel_axis = out_rank - 1 if len(rhs_free) == 1 else None
+    return DotPlan(bool(lb), lb + lfree + lc, rb + rc + rfree, lhs_free, rhs_free, batch, k,
+                   out_dtype, channel_axis, macs)
+
+
+def run_dot(plan: DotPlan, lhs, rhs, *, scale=None, bias=None, activation=None):
+    """The dot_general of `plan` on the kernel, with the same optional epilogue as run_conv."""
+    m, n = math.prod(plan.lhs_free), math.prod(plan.rhs_free)
+    a = _transpose(lhs, plan.lhs_perm).reshape(plan.batch + (m, plan.k))
+    b = _transpose(rhs, plan.rhs_perm).reshape(plan.batch + (plan.k, n))
+    if scale is not None:
+        b = b * scale.astype(b.dtype)
+    if plan.batched:
+        lead = math.prod(plan.batch)
+        y = brgemm(a.reshape(lead, 1, m, plan.k), b.reshape(lead, 1, plan.k, n), bias=bias,
+                   epilogue=activation, out_dtype=plan.out_dtype)
+    else:
+        y = nn.dense(a, b, bias, activation=activation)
+    return y.reshape(plan.batch + plan.lhs_free + plan.rhs_free)
