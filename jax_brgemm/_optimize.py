@@ -439,6 +439,13 @@ def _variable_types():
     return (nnx.Variable,)
 
 
+try:
+    from flax.errors import TraceContextError
+except ImportError:  # flax is optional
+    class TraceContextError(Exception):
+        pass
+
+
 class Optimized:
     """`fun` with its convolutions and matmuls on the kernel (see `optimize`)."""
 
@@ -524,7 +531,10 @@ def _write_back(tree, new_values: dict):
             positions = range(index, index + len(value_leaves))
             if any(p in new_values for p in positions):
                 new = [new_values.get(p, old) for p, old in zip(positions, value_leaves)]
-                node.set_value(jax.tree_util.tree_unflatten(value_def, new))
+                try:
+                    node.set_value(jax.tree_util.tree_unflatten(value_def, new))
+                except TraceContextError:
+                    pass  # a Variable of an outer trace: dropped, as jax.jit drops it
             index += len(value_leaves)
         else:
             index += 1
