@@ -20,7 +20,7 @@ extra keyword, ``activation``, fused into the kernel's epilogue.
 Linen equivalents: :mod:`flax_layers.linen` (Dense, Conv, OptimizedLSTMCell).
 """
 
-from .linear import Conv, Dense
+from .linear import Conv, ConvTranspose, Dense
 from .recurrent import LSTM, RNN, OptimizedLSTMCell
 
-__all__ = ["Dense", "Conv", "OptimizedLSTMCell", "RNN", "LSTM"]
+__all__ = ["Dense", "Conv", "ConvTranspose", "OptimizedLSTMCell", "RNN", "LSTM"]

@@ -4,14 +4,12 @@ a call is put to the jax_brgemm.nn ops. Everything here is plain JAX; no Flax st
 from __future__ import annotations
 
 import math
-import numbers
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 import jax_brgemm as jb
-from jax_brgemm import _activations
+from jax_brgemm import _activations, _optimize
 from jax_brgemm._checks import check_activation
 
 _F32 = jnp.dtype(jnp.float32)
@@ -54,69 +52,18 @@ def is_tanh(fn) -> bool:
     return fn is jnp.tanh
 
 
-# ------------------------------------------------------------------ dense
+# ------------------------------------------------------------------ dense and conv
 
 
-def dense(x, kernel, bias, activation):
-    return jb.nn.dense(x, kernel, bias, activation=activation)
+def serve(stock_call, *arrays):
+    """``stock_call(*arrays)``, the stock module's computation, with its convolutions and
+    matmuls on the kernel: the same rules (jax_brgemm._rules) and rewrite as
+    ``jax_brgemm.optimize``, with no size threshold, since a layer chosen by the user runs on
+    the kernel at any size. What the rules do not serve stays the stock computation."""
+    return _optimize.rewrite_call(stock_call, arrays, _OPTIONS)
 
 
-# ------------------------------------------------------------------ conv
-
-
-class ConvPlan(NamedTuple):
-    """How a Flax 2-D convolution maps onto jax_brgemm.nn.conv2d."""
-
-    strides: tuple[int, int]
-    dilation: tuple[int, int]
-    padding: str | tuple  # for conv2d: "SAME", "VALID" or ((top, bottom), (left, right))
-    pre_pad: tuple | None  # (jnp.pad mode, pads) for CIRCULAR / REFLECT, applied first
-
-
-def _pair(value):
-    if value is None:
-        return (1, 1)
-    if isinstance(value, numbers.Integral):
-        return (int(value),) * 2
-    return tuple(value)
-
-
-def conv_plan(kernel_size, strides, padding, input_dilation, kernel_dilation) -> ConvPlan | None:
-    """The conv2d arguments for a Flax Conv's settings, or None when the kernel cannot
-    serve them (not 2-D, input dilation, CAUSAL or negative padding): the stock path runs."""
-    from flax.nnx.nn.linear import canonicalize_padding
-
-    if len(kernel_size) != 2:
-        return None
-    strides, input_dilation, dilation = _pair(strides), _pair(input_dilation), _pair(kernel_dilation)
-    if len(strides) != 2 or len(dilation) != 2 or input_dilation != (1, 1):
-        return None
-    pad = canonicalize_padding(padding, 2)
-    if pad in ("SAME", "VALID"):
-        return ConvPlan(strides, dilation, pad, None)
-    if pad in ("CIRCULAR", "REFLECT"):  # Flax pads the input, then runs a VALID conv
-        spans = [(k - 1) * d + 1 for k, d in zip(kernel_size, dilation)]
-        pads = ((0, 0),) + tuple(((s - 1) // 2, s // 2) for s in spans) + ((0, 0),)
-        return ConvPlan(strides, dilation, "VALID", ({"CIRCULAR": "wrap", "REFLECT": "reflect"}[pad], pads))
-    if isinstance(pad, str):
-        return None
-    pad = tuple((int(lo), int(hi)) for lo, hi in pad)
-    if len(pad) != 2 or min(min(p) for p in pad) < 0:
-        return None
-    return ConvPlan(strides, dilation, pad, None)
-
-
-def conv(plan: ConvPlan, inputs, kernel, bias, feature_group_count, activation):
-    """Flax's Conv computation for NHWC inputs with any number of batch dims (or none)."""
-    batch = inputs.shape[:-3]
-    x = inputs.reshape((math.prod(batch),) + inputs.shape[-3:])
-    if plan.pre_pad is not None:
-        mode, pads = plan.pre_pad
-        x = jnp.pad(x, pads, mode=mode)
-    y = jb.nn.conv2d(x, kernel, bias, strides=plan.strides, padding=plan.padding,
-                     dilation=plan.dilation, feature_group_count=feature_group_count,
-                     activation=activation)
-    return y.reshape(batch + y.shape[1:])
+_OPTIONS = _optimize.Options(min_macs=0)
 
 
 # ------------------------------------------------------------------ lstm

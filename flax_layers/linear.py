@@ -1,7 +1,14 @@
-"""Dense and Conv: drop-ins for flax.nnx.Linear and flax.nnx.Conv on the brgemm kernel."""
+"""Dense, Conv and ConvTranspose: drop-ins for flax.nnx.Linear, Conv and ConvTranspose on the
+brgemm kernel.
+
+Each runs the stock module's own computation through the rewrite `jax_brgemm.optimize`
+uses, so Flax's argument handling (padding modes, masks, dtype promotion, kernel flips) is
+Flax's, and the convolution or matmul goes to the kernel by the one rule set both share.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 from jax import lax
 from flax import nnx
 
@@ -15,14 +22,12 @@ class Dense(nnx.Linear):
     parameters (``kernel`` ``(in, out)``, ``bias`` ``(out,)``) with the same initial
     values for the same ``rngs``, so states move freely between the two. One extra
     keyword, ``activation`` (None, "relu", "gelu" (tanh form), "sigmoid", "tanh"), is
-    fused into the kernel's epilogue; ``Dense(..., activation="relu")(x)`` equals
-    ``nnx.relu(nnx.Linear(...)(x))``.
+    fused into the kernel's epilogue where the rules fuse it (relu, sigmoid, tanh);
+    ``Dense(..., activation="relu")(x)`` equals ``nnx.relu(nnx.Linear(...)(x))``.
 
-    The kernel serves the computations :func:`jax_brgemm.nn.dense` takes (after
-    ``promote_dtype`` with ``dtype``; see ``_common.SERVED_DTYPES``) with the default
-    ``dot_general``, no ``out_sharding`` and ``preferred_element_type`` None or the compute
-    dtype. Anything else (float16 compute, a custom ``dot_general``, ...) runs the stock
-    ``nnx.Linear`` computation, followed by the activation.
+    The kernel serves what the rules serve (float32 and bfloat16 compute with the result in
+    the compute dtype); a custom ``dot_general`` and anything else (float16 compute, ...)
+    runs the stock ``nnx.Linear`` computation, followed by the activation.
     """
 
     def __init__(self, in_features: int, out_features: int, *, activation: str | None = None, **kwargs):
@@ -31,30 +36,32 @@ class Dense(nnx.Linear):
         self.activation = activation
 
     def __call__(self, inputs, out_sharding=None):
-        kernel = self.kernel[...]
-        bias = self.bias[...] if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        if (self.dot_general is not lax.dot_general or out_sharding is not None
-                or _common.served_dtype("dense", x, kernel, bias,
-                                        preferred_element_type=self.preferred_element_type) is None):
-            return _common.activate(self.activation, super().__call__(inputs, out_sharding))
-        return _common.dense(x, kernel, bias, self.activation)
+        if np.shape(inputs)[-1:] != (self.in_features,):
+            raise ValueError(f"inputs' last dim must equal the kernel's in_features ({self.in_features}), "
+                             f"got inputs of shape {np.shape(inputs)}")
+
+        def stock(x):
+            return _common.activate(self.activation, nnx.Linear.__call__(self, x, out_sharding))
+
+        if self.dot_general is not lax.dot_general:  # the user's own function: left alone
+            return stock(inputs)
+        return _common.serve(stock, inputs)
 
 
 class Conv(nnx.Conv):
     """:class:`flax.nnx.Conv` computed by :func:`jax_brgemm.nn.conv2d`.
 
     Takes exactly ``nnx.Conv``'s arguments with the same defaults and creates the same
-    parameters (``kernel`` HWIO ``(*kernel_size, in // groups, out)``, ``bias`` ``(out,)``)
-    with the same initial values for the same ``rngs``. Extra keyword ``activation`` as in
-    :class:`Dense`, fused into the kernel's epilogue.
+    parameters (``kernel`` ``(*kernel_size, in // groups, out)``, ``bias`` ``(out,)``) with
+    the same initial values for the same ``rngs``. Extra keyword ``activation`` as in
+    :class:`Dense`.
 
-    The kernel serves 2-D float32 and bfloat16 convolutions (bias added in float32 before
-    the one rounding of the output): any strides, kernel dilation, groups and mask, padding
-    "SAME", "VALID", "CIRCULAR", "REFLECT", ints or (low, high) pairs, inputs with any
-    number of batch dims. Anything else (1-D or 3-D kernels, ``input_dilation``, "CAUSAL"
-    or negative padding, float16 compute, a custom ``conv_general_dilated``,
-    ``out_sharding``) runs the stock ``nnx.Conv`` computation, followed by the activation.
+    The kernel serves 1-D and 2-D float32 and bfloat16 convolutions: any strides, kernel
+    and input dilation (``input_dilation`` runs as a transposed convolution), groups and
+    mask, every padding mode (``"SAME"``, ``"VALID"``, ``"CIRCULAR"``, ``"REFLECT"``,
+    ``"CAUSAL"``, ints, pairs; negative padding excepted), any number of batch dims.
+    Anything else (3-D kernels, float16 compute, a custom ``conv_general_dilated``) runs the
+    stock ``nnx.Conv`` computation, followed by the activation.
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size, strides=1, *,
@@ -64,18 +71,32 @@ class Conv(nnx.Conv):
         self.activation = activation
 
     def __call__(self, inputs, out_sharding=None):
-        plan = None
-        if (self.conv_general_dilated is lax.conv_general_dilated and out_sharding is None
-                and (self.mask is None or self.mask.shape == self.kernel_shape)):
-            plan = _common.conv_plan(self.kernel_size, self.strides, self.padding,
-                                     self.input_dilation, self.kernel_dilation)
-        if plan is not None:
-            kernel = self.kernel[...]
-            if self.mask is not None:
-                kernel = kernel * self.mask
-            bias = self.bias[...] if self.bias is not None else None
-            x, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-            if _common.served_dtype("conv", x, kernel, bias,
-                                    preferred_element_type=self.preferred_element_type):
-                return _common.conv(plan, x, kernel, bias, self.feature_group_count, self.activation)
-        return _common.activate(self.activation, super().__call__(inputs, out_sharding))
+        def stock(x):
+            return _common.activate(self.activation, nnx.Conv.__call__(self, x, out_sharding))
+
+        if self.conv_general_dilated is not lax.conv_general_dilated:
+            return stock(inputs)
+        return _common.serve(stock, inputs)
+
+
+class ConvTranspose(nnx.ConvTranspose):
+    """:class:`flax.nnx.ConvTranspose` on the kernel: its input-dilated convolution runs as
+    conv2d's backward-data loop nest (see :func:`jax_brgemm.nn.conv_transpose`), its
+    gradients on the forward and weight-update loop nests.
+
+    Same arguments, defaults, parameters and initial values as ``nnx.ConvTranspose``, plus
+    ``activation``. 1-D and 2-D, float32 and bfloat16, every padding mode, kernel dilation
+    and ``transpose_kernel``; what the rules do not serve runs the stock computation.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size, strides=None, *,
+                 activation: str | None = None, **kwargs):
+        _common.activation_name(activation)
+        super().__init__(in_features, out_features, kernel_size, strides, **kwargs)
+        self.activation = activation
+
+    def __call__(self, inputs):
+        def stock(x):
+            return _common.activate(self.activation, nnx.ConvTranspose.__call__(self, x))
+
+        return _common.serve(stock, inputs)

@@ -17,13 +17,25 @@ from flax.linen.recurrent import DenseParams
 
 from . import _common
 
-__all__ = ["Dense", "Conv", "OptimizedLSTMCell"]
+__all__ = ["Dense", "Conv", "ConvTranspose", "OptimizedLSTMCell"]
 
 
 def _promoted(promote, dtype, *arrays) -> list:
     """``promote(*arrays, dtype=dtype)`` as shapes and dtypes; arrays may be
     ShapeDtypeStructs (parameters not created yet) or None."""
     return jax.tree.leaves(jax.eval_shape(lambda *a: promote(*a, dtype=dtype), *arrays))
+
+
+def _served_call(module, stock_call, inputs):
+    """The stock Linen computation, its convolution or matmul on the kernel (flax_layers'
+    rules, as in the NNX modules); at init, the stock computation creates the parameters."""
+
+    def stock(x):
+        return _common.activate(module.activation, stock_call(module, x))
+
+    if module.is_initializing():
+        return stock(inputs)
+    return _common.serve(stock, inputs)
 
 
 class Dense(linen.Dense):
@@ -34,43 +46,36 @@ class Dense(linen.Dense):
 
     @linen.compact
     def __call__(self, inputs):
-        kernel_shape = (jnp.shape(inputs)[-1], self.features)
-        param = jax.ShapeDtypeStruct(kernel_shape, self.param_dtype)
-        if (self.dot_general is not None or self.dot_general_cls is not None
-                or not _common.served_dtype("dense", *_promoted(self.promote_dtype, self.dtype,
-                                                                inputs, param, None))):
+        _common.activation_name(self.activation)
+        if self.dot_general is not None or self.dot_general_cls is not None:
             return _common.activate(self.activation, super().__call__(inputs))
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        x, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        return _common.dense(x, kernel, bias, self.activation)
+        return _served_call(self, linen.Dense.__call__, inputs)
 
 
 class Conv(linen.Conv):
-    """:class:`flax.linen.Conv` computed by :func:`jax_brgemm.nn.conv2d` for 2-D float32 and
-    bfloat16 convolutions (what :class:`flax_layers.Conv` serves); plus ``activation``."""
+    """:class:`flax.linen.Conv` on the kernel for what :class:`flax_layers.Conv` serves (1-D
+    and 2-D float32 and bfloat16 convolutions); plus ``activation``."""
 
     activation: str | None = None
 
     @linen.compact
     def __call__(self, inputs):
-        kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
-        plan = None
-        if self.conv_general_dilated is None and self.conv_general_dilated_cls is None:
-            plan = _common.conv_plan(kernel_size, self.strides, self.padding, self.input_dilation,
-                                     self.kernel_dilation)
-        kernel_shape = kernel_size + (jnp.shape(inputs)[-1] // self.feature_group_count, self.features)
-        if (plan is None or (self.mask is not None and self.mask.shape != kernel_shape)
-                or not _common.served_dtype("conv", *_promoted(
-                    self.promote_dtype, self.dtype, inputs,
-                    jax.ShapeDtypeStruct(kernel_shape, self.param_dtype), None))):
+        _common.activation_name(self.activation)
+        if self.conv_general_dilated is not None or self.conv_general_dilated_cls is not None:
             return _common.activate(self.activation, super().__call__(inputs))
-        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
-        if self.mask is not None:
-            kernel = kernel * self.mask
-        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        x, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        return _common.conv(plan, x, kernel, bias, self.feature_group_count, self.activation)
+        return _served_call(self, linen.Conv.__call__, inputs)
+
+
+class ConvTranspose(linen.ConvTranspose):
+    """:class:`flax.linen.ConvTranspose` on the kernel (see :class:`flax_layers.ConvTranspose`);
+    plus ``activation``."""
+
+    activation: str | None = None
+
+    @linen.compact
+    def __call__(self, inputs):
+        _common.activation_name(self.activation)
+        return _served_call(self, linen.ConvTranspose.__call__, inputs)
 
 
 class OptimizedLSTMCell(linen.OptimizedLSTMCell):

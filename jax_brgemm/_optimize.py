@@ -424,6 +424,15 @@ def _eval_closed(closed, args, options):
     return eval_jaxpr(closed.jaxpr, closed.consts, list(args), options)
 
 
+def rewrite_call(fun, arrays, options):
+    """``fun(*arrays)`` evaluated once through the rewrite, with no cache and no jit: for
+    callers that close over traced values (flax_layers' modules) and run inside the caller's
+    own trace."""
+    closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*arrays)
+    flat = eval_jaxpr(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(arrays), options)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), flat)
+
+
 # ------------------------------------------------------------------ the transform
 
 

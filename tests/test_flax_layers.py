@@ -219,9 +219,43 @@ def test_conv_bfloat16(rng, kwargs):
 
 @pytest.mark.parametrize("kwargs,shape", [
     (dict(kernel_size=(3,)), (2, 9, 4)),                                # 1-D
-    (dict(kernel_size=(3,), padding="CAUSAL"), (2, 9, 4)),
-    (dict(kernel_size=(2, 2, 2)), (1, 5, 5, 5, 4)),                    # 3-D
+    (dict(kernel_size=(3,), padding="CAUSAL", kernel_dilation=2), (2, 9, 4)),
+    (dict(kernel_size=(5,), strides=2, padding="CIRCULAR"), (3, 11, 4)),
     (dict(kernel_size=(3, 3), input_dilation=2, padding=((1, 1), (2, 0))), (2, 6, 6, 4)),
+    (dict(kernel_size=(3, 2), input_dilation=(2, 3), padding=((2, 1), (0, 1)), feature_group_count=2), (2, 5, 4, 4)),
+])
+def test_conv_1d_and_input_dilation(rng, kwargs, shape):
+    """Served since the rules took over: 1-D convolutions with a unit height, input
+    dilation as a transposed convolution."""
+    ours, stock = fl.Conv(4, 6, rngs=nnx.Rngs(0), **kwargs), nnx.Conv(4, 6, rngs=nnx.Rngs(0), **kwargs)
+    check_against_stock(ours, stock, normal(rng, *shape))
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    (dict(kernel_size=(3, 3), strides=2), (2, 5, 6, 4)),
+    (dict(kernel_size=(4, 4), strides=2, padding="VALID", use_bias=False), (2, 5, 5, 4)),
+    (dict(kernel_size=(3, 3), strides=(2, 1), padding=((1, 2), (0, 2)), kernel_dilation=(1, 2)), (2, 5, 6, 4)),
+    (dict(kernel_size=(3, 3), strides=2, transpose_kernel=True), (2, 5, 6, 4)),
+    (dict(kernel_size=(3, 3), strides=2, padding="CIRCULAR"), (2, 5, 6, 4)),
+    (dict(kernel_size=(4,), strides=3), (2, 7, 4)),
+])
+def test_conv_transpose(rng, kwargs, shape):
+    ours = fl.ConvTranspose(4, 6, rngs=nnx.Rngs(3), **kwargs)
+    stock = nnx.ConvTranspose(4, 6, rngs=nnx.Rngs(3), **kwargs)
+    check_against_stock(ours, stock, normal(rng, *shape))
+
+
+def test_conv_transpose_activation_and_bfloat16(rng):
+    ours = fl.ConvTranspose(4, 6, (3, 3), strides=2, activation="relu", rngs=nnx.Rngs(4))
+    stock = nnx.ConvTranspose(4, 6, (3, 3), strides=2, rngs=nnx.Rngs(4))
+    check_against_stock(Wrap(ours), Wrap(stock, nnx.relu), normal(rng, 2, 5, 5, 4))
+    ours = fl.ConvTranspose(4, 6, (3, 3), strides=2, dtype=jnp.bfloat16, rngs=nnx.Rngs(4))
+    stock = nnx.ConvTranspose(4, 6, (3, 3), strides=2, dtype=jnp.bfloat16, rngs=nnx.Rngs(4))
+    check_bfloat16_against_stock(ours, stock, normal(rng, 2, 5, 5, 4))
+
+
+@pytest.mark.parametrize("kwargs,shape", [
+    (dict(kernel_size=(2, 2, 2)), (1, 5, 5, 5, 4)),                    # 3-D
     (dict(kernel_size=(3, 3), dtype=jnp.float16), (2, 6, 6, 4)),
     (dict(kernel_size=(3, 3), padding=((-1, 2), (1, 1))), (2, 6, 6, 4)),
 ])
@@ -475,6 +509,16 @@ def test_linen_conv(rng, kwargs):
     check_linen(fll.Conv(6, **kwargs), nn.Conv(6, **kwargs), normal(rng, 2, 8, 8, 4))
 
 
+@pytest.mark.parametrize("ours,stock,shape", [
+    (fll.Conv(6, (3,)), nn.Conv(6, (3,)), (2, 9, 4)),
+    (fll.Conv(6, (3, 3), input_dilation=2, padding=1), nn.Conv(6, (3, 3), input_dilation=2, padding=1),
+     (2, 6, 6, 4)),
+    (fll.ConvTranspose(6, (3, 3), strides=(2, 2)), nn.ConvTranspose(6, (3, 3), strides=(2, 2)), (2, 5, 6, 4)),
+])
+def test_linen_conv_1d_input_dilation_and_transpose(rng, ours, stock, shape):
+    check_linen(ours, stock, normal(rng, *shape))
+
+
 def test_linen_conv_bfloat16(rng):
     x = normal(rng, 2, 8, 8, 4)
     ours, stock = fll.Conv(6, (3, 3), dtype=jnp.bfloat16), nn.Conv(6, (3, 3), dtype=jnp.bfloat16)
@@ -503,9 +547,7 @@ def test_linen_lstm_cell(rng):
 
 @pytest.mark.parametrize("ours,stock,shape", [
     (fll.Dense(4, dtype=jnp.float16), nn.Dense(4, dtype=jnp.float16), (2, 5)),
-    (fll.Conv(4, (3,)), nn.Conv(4, (3,)), (2, 6, 5)),
-    (fll.Conv(4, (3, 3), input_dilation=2, padding=1), nn.Conv(4, (3, 3), input_dilation=2, padding=1),
-     (2, 6, 6, 5)),
+    (fll.Conv(4, (3, 3, 3)), nn.Conv(4, (3, 3, 3)), (1, 5, 6, 6, 5)),
 ])
 def test_linen_stock_fallback(rng, ours, stock, shape):
     x = normal(rng, *shape)
