@@ -77,6 +77,7 @@ struct Ctx {
     if (m->causal) h = std::min(h, i + 1);
     if (m->window_left >= 0) l = std::max(l, i - m->window_left);
     if (m->window_right >= 0) h = std::min(h, i + m->window_right + 1);
+    l = std::min(l, s.kv_len);
     *lo = l, *hi = std::max(l, h);
   }
   // The keys some row of [i0, i0 + rows) may see: lo and hi grow with i.
