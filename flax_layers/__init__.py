@@ -17,10 +17,14 @@ the kernel adds the bias in float32 and rounds once, so results can differ from 
 module's (which rounds after the product and again after the bias) by bfloat16 rounding. Dense and Conv take one
 extra keyword, ``activation``, fused into the kernel's epilogue.
 
-Linen equivalents: :mod:`flax_layers.linen` (Dense, Conv, OptimizedLSTMCell).
+``fl.MultiHeadAttention`` is ``nnx.MultiHeadAttention`` with its attention on the kernel.
+
+Linen equivalents: :mod:`flax_layers.linen` (Dense, Conv, ConvTranspose, OptimizedLSTMCell,
+MultiHeadDotProductAttention).
 """
 
+from .attention import MultiHeadAttention
 from .linear import Conv, ConvTranspose, Dense
 from .recurrent import LSTM, RNN, OptimizedLSTMCell
 
-__all__ = ["Dense", "Conv", "ConvTranspose", "OptimizedLSTMCell", "RNN", "LSTM"]
+__all__ = ["Dense", "Conv", "ConvTranspose", "OptimizedLSTMCell", "RNN", "LSTM", "MultiHeadAttention"]

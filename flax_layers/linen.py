@@ -9,6 +9,8 @@ Conv take one extra attribute, ``activation``, fused into the kernel's epilogue.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import linen
@@ -16,8 +18,9 @@ from flax.linen.dtypes import promote_dtype
 from flax.linen.recurrent import DenseParams
 
 from . import _common
+from . import attention as _attention
 
-__all__ = ["Dense", "Conv", "ConvTranspose", "OptimizedLSTMCell"]
+__all__ = ["Dense", "Conv", "ConvTranspose", "OptimizedLSTMCell", "MultiHeadDotProductAttention"]
 
 
 def _promoted(promote, dtype, *arrays) -> list:
@@ -117,3 +120,10 @@ class OptimizedLSTMCell(linen.OptimizedLSTMCell):
         c = c.astype(jnp.promote_types(c.dtype, w_hh.dtype))
         new_c, new_h = _common.lstm_step(x, w_ih, w_hh, bias, c, h)
         return (new_c, new_h), new_h
+
+
+class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
+    """:class:`flax.linen.MultiHeadDotProductAttention` whose default ``attention_fn`` runs
+    :func:`jax_brgemm.nn.dot_product_attention` where it serves (flax_layers.attention)."""
+
+    attention_fn: Callable[..., jax.Array] = _attention.linen_dot_product_attention

@@ -116,6 +116,22 @@ const Kernel& get_kernel(const Desc& d);
 // epilogue uses, so primitives that apply activations outside a brgemm call agree with it.
 void apply_activation(Activation act, float* data, int64_t size, Isa isa);
 
+// Row operations on a row-major float32 block x (rows x cols, leading dimension ld),
+// vectorised like the epilogue: what a running normalisation of long rows taken one block
+// of columns at a time needs (a softmax over blocks: max, shifted exponentials and their
+// sums, rescaling). Where `out` is given, the results are also stored there rounded to
+// bfloat16 (leading dimension ld_out), ready to be a kernel operand.
+//   rows_max:     max[r] = max(max[r], x[r, 0..cols))         (NaN elements may be skipped)
+//   rows_exp:     x[r, j] = exp(x[r, j] - shift[r]); sum[r] = sum_j x[r, j] (sum may be null)
+//   rows_scale:   x[r, j] *= factor[r]
+//   rows_sub_mul: x[r, j] = y[r, j] * (x[r, j] - sub[r])      (y: leading dimension ldy)
+void rows_max(const float* x, int64_t ld, int64_t rows, int64_t cols, float* max, Isa isa);
+void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
+              uint16_t* out, int64_t ld_out, Isa isa);
+void rows_scale(float* x, int64_t ld, int64_t rows, int64_t cols, const float* factor, Isa isa);
+void rows_sub_mul(float* x, int64_t ld, const float* y, int64_t ldy, int64_t rows, int64_t cols,
+                  const float* sub, uint16_t* out, int64_t ld_out, Isa isa);
+
 // dst (cols x rows, leading dimension ldd) = src (rows x cols, lds) transposed, float32:
 // dst[j * ldd + i] = src[i * lds + j]. In-register 16 x 16 transposes on AVX-512, so the
 // primitives' re-layouts (packing A^T or B^T panels) run at memory speed.

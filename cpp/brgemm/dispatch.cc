@@ -242,6 +242,27 @@ void apply_activation(Activation act, float* data, int64_t size, Isa isa) {
   (impl ? impl : &detail::impl_ref)->activation(act, data, size);
 }
 
+// The float32 implementation of `isa` (avx512bf16 and amx: the AVX-512 one).
+const detail::RowOps& row_ops(Isa isa) {
+  const detail::IsaImpl* impl = impl_for(isa);
+  return (impl ? impl : &detail::impl_ref)->rows;
+}
+
+void rows_max(const float* x, int64_t ld, int64_t rows, int64_t cols, float* max, Isa isa) {
+  row_ops(isa).max(x, ld, rows, cols, max);
+}
+void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
+              uint16_t* out, int64_t ld_out, Isa isa) {
+  row_ops(isa).exp(x, ld, rows, cols, shift, sum, out, ld_out);
+}
+void rows_scale(float* x, int64_t ld, int64_t rows, int64_t cols, const float* factor, Isa isa) {
+  row_ops(isa).scale(x, ld, rows, cols, factor);
+}
+void rows_sub_mul(float* x, int64_t ld, const float* y, int64_t ldy, int64_t rows, int64_t cols,
+                  const float* sub, uint16_t* out, int64_t ld_out, Isa isa) {
+  row_ops(isa).sub_mul(x, ld, y, ldy, rows, cols, sub, out, ld_out);
+}
+
 namespace {
 // The portable transpose, in 16 x 16 tiles so few destination lines are in flight.
 template <class T>

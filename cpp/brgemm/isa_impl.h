@@ -15,11 +15,22 @@ struct Blocking {
   int max_rows[kMaxVectorsPerBlock + 1] = {};
 };
 
+// The row operations of brgemm.h (rows_max etc.), without the isa argument.
+struct RowOps {
+  void (*max)(const float* x, int64_t ld, int64_t rows, int64_t cols, float* max) = nullptr;
+  void (*exp)(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
+              uint16_t* out, int64_t ld_out) = nullptr;
+  void (*scale)(float* x, int64_t ld, int64_t rows, int64_t cols, const float* factor) = nullptr;
+  void (*sub_mul)(float* x, int64_t ld, const float* y, int64_t ldy, int64_t rows, int64_t cols,
+                  const float* sub, uint16_t* out, int64_t ld_out) = nullptr;
+};
+
 struct IsaImpl {
   Blocking f32, bf16;    // blocking for float32 and bfloat16 inputs
   KernelFn run_f32 = nullptr;
   KernelFn run_bf16 = nullptr;
   void (*activation)(Activation act, float* data, int64_t size) = nullptr;
+  RowOps rows;  // float32 implementations (set by make_impl of the float32 kernels)
   double (*fma_peak_gflops)(double seconds) = nullptr;
   double (*bf16_peak_gflops)(double seconds) = nullptr;  // null: no native bf16 math
   // Optional: vectorised transposes (null: the portable loop in dispatch.cc).

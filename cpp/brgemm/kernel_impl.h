@@ -63,6 +63,116 @@ inline void apply_activation(Activation act, float* data, int64_t size) {
   }
 }
 
+// ---------------------------------------------------------------- row operations
+// On row-major float32 blocks (rows x cols, leading dimension ld): what a running
+// normalisation of long rows, taken a block of columns at a time, needs (brgemm.h).
+inline float lanes_max(Vec v) {
+  alignas(64) float t[W];
+  v.store(t);
+  float m = t[0];
+  for (int i = 1; i < W; ++i) m = t[i] > m ? t[i] : m;
+  return m;
+}
+inline float lanes_sum(Vec v) {
+  alignas(64) float t[W];
+  v.store(t);
+  float s = 0.0f;
+  for (int i = 0; i < W; ++i) s += t[i];
+  return s;
+}
+
+inline void rows_max(const float* x, int64_t ld, int64_t rows, int64_t cols, float* max) {
+  const Vec lowest = Vec::set1(-INFINITY);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * ld;
+    Vec m0 = lowest, m1 = lowest;  // two chains: the max's latency is not the limit
+    int64_t j = 0;
+    for (; j + 2 * W <= cols; j += 2 * W) {
+      m0 = vmax(m0, Vec::load(row + j));
+      m1 = vmax(m1, Vec::load(row + j + W));
+    }
+    for (; j + W <= cols; j += W) m0 = vmax(m0, Vec::load(row + j));
+    if (j < cols) {
+      const auto mask = Vec::tail_mask(static_cast<int>(cols - j));
+      m1 = vmax(m1, select(mask, Vec::load(row + j, mask), lowest));
+    }
+    const float m = lanes_max(vmax(m0, m1));
+    if (m > max[r]) max[r] = m;
+  }
+}
+
+template <bool kCopy>
+inline void rows_exp_impl(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift,
+                          float* sum, uint16_t* out, int64_t ld_out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * ld;
+    uint16_t* orow = kCopy ? out + r * ld_out : nullptr;
+    const Vec s = Vec::set1(shift[r]);
+    Vec acc = Vec::zero();
+    int64_t j = 0;
+    for (; j + W <= cols; j += W) {
+      const Vec e = exp(Vec::load(row + j) - s);
+      e.store(row + j);
+      if constexpr (kCopy) e.store_bf16(orow + j);
+      acc = acc + e;
+    }
+    if (j < cols) {
+      const auto mask = Vec::tail_mask(static_cast<int>(cols - j));
+      const Vec e = select(mask, exp(Vec::load(row + j, mask) - s), Vec::zero());
+      e.store(row + j, mask);
+      if constexpr (kCopy) e.store_bf16(orow + j, mask);
+      acc = acc + e;
+    }
+    if (sum) sum[r] = lanes_sum(acc);
+  }
+}
+inline void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift,
+                     float* sum, uint16_t* out, int64_t ld_out) {
+  if (out) rows_exp_impl<true>(x, ld, rows, cols, shift, sum, out, ld_out);
+  else rows_exp_impl<false>(x, ld, rows, cols, shift, sum, nullptr, 0);
+}
+
+inline void rows_scale(float* x, int64_t ld, int64_t rows, int64_t cols, const float* factor) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * ld;
+    const Vec f = Vec::set1(factor[r]);
+    int64_t j = 0;
+    for (; j + W <= cols; j += W) (Vec::load(row + j) * f).store(row + j);
+    if (j < cols) {
+      const auto mask = Vec::tail_mask(static_cast<int>(cols - j));
+      (Vec::load(row + j, mask) * f).store(row + j, mask);
+    }
+  }
+}
+
+template <bool kCopy>
+inline void rows_sub_mul_impl(float* x, int64_t ld, const float* y, int64_t ldy, int64_t rows,
+                              int64_t cols, const float* sub, uint16_t* out, int64_t ld_out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * ld;
+    const float* yrow = y + r * ldy;
+    uint16_t* orow = kCopy ? out + r * ld_out : nullptr;
+    const Vec s = Vec::set1(sub[r]);
+    int64_t j = 0;
+    for (; j + W <= cols; j += W) {
+      const Vec v = Vec::load(yrow + j) * (Vec::load(row + j) - s);
+      v.store(row + j);
+      if constexpr (kCopy) v.store_bf16(orow + j);
+    }
+    if (j < cols) {
+      const auto mask = Vec::tail_mask(static_cast<int>(cols - j));
+      const Vec v = Vec::load(yrow + j, mask) * (Vec::load(row + j, mask) - s);
+      v.store(row + j, mask);
+      if constexpr (kCopy) v.store_bf16(orow + j, mask);
+    }
+  }
+}
+inline void rows_sub_mul(float* x, int64_t ld, const float* y, int64_t ldy, int64_t rows,
+                         int64_t cols, const float* sub, uint16_t* out, int64_t ld_out) {
+  if (out) rows_sub_mul_impl<true>(x, ld, y, ldy, rows, cols, sub, out, ld_out);
+  else rows_sub_mul_impl<false>(x, ld, y, ldy, rows, cols, sub, nullptr, 0);
+}
+
 // ---------------------------------------------------------------- micro-kernel
 // Always inlined: as calls, every batch element of a tile saved and restored all its
 // accumulators around them (in cache, 56x64x64x9: 165 -> 176 GFLOP/s once inlined).
@@ -331,6 +441,7 @@ inline detail::IsaImpl make_impl() {
   impl.run_bf16 = &run_converting<uint16_t, kBf16Blocking>;
   impl.activation = &apply_activation;
   impl.fma_peak_gflops = &fma_peak_gflops;
+  impl.rows = {&rows_max, &rows_exp, &rows_scale, &rows_sub_mul};
   return impl;
 }
 

@@ -59,6 +59,7 @@ struct Vec {
   friend Vec select(Mask m, Vec a, Vec b) { return m ? a : b; }
   friend Vec copysign(Vec mag, Vec sign) { return {std::copysign(mag.v, sign.v)}; }
   friend Vec exp(Vec x) { return {std::exp(x.v)}; }
+  friend Vec vmax(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
 };
 inline void store_fence() {}
 #elif defined(JBR_VEC_AVX512)
@@ -99,6 +100,7 @@ struct Vec {
   friend Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
   // MAXPS returns its second operand when either is NaN: x second keeps NaN.
   friend Vec relu(Vec x) { return {_mm512_max_ps(_mm512_setzero_ps(), x.v)}; }
+  friend Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   friend Vec abs(Vec x) { return {_mm512_abs_ps(x.v)}; }
   friend Mask less(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
   friend Vec select(Mask m, Vec a, Vec b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
@@ -183,6 +185,7 @@ struct Vec {
   friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
   friend Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
   friend Vec relu(Vec x) { return {_mm256_max_ps(_mm256_setzero_ps(), x.v)}; }
+  friend Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
   friend Vec abs(Vec x) {
     return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x.v)};
   }

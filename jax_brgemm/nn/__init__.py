@@ -4,5 +4,6 @@ from .dense import dense, mlp, mlp_init
 from .conv import conv2d
 from .conv_transpose import conv_transpose
 from .lstm import lstm
+from .attention import dot_product_attention
 
-__all__: list[str] = ["dense", "mlp", "mlp_init", "conv2d", "conv_transpose", "lstm"]
+__all__: list[str] = ["dense", "mlp", "mlp_init", "conv2d", "conv_transpose", "lstm", "dot_product_attention"]
