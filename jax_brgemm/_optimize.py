@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
-from . import _rules
+from . import _attention_pattern, _rules
 
 _OPTIONS = {
     "min_macs": "ops with fewer multiply-adds stay in XLA (default %d)" % _rules.DEFAULT_MIN_MACS,
     "conv": "serve convolutions (default True)",
     "matmul": "serve dot_general (default True)",
     "fuse": "fuse bias, per-channel affine and activation into the served op (default True)",
+    "attention": "serve softmax attention (dot_general, softmax, dot_general) as one op (default True)",
 }
 
 
@@ -41,6 +42,7 @@ class Options:
     conv: bool = True
     matmul: bool = True
     fuse: bool = True
+    attention: bool = True
 
     @staticmethod
     def parse(options: dict) -> "Options":
@@ -240,18 +242,30 @@ def plan_jaxpr(jaxpr, options, where=""):
     """{eqn index: Fused} for the served ops of one jaxpr, the indices to skip, and the
     Decisions (nested jaxprs included)."""
     uses = _uses(jaxpr)
-    producers, consumers = {}, {}
+    producers, consumers, readers = {}, {}, {}
     for j, eqn in enumerate(jaxpr.eqns):
         for v in eqn.outvars:
             producers[v] = eqn
         for v in eqn.invars:
-            if not _is_literal(v) and uses.get(v) == 1:
-                consumers[v] = (j, eqn)
+            if not _is_literal(v):
+                readers.setdefault(v, []).append((j, eqn))
+                if uses.get(v) == 1:
+                    consumers[v] = (j, eqn)
     served, skip, decisions = {}, set(), []
     for i, eqn in enumerate(jaxpr.eqns):
         if i in skip:
             continue
         name = eqn.primitive.name
+        if name == "dot_general" and options.attention and options.matmul:
+            found = _attention_pattern.match(jaxpr, i, readers, producers, options.min_macs)
+            if found is not None:
+                q, k = (_aval(v) for v in eqn.invars[:2])
+                decision = Decision("attention", where, tuple(q.shape), tuple(k.shape), str(q.dtype),
+                                    "nn.dot_product_attention", ("softmax",), macs=found.macs)
+                decisions.append(decision)
+                served[found.pv_index] = found
+                skip.update(found.pattern)
+                continue
         if name in ("conv_general_dilated", "dot_general"):
             lhs, rhs = (_aval(v) for v in eqn.invars[:2])
             plan = _rule(eqn, options)
@@ -341,7 +355,10 @@ def eval_jaxpr(jaxpr, consts, args, options):
     for i, eqn in enumerate(jaxpr.eqns):
         if i in served:
             fused = served[i]
-            outs = [_run_fused(fused, read)]
+            if isinstance(fused, _attention_pattern.AttentionMatch):
+                outs = [_attention_pattern.run(fused, read)]
+            else:
+                outs = [_run_fused(fused, read)]
         elif i in skip:
             continue
         else:
@@ -424,11 +441,39 @@ def _eval_closed(closed, args, options):
     return eval_jaxpr(closed.jaxpr, closed.consts, list(args), options)
 
 
+def inline_jits(closed):
+    """The same program with every nested jit inlined (recursively), so patterns that cross a
+    jit boundary, such as jnp.where's inside attention's masking, are seen whole."""
+    if not any(e.primitive.name in ("pjit", "jit") for e in closed.jaxpr.eqns):
+        return closed
+
+    def run(jaxpr, consts, args):
+        env = dict(zip(jaxpr.constvars, consts))
+        env.update(zip(jaxpr.invars, args))
+        read = lambda v: v.val if _is_literal(v) else env[v]  # noqa: E731
+        for eqn in jaxpr.eqns:
+            invals = [read(v) for v in eqn.invars]
+            if eqn.primitive.name in ("pjit", "jit"):
+                inner = _closed(eqn.params["jaxpr"])
+                outs = run(inner.jaxpr, inner.consts, invals)
+            else:
+                outs = _bind_as_is(eqn.primitive, invals, eqn.params)
+                outs = outs if eqn.primitive.multiple_results else [outs]
+            for v, x in zip(eqn.outvars, outs):
+                if not isinstance(v, core.DropVar):
+                    env[v] = x
+        return [read(v) for v in jaxpr.outvars]
+
+    avals = [v.aval for v in closed.jaxpr.invars]
+    return jax.make_jaxpr(lambda *a: run(closed.jaxpr, closed.consts, a))(*avals)
+
+
 def rewrite_call(fun, arrays, options):
     """``fun(*arrays)`` evaluated once through the rewrite, with no cache and no jit: for
     callers that close over traced values (flax_layers' modules) and run inside the caller's
     own trace."""
     closed, out_shape = jax.make_jaxpr(fun, return_shape=True)(*arrays)
+    closed = inline_jits(closed)
     flat = eval_jaxpr(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(arrays), options)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), flat)
 
@@ -493,6 +538,7 @@ class Optimized:
                                           sharding=_sharding(leaves[i]),
                                           weak_type=_aval_key(leaves[i])[2]) for i in dynamic]
         closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*dyn_avals)
+        closed = inline_jits(closed)
         out_tree = jax.tree_util.tree_structure(out_shape)
         options = self.options
 

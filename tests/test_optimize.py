@@ -248,7 +248,8 @@ def test_nested_jaxprs_are_rewritten():
         return custom(y, w)
 
     e = check_same(f, (x, w), argnums=(0, 1), served=6)
-    assert {d.where.split("[")[0] for d in e.decisions} == {"jit", "remat2", "scan", "cond", "custom_vjp_call"}
+    # Nested jits are inlined; the other nested jaxprs keep their place.
+    assert {d.where.split("[")[0] for d in e.decisions} == {"", "remat2", "scan", "cond", "custom_vjp_call"}
 
     def loop(x, w):  # while_loop has no reverse-mode derivative: values only
         return lax.while_loop(lambda c: c[1] < 2, lambda c: (jnp.tanh(c[0] @ w), c[1] + 1), (x, 0))[0]
@@ -309,3 +310,96 @@ def test_bad_options_and_untraceable_functions():
         jax.jit(branchy)(x)
     with pytest.raises(jax.errors.TracerBoolConversionError):
         jb.optimize(branchy)(x)
+
+
+# ------------------------------------------------------------------ attention
+
+
+def attention_inputs(rng, b=2, t=40, s=36, n=4, kv=4, h=16, dtype=jnp.float32):
+    return (randn(rng, (b, t, n, h), dtype), randn(rng, (b, s, kv, h), dtype), randn(rng, (b, s, kv, h), dtype))
+
+
+def einsum_attention(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(q.shape[-1]))
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+
+def attention_config(fun, *args):
+    """The attributes of the attention FFI calls in fun's lowering."""
+    text = jax.jit(fun).lower(*args).as_text()
+    return re.findall(r"jax_brgemm_attention_forward.*?causal = (\d)", text)
+
+
+@pytest.mark.parametrize("name,fun,kv,s", [
+    ("einsum", einsum_attention, 4, 36),
+    ("jax.nn", jax.nn.dot_product_attention, 4, 36),
+    ("grouped", jax.nn.dot_product_attention, 2, 36),
+    ("causal", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True), 4, 40),
+    ("causal grouped", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True), 1, 40),
+])
+def test_attention_patterns_become_one_op(name, fun, kv, s):
+    rng = np.random.default_rng(20)
+    args = attention_inputs(rng, kv=kv, s=s)
+    e = check_same(fun, args, argnums=(0, 1, 2), served=1)
+    assert [d.op for d in e.decisions] == ["nn.dot_product_attention"]
+    opt = jb.optimize(fun, min_macs=0)
+    causal = attention_config(opt, *args)
+    # A causal mask built from iotas runs as is_causal (blocks above the diagonal skipped),
+    # except under grouped-query flattening, where the query rows interleave the groups.
+    assert causal == (["1"] if name == "causal" else ["0"])
+    assert not re.search(r"dot_general", jax.jit(opt).lower(*args).as_text())
+
+
+def test_attention_with_bias_and_mask():
+    rng = np.random.default_rng(21)
+    q, k, v = attention_inputs(rng)
+    bias = randn(rng, (1, 4, 40, 36))
+    mask = jnp.asarray(rng.random((2, 1, 40, 36)) > 0.3)
+    fun = lambda q, k, v, bias: jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)  # noqa: E731
+    check_same(fun, (q, k, v, bias), argnums=(0, 1, 2, 3), served=1)
+
+
+def test_attention_bfloat16():
+    rng = np.random.default_rng(22)
+    args = attention_inputs(rng, dtype=jnp.bfloat16)
+    ref = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in args))
+    out = jb.optimize(jax.nn.dot_product_attention, min_macs=0)(*args)
+    assert out.dtype == jnp.bfloat16
+    stock_error = rel(jax.nn.dot_product_attention(*args), ref)
+    assert rel(out, ref) <= 2 * stock_error + 1e-3
+
+
+def test_attention_not_matched_when_weights_are_read_or_fill_is_infinite():
+    rng = np.random.default_rng(23)
+    q, k, v = attention_inputs(rng)
+
+    def with_weights(q, k, v):  # the probabilities are an output too: nothing to fuse away
+        p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k), axis=-1)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v), p
+
+    mask = jnp.asarray(rng.random((2, 1, 40, 36)) > 0.3)
+
+    def inf_fill(q, k, v):  # a fully masked row is NaN here, a mean in the op: kept as it is
+        s = jnp.where(mask, jnp.einsum("bqhd,bkhd->bhqk", q, k), -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+
+    for fun in (with_weights, inf_fill):
+        e = check_same(fun, (q, k, v), argnums=None)
+        assert "nn.dot_product_attention" not in [d.op for d in e.decisions]
+        assert len(e.served) == 2  # the two matmuls, each on its own
+
+
+def test_nnx_multi_head_attention_with_causal_mask():
+    from flax import nnx
+
+    rng = np.random.default_rng(24)
+    module = nnx.MultiHeadAttention(4, 64, decode=False, rngs=nnx.Rngs(0))
+    x = randn(rng, (2, 48, 64))
+
+    def f(module, x):
+        return module(x, mask=nnx.make_causal_mask(jnp.ones(x.shape[:2])))
+
+    opt = jb.optimize(f, min_macs=0)
+    assert rel(opt(module, x), f(module, x)) < RTOL
+    assert [d.op for d in opt.explain(module, x).decisions] == ["nn.dense"] * 3 + ["nn.dot_product_attention", "nn.dense"]
+    assert attention_config(opt, module, x) == ["1"]
