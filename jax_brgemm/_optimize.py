@@ -28,7 +28,8 @@ from jax.extend import core
 from . import _attention_pattern, _rules
 
 _OPTIONS = {
-    "min_macs": "ops with fewer multiply-adds stay in XLA (default %d)" % _rules.DEFAULT_MIN_MACS,
+    "min_macs": "ops with fewer multiply-adds stay in XLA (default: %s)" % ", ".join(
+        f"{op} {n}" for op, n in _rules.DEFAULT_MIN_MACS.items()),
     "conv": "serve convolutions (default True)",
     "matmul": "serve dot_general (default True)",
     "fuse": "fuse bias, per-channel affine and activation into the served op (default True)",
@@ -38,7 +39,7 @@ _OPTIONS = {
 
 @dataclass(frozen=True)
 class Options:
-    min_macs: int = _rules.DEFAULT_MIN_MACS
+    min_macs: int | None = None  # None: each op family's measured default
     conv: bool = True
     matmul: bool = True
     fuse: bool = True
@@ -51,6 +52,8 @@ class Options:
                 known = ", ".join(sorted(_OPTIONS))
                 raise ValueError(f"optimize: unknown option {name!r}; the options are {known}")
             if name == "min_macs":
+                if value is None:
+                    continue
                 if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                     raise ValueError(f"optimize: option min_macs must be an int >= 0, got {value!r}")
             elif not isinstance(value, bool):
@@ -155,12 +158,16 @@ def _rule(eqn, options):
     if name == "conv_general_dilated":
         if not options.conv:
             return _rules.Refusal("conv=False")
-        return _rules.conv_rule(lhs.shape, lhs.dtype, rhs.shape, rhs.dtype, min_macs=options.min_macs,
-                                **eqn.params)
+        return _rules.conv_rule(lhs.shape, lhs.dtype, rhs.shape, rhs.dtype,
+                                min_macs=_min_macs(options, "conv"), **eqn.params)
     if not options.matmul:
         return _rules.Refusal("matmul=False")
-    return _rules.dot_rule(lhs.shape, lhs.dtype, rhs.shape, rhs.dtype, min_macs=options.min_macs,
-                           **eqn.params)
+    return _rules.dot_rule(lhs.shape, lhs.dtype, rhs.shape, rhs.dtype,
+                           min_macs=_min_macs(options, "dot"), **eqn.params)
+
+
+def _min_macs(options, op):
+    return _rules.DEFAULT_MIN_MACS[op] if options.min_macs is None else options.min_macs
 
 
 def _channel_operand(v, out_aval, channel_axis, producers):
@@ -257,7 +264,7 @@ def plan_jaxpr(jaxpr, options, where=""):
             continue
         name = eqn.primitive.name
         if name == "dot_general" and options.attention and options.matmul:
-            found = _attention_pattern.match(jaxpr, i, readers, producers, options.min_macs)
+            found = _attention_pattern.match(jaxpr, i, readers, producers, _min_macs(options, "attention"))
             if found is not None:
                 q, k = (_aval(v) for v in eqn.invars[:2])
                 decision = Decision("attention", where, tuple(q.shape), tuple(k.shape), str(q.dtype),

@@ -24,9 +24,10 @@ _BF16 = np.dtype(jnp.bfloat16)
 KERNEL_DTYPES = (_F32, _BF16)
 
 # Below this many multiply-adds XLA's own op wins: the FFI call, its argument checks and
-# thread start cost a few microseconds, which is the whole runtime of a tiny product.
-# Measured with `python -m jax_brgemm bench threshold` (see docs/design.md, "optimize").
-DEFAULT_MIN_MACS = 1 << 16
+# thread start cost microseconds, which is the whole runtime of a tiny product; a small
+# matmul's backward pays it twice. Measured with `python -m jax_brgemm bench threshold`
+# (docs/design.md, "optimize").
+DEFAULT_MIN_MACS = {"conv": 1 << 16, "dot": 1 << 21, "attention": 1 << 16}
 
 
 class Refusal(NamedTuple):
@@ -110,7 +111,7 @@ def _count(n):
 def conv_rule(lhs_shape, lhs_dtype, rhs_shape, rhs_dtype, *, window_strides, padding,
               lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count=1,
               batch_group_count=1, preferred_element_type=None, out_sharding=None,
-              min_macs=DEFAULT_MIN_MACS, **_unused):
+              min_macs=DEFAULT_MIN_MACS["conv"], **_unused):
     """A ConvPlan for these `conv_general_dilated` parameters, or a Refusal."""
     dn = dimension_numbers
     spatial = len(lhs_shape) - 2
@@ -194,7 +195,7 @@ def run_conv(plan: ConvPlan, lhs, rhs, *, scale=None, bias=None, activation=None
 
 
 def dot_rule(lhs_shape, lhs_dtype, rhs_shape, rhs_dtype, *, dimension_numbers,
-             preferred_element_type=None, out_sharding=None, min_macs=DEFAULT_MIN_MACS,
+             preferred_element_type=None, out_sharding=None, min_macs=DEFAULT_MIN_MACS["dot"],
              **_unused):
     """A DotPlan for these `dot_general` parameters, or a Refusal."""
     (lc, rc), (lb, rb) = dimension_numbers
