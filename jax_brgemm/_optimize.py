@@ -508,73 +508,69 @@ except ImportError:  # flax is optional
 
 
 class Optimized:
-    """`fun` with its convolutions and matmuls on the kernel (see `optimize`)."""
+    """`fun` with its convolutions and matmuls on the kernel (see `optimize`).
+
+    Calls go through one `jax.jit` whose static argument is the arguments' structure and
+    non-array leaves, so a cached call costs what a jitted call does, plus splitting the
+    arguments' leaves; the trace rewrites fun's jaxpr once per signature."""
 
     def __init__(self, fun: Callable, options: Options):
         self.fun, self.options = fun, options
-        self._cache: dict = {}
+        self._run = jax.jit(self._rewritten, static_argnums=0)
         functools.update_wrapper(self, fun)
 
-    def _signature(self, args, kwargs):
+    @staticmethod
+    def _split(args, kwargs):
+        """(static key: structure, non-array leaves and where the arrays go; the arrays)."""
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-        dynamic = [i for i, x in enumerate(leaves) if _is_array(x)]
+        dynamic = tuple(i for i, x in enumerate(leaves) if _is_array(x))
         static = tuple((i, _hashable(x)) for i, x in enumerate(leaves) if not _is_array(x))
-        avals = tuple(_aval_key(leaves[i]) for i in dynamic)
-        return (treedef, static, avals), leaves, treedef, dynamic
+        return (treedef, static, dynamic), [leaves[i] for i in dynamic]
 
-    def _compile(self, key, leaves, treedef, dynamic):
-        """Traces fun once for this signature: the jaxpr, the jitted rewritten evaluator,
-        which argument leaves fun wrote to (NNX state), and the decisions."""
-        mutated = []
+    def _trace(self, key, dyn):
+        """fun's jaxpr over the array leaves (nested jits inlined) and its output structure.
+        fun's outputs come with the values it assigned to argument leaves (NNX state), by
+        leaf index."""
+        treedef, static, dynamic = key
 
         def flat_fun(*dyn):
-            full = list(leaves)
+            full = [None] * (len(static) + len(dynamic))
+            for i, x in static:
+                full[i] = x.value if isinstance(x, _ById) else x
             for i, x in zip(dynamic, dyn):
                 full[i] = x
             args, kwargs = jax.tree_util.tree_unflatten(treedef, full)
             out = self.fun(*args, **kwargs)
             after, after_def = jax.tree_util.tree_flatten((args, kwargs))
-            writes = []
+            writes = {}
             if after_def == treedef:
-                mutated[:] = [i for i, (a, b) in enumerate(zip(full, after)) if a is not b and i in dynamic]
-                writes = [after[i] for i in mutated]
+                writes = {i: after[i] for i in dynamic if after[i] is not full[i]}
             return out, writes
 
-        start = time.perf_counter()
-        dyn_avals = [jax.ShapeDtypeStruct(np.shape(leaves[i]), _dtype(leaves[i]),
-                                          sharding=_sharding(leaves[i]),
-                                          weak_type=_aval_key(leaves[i])[2]) for i in dynamic]
-        closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*dyn_avals)
-        closed = inline_jits(closed)
-        out_tree = jax.tree_util.tree_structure(out_shape)
-        options = self.options
+        closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*dyn)
+        return inline_jits(closed), jax.tree_util.tree_structure(out_shape)
 
-        def rewritten(*dyn):
-            return eval_jaxpr(closed.jaxpr, closed.consts, list(dyn), options)
-
-        decisions = plan_jaxpr(closed.jaxpr, options)[2]
-        entry = (jax.jit(rewritten), out_tree, tuple(mutated),
-                 Explanation(decisions, time.perf_counter() - start))
-        self._cache[key] = entry
-        return entry
-
-    def _entry(self, args, kwargs):
-        key, leaves, treedef, dynamic = self._signature(args, kwargs)
-        entry = self._cache.get(key) or self._compile(key, leaves, treedef, dynamic)
-        return entry, leaves, dynamic
+    def _rewritten(self, key, *dyn):
+        closed, out_tree = self._trace(key, dyn)
+        flat = eval_jaxpr(closed.jaxpr, closed.consts, list(dyn), self.options)
+        return jax.tree_util.tree_unflatten(out_tree, flat)
 
     def __call__(self, *args, **kwargs):
-        (run, out_tree, mutated, _), leaves, dynamic = self._entry(args, kwargs)
-        flat = run(*(leaves[i] for i in dynamic))
-        out, writes = jax.tree_util.tree_unflatten(out_tree, flat)
-        if mutated:
-            _write_back((args, kwargs), dict(zip(mutated, writes)))
+        key, dyn = self._split(args, kwargs)
+        out, writes = self._run(key, *dyn)
+        if writes:
+            _write_back((args, kwargs), writes)
         return out
 
     def explain(self, *args, **kwargs) -> Explanation:
         """The table of this function's convolutions and matmuls for these arguments: what
-        serves each, or why it stays in XLA (`.decisions` has them as data)."""
-        return self._entry(args, kwargs)[0][3]
+        serves each, or why it stays in XLA (`.decisions` has them as data; trace_seconds is
+        the time to trace and plan, which a first call also pays)."""
+        start = time.perf_counter()
+        key, dyn = self._split(args, kwargs)
+        closed, _ = self._trace(key, dyn)
+        decisions = plan_jaxpr(closed.jaxpr, self.options)[2]
+        return Explanation(decisions, time.perf_counter() - start)
 
     def __get__(self, obj, objtype=None):  # a decorated method binds like a function
         return self if obj is None else functools.partial(self, obj)
@@ -602,27 +598,25 @@ def _write_back(tree, new_values: dict):
             index += 1
 
 
+class _ById:
+    """An unhashable static leaf, compared by identity (a new object traces again)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return id(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, _ById) and other.value is self.value
+
+
 def _hashable(x):
     try:
         hash(x)
         return x
     except TypeError:
-        return ("unhashable", id(x))
-
-
-def _dtype(x):
-    return x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-
-
-def _sharding(x):
-    if isinstance(x, jax.core.Tracer):
-        return None
-    return getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
-
-
-def _aval_key(x):
-    aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
-    return (aval.shape, str(aval.dtype), getattr(aval, "weak_type", False), str(getattr(aval, "sharding", "")))
+        return _ById(x)
 
 
 def optimize(fun: Callable | None = None, **options):

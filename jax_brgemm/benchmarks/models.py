@@ -8,8 +8,9 @@
 - ``flax_layers``: the model built from ``flax_layers`` drop-ins;
 - ``torch``: the same model in PyTorch (channels_last, oneDNN), where torch is installed.
 
-Models: ResNet-18 and ResNet-50 (N=8, 224x224, BatchNorm, SGD with momentum), the notebook
-MLP, CNN and character LSTM, and a small transformer block (d=256, 4 heads, T=256, causal).
+Models: ResNet-18 and ResNet-50 (N=8, 224x224, BatchNorm, SGD with momentum), a 4-layer
+ConvTranspose decoder (N=8, 8x8x256 to 128x128x32), the notebook MLP, CNN and character
+LSTM, and a small transformer block (d=256, 4 heads, T=256, causal).
 A training step is forward, backward and the optimizer update; inference is the eval-mode
 forward. FLOPs per step are XLA's count for the stock program (its cost analysis), so
 ``pct_of_peak`` is against this machine's measured float32 FMA peak on all cores.
@@ -36,7 +37,7 @@ LAYERS = {
     "stock": dict(conv=nnx.Conv, dense=nnx.Linear, bn=nnx.BatchNorm, lstm=lambda i, h, rngs: nnx.RNN(
         nnx.OptimizedLSTMCell(i, h, rngs=rngs)), attention=nnx.MultiHeadAttention),
     "flax_layers": dict(conv=fl.Conv, dense=fl.Dense, bn=getattr(fl, "BatchNorm", nnx.BatchNorm),
-                        lstm=fl.LSTM, attention=getattr(fl, "MultiHeadAttention", nnx.MultiHeadAttention)),
+                        lstm=fl.LSTM, attention=fl.MultiHeadAttention, conv_transpose=fl.ConvTranspose),
 }
 VARIANTS = ("stock", "optimize", "flax_layers", "torch")
 
@@ -148,6 +149,31 @@ class TransformerBlock(nnx.Module):
         return self.out(x)
 
 
+class Decoder(nnx.Module):
+    """Four ConvTranspose layers, 8x8x256 up to 128x128x32: a generator's or VAE decoder's
+    shape, the convolutions XLA is slowest at on a CPU. The loss reads the 128x128 output."""
+
+    def __init__(self, L, rngs):
+        widths = (256, 128, 64, 32, 32)
+        self.ups = nnx.List([L["conv_transpose"](a, b, (4, 4), strides=(2, 2), rngs=rngs)
+                             for a, b in zip(widths[:-1], widths[1:])])
+        self.out = L["dense"](32, 10, rngs=rngs)
+
+    def __call__(self, z):
+        for up in self.ups:
+            z = nnx.relu(up(z))
+        return self.out(z.mean(axis=(1, 2)))
+
+
+def torch_decoder(torch):
+    nn = torch.nn
+    widths = (256, 128, 64, 32, 32)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):  # padding 1 with kernel 4, stride 2: Flax's SAME
+        layers += [nn.ConvTranspose2d(a, b, 4, 2, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+
 def model_spec(name, quick):
     """(flax constructor(L, rngs), inputs, labels, torch constructor or None)."""
     rng = np.random.default_rng(0)
@@ -156,6 +182,10 @@ def model_spec(name, quick):
         n, size = (2, 64) if quick else (8, 224)
         x = rng.standard_normal((n, size, size, 3)).astype(np.float32)
         return partial(ResNet, depth=depth), x, rng.integers(0, 1000, n), partial(torch_resnet, depth)
+    if name == "decoder":
+        n = 2 if quick else 8
+        z = rng.standard_normal((n, 8, 8, 256)).astype(np.float32)
+        return Decoder, z, rng.integers(0, 10, n), torch_decoder
     if name == "mlp":
         return MLP, rng.random((128, 64), np.float32), rng.integers(0, 10, 128), torch_mlp
     if name == "cnn":
@@ -377,7 +407,7 @@ def records(names, quick, variants=VARIANTS):
     return out
 
 
-MODELS = ("resnet18", "resnet50", "mlp", "cnn", "lstm", "transformer")
+MODELS = ("resnet18", "resnet50", "decoder", "mlp", "cnn", "lstm", "transformer")
 
 
 def main(argv=None):

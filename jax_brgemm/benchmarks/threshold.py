@@ -55,6 +55,33 @@ def records(quick):
         out.append(dict(op=op, shape=shape, macs=macs, xla_fwd_us=1e6 * t["xla_fwd"], ours_fwd_us=1e6 * t["ours_fwd"],
                         ratio_fwd=t["xla_fwd"] / t["ours_fwd"], xla_fwdbwd_us=1e6 * t["xla_fwdbwd"],
                         ours_fwdbwd_us=1e6 * t["ours_fwdbwd"], ratio_fwdbwd=t["xla_fwdbwd"] / t["ours_fwdbwd"]))
+    out += layout_records(rng, repeats)
+    return out
+
+
+def layout_records(rng, repeats):
+    """A ResNet-sized 3x3 convolution written in NCHW / OIHW: XLA on NCHW, XLA on NHWC, and
+    optimize (which transposes to NHWC around the call); and what a cached optimize call
+    adds to a jitted one."""
+    x = jnp.asarray(rng.standard_normal((8, 64, 56, 56)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((64, 64, 3, 3)), jnp.float32)
+    nchw = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))  # noqa: E731
+    nhwc = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    x_nhwc, k_hwio = jnp.transpose(x, (0, 2, 3, 1)), jnp.transpose(k, (2, 3, 1, 0))
+    out = []
+    for step in ("fwd", "fwdbwd"):
+        pick = 0 if step == "fwd" else 1
+        t_nchw = time_jax(_pair(nchw, x, k)[pick], x, k, repeats=repeats)
+        t_nhwc = time_jax(_pair(nhwc, x_nhwc, k_hwio)[pick], x_nhwc, k_hwio, repeats=repeats)
+        t_ours = time_jax(_pair(jb.optimize(nchw), x, k)[pick], x, k, repeats=repeats)
+        out.append(dict(op=f"conv3x3 NCHW {step}", shape="8x64x56x56", macs=8 * 56 * 56 * 64 * 64 * 9,
+                        xla_nchw_ms=1e3 * t_nchw, xla_nhwc_ms=1e3 * t_nhwc, ours_nchw_ms=1e3 * t_ours,
+                        ratio_vs_xla_nchw=t_nchw / t_ours))
+    small = jnp.ones((4, 4))
+    jitted, optimized = jax.jit(lambda x: x * 2.0), jb.optimize(lambda x: x * 2.0)
+    t_jit, t_opt = time_jax(jitted, small, repeats=repeats), time_jax(optimized, small, repeats=repeats)
+    out.append(dict(op="call overhead", shape="4x4 elementwise", macs=0, jit_us=1e6 * t_jit,
+                    optimize_us=1e6 * t_opt, added_us=1e6 * (t_opt - t_jit)))
     return out
 
 
@@ -65,5 +92,6 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     recs = records(args.quick)
-    print_records(recs, list(recs[0]), args.json,
+    columns = list(dict.fromkeys(c for r in recs for c in r))
+    print_records(recs, columns, args.json,
                   "small products, XLA vs the kernel (optimize(min_macs=0)), median microseconds per call:")
