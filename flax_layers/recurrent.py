@@ -45,6 +45,13 @@ def _kernel_weights(cell, x, carry, batch):
     return x, w_ih, w_hh, bias, c, h
 
 
+def _stock_step(cell) -> bool:
+    """Whether the cell's step is the stock LSTM step (ours or Flax's), so that one kernel
+    call can stand for the whole scan: a subclass overriding ``__call__`` computes
+    something else, and gets the stock scan over its own step."""
+    return type(cell).__call__ in (nnx.OptimizedLSTMCell.__call__, OptimizedLSTMCell.__call__)
+
+
 class OptimizedLSTMCell(nnx.OptimizedLSTMCell):
     """:class:`flax.nnx.OptimizedLSTMCell` computed by one :func:`jax_brgemm.nn.lstm` step.
 
@@ -74,8 +81,8 @@ class RNN(nnx.RNN):
     Same arguments, defaults and state as ``nnx.RNN``, and the same carry initialisation
     (``cell.initialize_carry`` with the same rng streams). ``time_major``, ``reverse``,
     ``keep_order``, ``return_carry`` and ``initial_carry`` are honoured on the fused path;
-    ``seq_lengths``, other cells and what the cell's kernel path does not serve run the
-    stock scan.
+    ``seq_lengths``, other cells, subclasses that override the cell's ``__call__`` and what
+    the cell's kernel path does not serve run the stock scan.
     """
 
     def __call__(self, inputs, *, initial_carry=None, seq_lengths=None, return_carry=None,
@@ -85,7 +92,7 @@ class RNN(nnx.RNN):
         reverse = self.reverse if reverse is None else reverse
         keep_order = self.keep_order if keep_order is None else keep_order
         step_batch = inputs.shape[1:-1] if time_major else inputs.shape[:-2]
-        if (seq_lengths is not None or inputs.ndim < 2
+        if (seq_lengths is not None or inputs.ndim < 2 or not _stock_step(self.cell)
                 or _kernel_weights(self.cell, inputs, initial_carry, step_batch) is None):
             return super().__call__(inputs, initial_carry=initial_carry, seq_lengths=seq_lengths,
                                     return_carry=return_carry, time_major=time_major,
