@@ -205,9 +205,9 @@ def _loss(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def jax_runners(make, L, wrap, x, labels):
-    """(train step runner, inference runner, stock-program FLOPs of each): each runner runs
-    one step on fixed data and blocks until it is done."""
+def jax_train_step(make, L, wrap, x, labels):
+    """(jitted step(params, rest, opt_state, x, labels), its arguments): forward, backward and
+    SGD with momentum, the loss wrapped in `wrap` (jax_brgemm.optimize or nothing)."""
     model = make(L, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.sgd(0.01, momentum=0.9)
@@ -224,6 +224,15 @@ def jax_runners(make, L, wrap, x, labels):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), nnx.state(model, nnx.Not(nnx.Param)), opt_state, loss
 
+    return train, (params, rest, tx.init(params), jnp.asarray(x), jnp.asarray(labels))
+
+
+def jax_runners(make, L, wrap, x, labels):
+    """(train step runner, inference runner, stock-program FLOPs of each): each runner runs
+    one step on fixed data and blocks until it is done."""
+    train, (params, rest, opt_state, x, labels) = jax_train_step(make, L, wrap, x, labels)
+    model = make(L, rngs=nnx.Rngs(0))
+    graphdef = nnx.graphdef(model)
     model.eval()
     _, _, eval_rest = nnx.split(model, nnx.Param, ...)
 
@@ -231,8 +240,7 @@ def jax_runners(make, L, wrap, x, labels):
         return nnx.merge(graphdef, params, rest)(x)
 
     infer = jax.jit(wrap(forward))
-    x, labels = jnp.asarray(x), jnp.asarray(labels)
-    state = [params, rest, tx.init(params)]
+    state = [params, rest, opt_state]
 
     def run_train():
         state[:3] = train(*state, x, labels)[:3]
