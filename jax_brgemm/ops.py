@@ -186,7 +186,9 @@ def _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
     def ffi(a, b, *rest):
         c = rest[0] if has_c else None
         bias = rest[-1] if has_bias else None
-        lead = jnp.broadcast_shapes(a.shape[:-3], b.shape[:-3], *(() if c is None else (c.shape[:-2],)))
+        # (A vmapped bias alone gives the problems their leading dims.)
+        lead = jnp.broadcast_shapes(a.shape[:-3], b.shape[:-3], *(x.shape[:-rank] for x, rank in ((c, 2), (bias, 1))
+                                                                  if x is not None))
         out = jax.ShapeDtypeStruct(lead + (a.shape[-2], b.shape[-1]), out_dtype)
         return jax.ffi.ffi_call("jax_brgemm_brgemm", out)(
             a, b, _none() if c is None else c, _none() if bias is None else bias,

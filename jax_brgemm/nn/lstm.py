@@ -132,8 +132,7 @@ def _forward_call(time_major):
             return a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
 
         if any(in_batched[1:4]):  # per-element weights: one call per element
-            out = jax.lax.map(lambda a: call(*a), tuple(map(lift, args, in_batched)))
-            return tuple(out), (True, True, True)
+            return _per_element(call, args, in_batched, axis_size), (True, True, True)
         x, w_ih, w_hh, bias, h0, c0 = args
         x, h0, c0 = lift(x, in_batched[0]), lift(h0, in_batched[4]), lift(c0, in_batched[5])
         batch = x.shape[2] if time_major else x.shape[1]
@@ -182,11 +181,19 @@ def _backward_call(time_major):
 
     @call.def_vmap
     def rule(axis_size, in_batched, *args):
-        lifted = tuple(a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                       for a, b in zip(args, in_batched))
-        return tuple(jax.lax.map(lambda a: call(*a), lifted)), (True,) * 6
+        return _per_element(call, args, in_batched, axis_size), (True,) * 6
 
     return call
+
+
+def _per_element(call, args, in_batched, axis_size):
+    """`call` once per vmapped element (per-element weights cannot share one recurrence),
+    as a lax.map loop. Unrolling it into separate calls measured level with the loop (2-core
+    Xeon, Sapphire Rapids, interleaved: 8 weight sets, N=16, T=32, C=K=64, fwd+bwd 29.6 vs
+    31.9 ms; 4 sets, N=64, C=K=128, 138 vs 137 ms) while compile time grows with the size."""
+    lifted = tuple(a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                   for a, b in zip(args, in_batched))
+    return tuple(jax.lax.map(lambda a: call(*a), lifted))
 
 
 # ------------------------------------------------------------------ differentiation
