@@ -301,11 +301,19 @@ def brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, *, alpha=1.0, b
                        a_blocks.dtype, c, out_dtype, epilogue, alpha, beta, bias)
     if count == 0 or k == 0 or e.empty:
         return _without_products(e, m, n)
-    a_index = jnp.broadcast_to(a_index.astype(jnp.int32), e.lead + (count,))
-    b_index = jnp.broadcast_to(b_index.astype(jnp.int32), e.lead + (count,))
+    a_index = jnp.broadcast_to(a_index.astype(_index_dtype(a_index)), e.lead + (count,))
+    b_index = jnp.broadcast_to(b_index.astype(_index_dtype(b_index)), e.lead + (count,))
     c = None if e.c is None else jnp.broadcast_to(e.c, e.lead + (m, n))
     return _indexed(a_blocks, b_blocks, a_index, b_index, c, e.bias, e.alpha, e.beta, e.act,
                     e.out_dtype)
+
+
+def _index_dtype(index):
+    """int32, or int64 for indices that may not fit it (with jax_enable_x64): the kernel
+    range-checks them as they are, so nothing wraps into range."""
+    dtype = np.dtype(index.dtype)
+    wide = dtype.itemsize > 4 or (dtype.kind == "u" and dtype.itemsize == 4)
+    return jnp.int64 if wide and jax.config.jax_enable_x64 else jnp.int32
 
 
 def _check_index_range(name, index, blocks):
@@ -319,17 +327,19 @@ def _check_index_range(name, index, blocks):
 
 
 @functools.lru_cache(maxsize=None)
-def _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
+def _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype, pool_leads=(False, False)):
     """The raw FFI call for one set of static attributes, taking (a_blocks, b_blocks,
-    a_index, b_index[, c][, bias]). The pools are replicated under sharding; the problems
-    (indices, c, out) split along their first leading dim. A vmapped axis folds into the
-    problems and the block pools."""
+    a_index, b_index[, c][, bias]). A pool is (P, r, s), shared by every problem, or under
+    vmap (lead..., P, r, s) with the problems' leading dims (size 1 where broadcast): then
+    each problem reads, and is range-checked against, its own pool. Under sharding the
+    problems (indices, c, out) split along their first leading dim, shared pools are
+    replicated."""
 
     def ffi(a_blocks, b_blocks, a_index, b_index, *rest):
         c = rest[0] if has_c else None
         bias = rest[-1] if has_bias else None
         lead = a_index.shape[:-1]
-        out = jax.ShapeDtypeStruct(lead + (a_blocks.shape[1], b_blocks.shape[2]), out_dtype)
+        out = jax.ShapeDtypeStruct(lead + (a_blocks.shape[-2], b_blocks.shape[-1]), out_dtype)
         return jax.ffi.ffi_call("jax_brgemm_brgemm_indexed", out)(
             a_blocks, b_blocks, a_index, b_index,
             _none() if c is None else c,
@@ -338,7 +348,8 @@ def _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
         )
 
     split = lead_rank > 0
-    batched = (False, False, split, split) + ((split,) if has_c else ()) + ((False,) if has_bias else ())
+    batched = (split and pool_leads[0], split and pool_leads[1], split, split)
+    batched += ((split,) if has_c else ()) + ((False,) if has_bias else ())
     sharded = batch_partitioned(ffi, batched=batched, outputs=("batch",))
 
     @jax.custom_batching.custom_vmap
@@ -347,31 +358,28 @@ def _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
 
     @call.def_vmap
     def call_vmap(axis_size, in_batched, a_blocks, b_blocks, a_index, b_index, *rest):
-        a_b, b_b, ai_b, bi_b = in_batched[:4]
+        ai_b, bi_b = in_batched[2:4]
         rest_b = in_batched[4:]
 
         def lift(x, batched):
             return x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
 
+        def pool(blocks, batched, has_lead):
+            # The new dim in front of the problems' leading dims (size 1 where shared).
+            if batched:
+                return blocks if has_lead else blocks.reshape(blocks.shape[:1] + (1,) * lead_rank + blocks.shape[1:])
+            return blocks[None] if has_lead else blocks
+
+        leads = tuple(b or had for b, had in zip(in_batched[:2], pool_leads))
+        a_blocks = pool(a_blocks, in_batched[0], pool_leads[0])
+        b_blocks = pool(b_blocks, in_batched[1], pool_leads[1])
         a_index, b_index = lift(a_index, ai_b), lift(b_index, bi_b)
-
-        def fold_pool(blocks, index):  # (B, P, r, s) -> (B*P, r, s), indices shifted
-            pool = blocks.shape[1]
-            shift = jnp.arange(axis_size, dtype=jnp.int32) * pool
-            index = index + shift.reshape((axis_size,) + (1,) * (index.ndim - 1))
-            return blocks.reshape((axis_size * pool,) + blocks.shape[2:]), index
-
-        if a_b:
-            a_blocks, a_index = fold_pool(a_blocks, a_index)
-        if b_b:
-            b_blocks, b_index = fold_pool(b_blocks, b_index)
         rest = list(rest)
         if has_c:
             rest[0] = lift(rest[0], rest_b[0])
-        if has_bias:
-            bias, bias_b = rest[-1], rest_b[-1]
-            rest[-1] = bias.reshape((axis_size if bias_b else 1,) + (1,) * lead_rank + bias.shape[-1:])
-        call = _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype)
+        if has_bias and rest_b[-1] and rest[-1].ndim == 2:  # (B, n): broadcast over the old problems
+            rest[-1] = rest[-1].reshape(rest[-1].shape[:1] + (1,) * lead_rank + rest[-1].shape[1:])
+        call = _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype, leads)
         return call(a_blocks, b_blocks, a_index, b_index, *rest), True
 
     return call
