@@ -21,11 +21,9 @@ call: custom_vjp and custom_vmap sit outside it.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -202,83 +200,3 @@ def _partitioned(impl, batch_dims, outputs, ndims, out_ranks):
                      sharding_rule=f"{operands} -> {results}",
                      reduction_factors=("b",) if sum_only else ())
     return op
-
-
-def partitionable_ffi_call(target: str, results, *, batched: Sequence[bool],
-                           outputs: Sequence[str]) -> Callable:
-    """``jax.ffi.ffi_call(target, results)`` that also splits along the batch under sharding
-    (see batch_partitioned for `batched` and `outputs`), for handlers that take leading
-    "problem" dims.
-
-    vmap gives every operand one leading problem dim: the batched arguments (the data)
-    are broadcast to every problem, the others (weights) have 1 problem (shared) or every
-    problem; nested vmaps flatten into that one dim, so the handler sees at most one.
-    Every non-empty result gets the problem dim. Attributes are passed to the returned
-    function as keyword arguments, as with ffi_call.
-    """
-    single = not isinstance(results, (tuple, list))
-    specs = tuple((tuple(r.shape), str(r.dtype)) for r in ((results,) if single else results))
-
-    def call(*args, **attrs):
-        factory = _problems_call(target, specs, single, tuple(batched), tuple(outputs),
-                                 tuple(sorted(attrs.items())), False)
-        return factory(*args)
-
-    return call
-
-
-@functools.lru_cache(maxsize=None)
-def _problems_call(target, specs, single, data, outputs, attr_items, lead):
-    """The call for one set of result specs. `lead`: every operand has one leading problem
-    dim (1 or all problems), results too; else the operands are as the op made them."""
-    attrs = dict(attr_items)
-    # An empty placeholder result has no batch to split.
-    kinds = tuple("replicated" if math.prod(shape) == 0 else ("batch" if lead else kind)
-                  for (shape, _), kind in zip(specs, outputs))
-    batched = (True,) * len(data) if lead else data
-
-    def impl(*args):
-        # "batch" results follow the batch of the arguments they get: the global one, or a
-        # device's shard of it inside the partitioned lowering.
-        batch = max((a.shape[0] for a, b in zip(args, batched) if b and a.ndim), default=None)
-        results = tuple(
-            jax.ShapeDtypeStruct((batch,) + shape[1:] if kind == "batch" and batch and shape else shape,
-                                 dtype)
-            for (shape, dtype), kind in zip(specs, kinds))
-        return jax.ffi.ffi_call(target, results[0] if single else results)(*args, **attrs)
-
-    sharded = batch_partitioned(impl, batched, kinds)
-
-    @jax.custom_batching.custom_vmap
-    def call(*args):
-        return sharded(*args)
-
-    @call.def_vmap
-    def call_vmap(axis_size, in_batched, *args):
-        # The old problems (lead) and the new axis become one problem dim of size `total`.
-        problems = args[0].shape[int(in_batched[0])] if lead else 1
-        total = axis_size * problems
-
-        def operand(x, was_batched, is_data):
-            if x.size == 0:  # an absent optional operand
-                return x[0] if was_batched else x
-            x = x if was_batched else x[None]
-            block = x.shape[2:] if lead else x.shape[1:]
-            if not is_data and not was_batched and (not lead or x.shape[1] == 1):
-                return x.reshape((1,) + block)  # a shared weight
-            x = jnp.broadcast_to(x, (axis_size,) + ((problems,) if lead else ()) + block)
-            return x.reshape((total,) + block)
-
-        new_args = [operand(*t) for t in zip(args, in_batched, data)]
-        new_specs = tuple((shape if math.prod(shape) == 0 else (total,) + (shape[1:] if lead else shape), dtype)
-                          for shape, dtype in specs)
-        inner = _problems_call(target, new_specs, single, data, outputs, attr_items, True)
-        outs = inner(*new_args)
-        outs = (outs,) if single else tuple(outs)
-        unfolded = tuple(
-            jnp.zeros((axis_size,) + shape, dtype) if math.prod(shape) == 0
-            else out.reshape((axis_size,) + ((problems,) if lead else ()) + out.shape[1:])
-            for out, (shape, dtype) in zip(outs, specs))
-        return (unfolded[0], True) if single else (unfolded, (True,) * len(specs))
-
-    return call

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
-from ._sharding import align_to_batch, batch_partitioned
+from ._op import kernel_call, kernel_op, lift
+from ._sharding import align_to_batch
 from ._checks import (
     broadcast_lead,
     check_activation,
@@ -181,34 +182,26 @@ def _brgemm_call(a, b, c, bias, alpha, beta, act, out_dtype):
 def _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
     """The raw FFI call for one set of static attributes. Every operand has `lead_rank`
     leading dims (size 1 where broadcast), which the kernel broadcasts; the first is the
-    batch that data-parallel sharding splits."""
+    batch that data-parallel sharding splits. A vmapped axis is one more leading dim."""
 
-    def ffi(a, b, *rest):
-        c = rest[0] if has_c else None
-        bias = rest[-1] if has_bias else None
+    def results(a, b, *rest):
         # (A vmapped bias alone gives the problems their leading dims.)
-        lead = jnp.broadcast_shapes(a.shape[:-3], b.shape[:-3], *(x.shape[:-rank] for x, rank in ((c, 2), (bias, 1))
-                                                                  if x is not None))
-        out = jax.ShapeDtypeStruct(lead + (a.shape[-2], b.shape[-1]), out_dtype)
-        return jax.ffi.ffi_call("jax_brgemm_brgemm", out)(
-            a, b, _none() if c is None else c, _none() if bias is None else bias,
-            **_attrs(alpha, beta if has_c else 0.0, act))
+        blocks = ((a, 3), (b, 3)) + tuple(zip(rest, ((2,) if has_c else ()) + ((1,) if has_bias else ())))
+        lead = jnp.broadcast_shapes(*(x.shape[:x.ndim - rank] for x, rank in blocks))
+        return jax.ShapeDtypeStruct(lead + (a.shape[-2], b.shape[-1]), out_dtype)
 
-    n_args = 2 + has_c + has_bias
-    sharded = batch_partitioned(ffi, batched=(lead_rank > 0,) * n_args, outputs=("batch",))
+    def operands(a, b, *rest):
+        c = rest[0] if has_c else _none()
+        return a, b, c, rest[-1] if has_bias else _none()
 
-    @jax.custom_batching.custom_vmap
-    def call(*args):
-        return sharded(*args)
-
-    @call.def_vmap
-    def call_vmap(axis_size, in_batched, *args):
+    def rule(axis_size, in_batched, *args):
         # A new leading problem dim: size 1 (broadcast) on the unbatched operands.
         args = [x if batched else x[None] for x, batched in zip(args, in_batched)]
-        call = _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype)
-        return call(*args), True
+        return _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype)(*args), True
 
-    return call
+    return kernel_call("jax_brgemm_brgemm", results, batched=(lead_rank > 0,) * (2 + has_c + has_bias),
+                       outputs=("batch",), vmap=rule, operands=operands,
+                       **_attrs(alpha, beta if has_c else 0.0, act))
 
 
 def _forward_with_residuals(call, act, out_dtype, *args):
@@ -225,11 +218,6 @@ def _activation_grad(act, g, out, z, dtype):
     """d loss / d pre-activation in float32, then in the kernel's input dtype."""
     gz = _activations.grad_from(act, g.astype(jnp.float32), out.astype(jnp.float32), z)
     return gz, gz.astype(dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _brgemm(a, b, c, bias, alpha, beta, act, out_dtype):
-    return _brgemm_call(a, b, c, bias, alpha, beta, act, out_dtype)
 
 
 def _brgemm_fwd(a, b, c, bias, alpha, beta, act, out_dtype):
@@ -254,7 +242,9 @@ def _brgemm_bwd(alpha, beta, act, out_dtype, res, g):
             dc, dbias)
 
 
-_brgemm.defvjp(_brgemm_fwd, _brgemm_bwd)
+# The backward is made of brgemm calls, so it is differentiable again.
+_brgemm = kernel_op(_brgemm_call, _brgemm_fwd, _brgemm_bwd, name="jax_brgemm.brgemm",
+                    nondiff_argnums=(4, 5, 6, 7), bwd_differentiable=True)
 
 
 # ------------------------------------------------------------------ offset form
@@ -335,35 +325,15 @@ def _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype, p
     problems (indices, c, out) split along their first leading dim, shared pools are
     replicated."""
 
-    def ffi(a_blocks, b_blocks, a_index, b_index, *rest):
-        c = rest[0] if has_c else None
-        bias = rest[-1] if has_bias else None
-        lead = a_index.shape[:-1]
-        out = jax.ShapeDtypeStruct(lead + (a_blocks.shape[-2], b_blocks.shape[-1]), out_dtype)
-        return jax.ffi.ffi_call("jax_brgemm_brgemm_indexed", out)(
-            a_blocks, b_blocks, a_index, b_index,
-            _none() if c is None else c,
-            _none() if bias is None else _with_lead_rank(bias, len(lead), 1),
-            **_attrs(alpha, beta if has_c else 0.0, act),
-        )
+    def results(a_blocks, b_blocks, a_index, *_):
+        return jax.ShapeDtypeStruct(a_index.shape[:-1] + (a_blocks.shape[-2], b_blocks.shape[-1]), out_dtype)
 
-    split = lead_rank > 0
-    batched = (split and pool_leads[0], split and pool_leads[1], split, split)
-    batched += ((split,) if has_c else ()) + ((False,) if has_bias else ())
-    sharded = batch_partitioned(ffi, batched=batched, outputs=("batch",))
+    def operands(a_blocks, b_blocks, a_index, b_index, *rest):
+        c = rest[0] if has_c else _none()
+        bias = _with_lead_rank(rest[-1], a_index.ndim - 1, 1) if has_bias else _none()
+        return a_blocks, b_blocks, a_index, b_index, c, bias
 
-    @jax.custom_batching.custom_vmap
-    def call(*args):
-        return sharded(*args)
-
-    @call.def_vmap
-    def call_vmap(axis_size, in_batched, a_blocks, b_blocks, a_index, b_index, *rest):
-        ai_b, bi_b = in_batched[2:4]
-        rest_b = in_batched[4:]
-
-        def lift(x, batched):
-            return x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-
+    def rule(axis_size, in_batched, a_blocks, b_blocks, a_index, b_index, *rest):
         def pool(blocks, batched, has_lead):
             # The new dim in front of the problems' leading dims (size 1 where shared).
             if batched:
@@ -373,16 +343,20 @@ def _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype, p
         leads = tuple(b or had for b, had in zip(in_batched[:2], pool_leads))
         a_blocks = pool(a_blocks, in_batched[0], pool_leads[0])
         b_blocks = pool(b_blocks, in_batched[1], pool_leads[1])
-        a_index, b_index = lift(a_index, ai_b), lift(b_index, bi_b)
-        rest = list(rest)
+        a_index, b_index = (lift(i, b, axis_size) for i, b in zip((a_index, b_index), in_batched[2:4]))
+        rest, rest_b = list(rest), in_batched[4:]
         if has_c:
-            rest[0] = lift(rest[0], rest_b[0])
+            rest[0] = lift(rest[0], rest_b[0], axis_size)
         if has_bias and rest_b[-1] and rest[-1].ndim == 2:  # (B, n): broadcast over the old problems
             rest[-1] = rest[-1].reshape(rest[-1].shape[:1] + (1,) * lead_rank + rest[-1].shape[1:])
         call = _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype, leads)
         return call(a_blocks, b_blocks, a_index, b_index, *rest), True
 
-    return call
+    split = lead_rank > 0
+    batched = (split and pool_leads[0], split and pool_leads[1], split, split)
+    batched += ((split,) if has_c else ()) + ((False,) if has_bias else ())
+    return kernel_call("jax_brgemm_brgemm_indexed", results, batched=batched, outputs=("batch",),
+                       vmap=rule, operands=operands, **_attrs(alpha, beta if has_c else 0.0, act))
 
 
 def _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype):
@@ -390,11 +364,6 @@ def _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, ac
     call = _indexed_call_for(alpha, beta, act, c is not None, bias is not None, a_index.ndim - 1,
                              out_dtype)
     return call(a_blocks, b_blocks, a_index, b_index, *(x for x in (c, bias) if x is not None))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype):
-    return _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype)
 
 
 def _indexed_fwd(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype):
@@ -427,4 +396,5 @@ def _indexed_bwd(alpha, beta, act, out_dtype, res, g):
     return da, db, None, None, dc, dbias
 
 
-_indexed.defvjp(_indexed_fwd, _indexed_bwd)
+_indexed = kernel_op(_indexed_call, _indexed_fwd, _indexed_bwd, name="jax_brgemm.brgemm_indexed",
+                     nondiff_argnums=(6, 7, 8, 9), bwd_differentiable=True)

@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _ext  # noqa: F401  (registers the FFI targets)
-from .._autodiff import first_order_only, without_derivative
 from .._checks import check_activation, check_kernel_dtype, check_rank
-from .._sharding import align_to_batch, partitionable_ffi_call
+from .._op import kernel_call, kernel_op, problems_rule, without_derivative
+from .._sharding import align_to_batch
 
 _NONE = jnp.zeros((0,), jnp.float32)  # an absent optional operand or result
 
@@ -68,19 +68,32 @@ def dense(x, kernel, bias=None, *, activation=None):
     return _dense(x, kernel, bias, act).reshape(lead + (k,))
 
 
-def _forward_call(x, kernel, bias, act, keep_preact):
+def _forward(x, kernel, bias, act, keep_preact):
     """y in x's dtype (and the float32 pre-activation when kept) for 2-D x, kernel cast to
-    x's dtype and bias to float32; vmap adds leading problem dims, which the handler folds
-    into the minibatch while the weights are shared."""
-    kernel = kernel.astype(x.dtype)
-    bias = None if bias is None else bias.astype(jnp.float32)
-    shape = (x.shape[0], kernel.shape[1])
-    outs = (jax.ShapeDtypeStruct(shape, x.dtype),
-            jax.ShapeDtypeStruct(shape if keep_preact else (0,), jnp.float32))
+    x's dtype and bias to float32."""
+    call = _forward_call(act, keep_preact, bias is not None)
+    return call(x, kernel.astype(x.dtype), _NONE if bias is None else bias.astype(jnp.float32))
+
+
+# Under vmap the handlers take one leading problem dim (lead=True): the data (x; dy, x and
+# the saved output) have every problem, the weights one (shared: folded into the
+# minibatch) or every problem (run one by one).
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_call(act, keep_preact, has_bias, lead=False):
+    def results(x, kernel, bias):
+        y = x.shape[:-1] + kernel.shape[-1:]
+        return (jax.ShapeDtypeStruct(y, x.dtype),
+                jax.ShapeDtypeStruct(y if keep_preact else (0,), jnp.float32))
+
     # Data parallel: rows split across devices, weights replicated.
-    call = partitionable_ffi_call("jax_brgemm_dense_fwd", outs, batched=(True, False, False),
-                                  outputs=("batch", "batch"))
-    return call(x, kernel, _NONE if bias is None else bias, activation=act)
+    data = (True, False, False)
+    return kernel_call(
+        "jax_brgemm_dense_fwd", results, batched=(True, True, has_bias) if lead else data,
+        outputs=("batch", "batch" if keep_preact else "replicated"),
+        vmap=problems_rule(lambda: _forward_call(act, keep_preact, has_bias, True), data, lead),
+        activation=act)
 
 
 def _backward_call(dy, x, kernel, saved, act, *, want_dx=True, want_dw=True, want_db=True,
@@ -89,24 +102,35 @@ def _backward_call(dy, x, kernel, saved, act, *, want_dx=True, want_dw=True, wan
     `saved` is y for relu/sigmoid/tanh, the pre-activation for gelu, None for none. The
     products run in x's dtype (dy and kernel are cast to it); dx comes in x's dtype, dkernel
     in dw_dtype (default kernel's), dbias in db_dtype."""
-    (n, c), k = x.shape, kernel.shape[1]
-    dw_dtype = kernel.dtype if dw_dtype is None else dw_dtype
-    dy, kernel = dy.astype(x.dtype), kernel.astype(x.dtype)
+    dw_dtype = np.dtype(kernel.dtype if dw_dtype is None else dw_dtype)
+    call = _backward_kernel_call(act, saved is not None, (want_dx, want_dw, want_db),
+                                 np.dtype(x.dtype), dw_dtype, np.dtype(db_dtype))
+    return call(dy.astype(x.dtype), x, kernel.astype(x.dtype), _NONE if saved is None else saved)
 
-    def result(want, shape, dtype):
-        return jax.ShapeDtypeStruct(shape if want else (0,), dtype if want else jnp.float32)
 
-    outs = (result(want_dx, (n, c), x.dtype), result(want_dw, (c, k), dw_dtype),
-            result(want_db, (k,), db_dtype))
+@functools.lru_cache(maxsize=None)
+def _backward_kernel_call(act, has_saved, wants, dx_dtype, dw_dtype, db_dtype, lead=False):
+    def results(dy, x, kernel, saved):
+        shapes = (x.shape, dy.shape[:-2] + kernel.shape[-2:], dy.shape[:-2] + dy.shape[-1:])
+        if not lead:  # the weight gradients are sums over the minibatch
+            shapes = shapes[:1] + (kernel.shape, dy.shape[-1:])
+        return tuple(jax.ShapeDtypeStruct(shape if want else (0,), dtype if want else jnp.float32)
+                     for shape, dtype, want in zip(shapes, (dx_dtype, dw_dtype, db_dtype), wants))
+
     # dx splits like the rows; dkernel and dbias are per-shard sums, all-reduced.
-    call = partitionable_ffi_call("jax_brgemm_dense_bwd", outs, batched=(True, True, False, True),
-                                  outputs=("batch", "sum", "sum"))
-    return call(dy, x, kernel, _NONE if saved is None else saved, activation=act)
+    data = (True, True, False, True)
+    kinds = ("batch",) * 3 if lead else ("batch", "sum", "sum")
+    return kernel_call(
+        "jax_brgemm_dense_bwd", results,
+        batched=(True, True, True, has_saved) if lead else (True, True, False, has_saved),
+        outputs=tuple(k if want else "replicated" for k, want in zip(kinds, wants)),
+        vmap=problems_rule(lambda: _backward_kernel_call(act, has_saved, wants, dx_dtype, dw_dtype,
+                                                         db_dtype, True), data, lead),
+        activation=act)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dense(x, kernel, bias, act):
-    return _forward_call(x, kernel, bias, act, keep_preact=False)[0]
+def _dense_primal(x, kernel, bias, act):
+    return _forward(x, kernel, bias, act, keep_preact=False)[0]
 
 
 def _dense_fwd(x, kernel, bias, act):
@@ -115,7 +139,7 @@ def _dense_fwd(x, kernel, bias, act):
     # input is data; dkernel of a frozen layer) inside its one FFI call.
     keep_preact = act == "gelu"  # gelu's derivative needs its input; others use the output
     forward = without_derivative(  # grad of grad: a clear error
-        "jax_brgemm.nn.dense", lambda x, kernel, bias: _forward_call(x, kernel, bias, act, keep_preact))
+        "jax_brgemm.nn.dense", lambda x, kernel, bias: _forward(x, kernel, bias, act, keep_preact))
     bias_value = None if bias is None else bias.value
     y, preact = forward(x.value, kernel.value, bias_value)
     saved = preact if keep_preact else (None if act == "none" else y)
@@ -124,7 +148,6 @@ def _dense_fwd(x, kernel, bias, act):
     return y, (x.value, kernel.value, bias_value, saved, wanted)
 
 
-@first_order_only("jax_brgemm.nn.dense")
 def _dense_bwd(act, res, dy):
     x, kernel, bias, saved, wanted = res
     want_dx, want_dw, want_db = (flag is not None for flag in wanted)
@@ -133,12 +156,13 @@ def _dense_bwd(act, res, dy):
     # One call: dx and dkernel share one pass computing dz and one parallel loop.
     dx, dkernel, dbias = _backward_call(
         dy, x, kernel, saved, act, want_dx=want_dx, want_dw=want_dw,
-        want_db=want_db, db_dtype=jnp.float32 if bias is None else bias.dtype)
+        want_db=want_db and bias is not None, db_dtype=jnp.float32 if bias is None else bias.dtype)
     return (dx if want_dx else jnp.zeros_like(x), dkernel if want_dw else jnp.zeros_like(kernel),
             None if bias is None else (dbias if want_db else jnp.zeros_like(bias)))
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
+_dense = kernel_op(_dense_primal, _dense_fwd, _dense_bwd, name="jax_brgemm.nn.dense",
+                   nondiff_argnums=(3,), symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------ multi-layer perceptron
