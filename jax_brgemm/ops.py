@@ -60,17 +60,20 @@ def _attrs(alpha, beta, act):
 # ------------------------------------------------------------------ stride form
 
 
-def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None, out_dtype=None):
-    """Batch-reduce GEMM: ``epilogue(beta * c + alpha * sum_i a[..., i, :, :] @ b[..., i, :, :] + bias)``.
+def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, activation=None, bias=None, out_dtype=None,
+           epilogue=None):
+    """Batch-reduce GEMM: ``activation(beta * c + alpha * sum_i a[..., i, :, :] @ b[..., i, :, :] + bias)``.
 
     Args:
       a: ``(..., count, m, k)`` float32 or bfloat16.
       b: ``(..., count, k, n)``, a's dtype.
       c: optional ``(..., m, n)`` addend of the result's dtype, scaled by ``beta``.
       alpha, beta: Python numbers.
-      epilogue: None, "relu", "gelu" (tanh form), "sigmoid" or "tanh", applied after bias.
+      activation: None, "relu", "gelu" (tanh form), "sigmoid" or "tanh", applied after bias
+        (the kernel's epilogue).
       bias: optional ``(n,)`` row added to every output row (applied in float32).
       out_dtype: float32 or bfloat16; default a's dtype. Accumulation is always float32.
+      epilogue: the former name of ``activation``, still accepted.
 
     Leading dims of a, b and c are independent problems and broadcast like NumPy's.
     Returns ``(..., m, n)``. Works under jit, vmap and grad (a, b, c and bias); gradients
@@ -89,12 +92,21 @@ def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None, out_d
         raise ValueError(f"b's k ({b.shape[-2]}) must equal a's k ({k}); a {a.shape}, b {b.shape}")
     n = b.shape[-1]
     e = _epilogue_args({"a": a.shape[:-3], "b": b.shape[:-3]}, m, n, a.dtype, c, out_dtype,
-                       epilogue, alpha, beta, bias)
+                       _activation_arg(activation, epilogue), alpha, beta, bias)
     if count == 0 or k == 0 or e.empty:
         return _without_products(e, m, n)
     lead = lambda x, rank: 0 if x is not None and x.ndim > rank else None  # noqa: E731
     a, b, c, bias = align_to_batch((a, b, e.c, e.bias), (lead(a, 3), lead(b, 3), lead(e.c, 2), None))
     return _brgemm(a, b, c, bias, e.alpha, e.beta, e.act, e.out_dtype)
+
+
+def _activation_arg(activation, epilogue):
+    """(argument name, value): `activation`, or its older alias `epilogue`."""
+    if epilogue is not None:
+        if activation is not None and activation != epilogue:
+            raise ValueError(f"activation ({activation!r}) and its alias epilogue ({epilogue!r}) disagree")
+        return "epilogue", epilogue
+    return "activation", activation
 
 
 def _out_dtype(out_dtype, default):
@@ -132,8 +144,9 @@ class _Epilogue(NamedTuple):
     empty: bool  # the result has no elements
 
 
-def _epilogue_args(leads, m, n, in_dtype, c, out_dtype, epilogue, alpha, beta, bias) -> _Epilogue:
-    """Checks what both forms share (c, bias, epilogue, alpha, beta, out_dtype) and
+def _epilogue_args(leads, m, n, in_dtype, c, out_dtype, activation, alpha, beta, bias) -> _Epilogue:
+    """Checks what both forms share (c, bias, activation: (name, value), alpha, beta,
+    out_dtype) and
     broadcasts the leading dims of `leads` (name -> shape) and c's."""
     out_dtype = _out_dtype(out_dtype, in_dtype)
     leads = dict(leads)
@@ -144,7 +157,7 @@ def _epilogue_args(leads, m, n, in_dtype, c, out_dtype, epilogue, alpha, beta, b
         if c.shape[-2:] != (m, n):
             raise ValueError(f"c must end in (m, n) = {(m, n)}, got {c.shape}")
         leads["c"] = c.shape[:-2]
-    act = check_activation("epilogue", epilogue)
+    act = check_activation(*activation)
     alpha, beta = _scalar("alpha", alpha), _scalar("beta", beta)
     bias = _check_bias(bias, n)
     lead = broadcast_lead(leads)
@@ -204,32 +217,17 @@ def _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
                        **_attrs(alpha, beta if has_c else 0.0, act))
 
 
-def _forward_with_residuals(call, act, out_dtype, *args):
-    """Runs `call(..., act, out_dtype)`; for gelu keeps the float32 pre-activation its
-    derivative needs."""
-    if _activations.needs_preactivation(act):
-        z = call(*args, "none", np.dtype(jnp.float32))
-        out = _activations.apply(act, z).astype(out_dtype)
-        return out, z
-    return call(*args, act, out_dtype), None
-
-
-def _activation_grad(act, g, out, z, dtype):
-    """d loss / d pre-activation in float32, then in the kernel's input dtype."""
-    gz = _activations.grad_from(act, g.astype(jnp.float32), out.astype(jnp.float32), z)
-    return gz, gz.astype(dtype)
-
-
 def _brgemm_fwd(a, b, c, bias, alpha, beta, act, out_dtype):
     # Through the custom_vjp function itself, so the residuals stay differentiable
     # (second-order gradients).
-    out, z = _forward_with_residuals(_brgemm, act, out_dtype, a, b, c, bias, alpha, beta)
+    out, z = _activations.forward_with_residuals(
+        lambda act, dtype: _brgemm(a, b, c, bias, alpha, beta, act, np.dtype(dtype)), act, out_dtype)
     return out, (a, b, c, bias, out, z)
 
 
 def _brgemm_bwd(alpha, beta, act, out_dtype, res, g):
     a, b, c, bias, out, z = res
-    gz, gz_in = _activation_grad(act, g, out, z, a.dtype)
+    gz, gz_in = _activations.activation_grad(act, g, out, z, a.dtype)
     g_block = gz_in[..., None, None, :, :]  # (lead, 1, 1, m, n): one product per batch element
     # dA_i = alpha * gz @ B_i^T and dB_i = alpha * A_i^T @ gz, each a count-1 brgemm with
     # float32 results, summed over broadcast dims in float32, then cast to the input dtype.
@@ -251,17 +249,17 @@ _brgemm = kernel_op(_brgemm_call, _brgemm_fwd, _brgemm_bwd, name="jax_brgemm.brg
 
 
 def brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, *, alpha=1.0, beta=0.0,
-                   epilogue=None, bias=None, out_dtype=None):
+                   activation=None, bias=None, out_dtype=None, epilogue=None):
     """Offset-form batch-reduce GEMM over pools of blocks.
 
-    ``out[...] = epilogue(beta * c[...] + alpha * sum_i a_blocks[a_index[..., i]] @ b_blocks[b_index[..., i]] + bias)``
+    ``out[...] = activation(beta * c[...] + alpha * sum_i a_blocks[a_index[..., i]] @ b_blocks[b_index[..., i]] + bias)``
 
     Args:
       a_blocks: ``(Pa, m, k)`` float32 or bfloat16; b_blocks: ``(Pb, k, n)``, the same dtype.
       a_index, b_index: integer ``(..., count)``; leading dims broadcast with each other and c.
         Values outside ``[0, Pa)`` / ``[0, Pb)`` are an error (ValueError when the indices
         are concrete, a runtime error from the kernel under jit), never an out-of-bounds read.
-      c, alpha, beta, epilogue, bias, out_dtype: as in :func:`brgemm`.
+      c, alpha, beta, activation, bias, out_dtype, epilogue: as in :func:`brgemm`.
 
     Returns ``(..., m, n)``. Works under jit, vmap and grad (to the blocks, c, bias).
     """
@@ -288,7 +286,7 @@ def brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, *, alpha=1.0, b
     _check_index_range("a_index", a_index_host, a_blocks.shape[0])
     _check_index_range("b_index", b_index_host, b_blocks.shape[0])
     e = _epilogue_args({"a_index": a_index.shape[:-1], "b_index": b_index.shape[:-1]}, m, n,
-                       a_blocks.dtype, c, out_dtype, epilogue, alpha, beta, bias)
+                       a_blocks.dtype, c, out_dtype, _activation_arg(activation, epilogue), alpha, beta, bias)
     if count == 0 or k == 0 or e.empty:
         return _without_products(e, m, n)
     a_index = jnp.broadcast_to(a_index.astype(_index_dtype(a_index)), e.lead + (count,))
@@ -367,14 +365,15 @@ def _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, ac
 
 
 def _indexed_fwd(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype):
-    out, z = _forward_with_residuals(_indexed, act, out_dtype, a_blocks, b_blocks, a_index,
-                                     b_index, c, bias, alpha, beta)
+    out, z = _activations.forward_with_residuals(
+        lambda act, dtype: _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act,
+                                    np.dtype(dtype)), act, out_dtype)
     return out, (a_blocks, b_blocks, a_index, b_index, c, bias, out, z)
 
 
 def _indexed_bwd(alpha, beta, act, out_dtype, res, g):
     a_blocks, b_blocks, a_index, b_index, c, bias, out, z = res
-    gz, gz_in = _activation_grad(act, g, out, z, a_blocks.dtype)
+    gz, gz_in = _activations.activation_grad(act, g, out, z, a_blocks.dtype)
     m, n = gz.shape[-2:]
     problems = gz_in.reshape(-1, m, n)  # the output gradients as a block pool
     # Problem p's index, once per batch element, for count-1 products per element.

@@ -547,3 +547,19 @@ def test_env_var_rejects_an_unknown_isa():
     result = subprocess.run([sys.executable, "-c", "import jax_brgemm"], capture_output=True, text=True,
                             env=env, timeout=120)
     assert result.returncode != 0 and "JAX_BRGEMM_ISA=neon" in result.stderr
+
+
+def test_activation_argument_and_its_epilogue_alias(rng):
+    a = rng.standard_normal((2, 5, 4)).astype(F32)
+    b = rng.standard_normal((2, 4, 6)).astype(F32)
+    ref = brgemm_reference(a, b, epilogue="tanh")
+    assert rel_err(jb.brgemm(a, b, activation="tanh"), ref) < 1e-5
+    assert rel_err(jb.brgemm(a, b, epilogue="tanh"), ref) < 1e-5
+    assert rel_err(jb.brgemm(a, b, activation="tanh", epilogue="tanh"), ref) < 1e-5
+    with pytest.raises(ValueError, match="disagree"):
+        jb.brgemm(a, b, activation="relu", epilogue="tanh")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        jb.brgemm(a, b, activation="swish")
+    idx = np.array([[0, 1]])
+    out = jb.brgemm_indexed(a, b, idx, idx, activation="sigmoid")
+    assert rel_err(out, brgemm_reference(a[idx], b[idx], epilogue="sigmoid")) < 1e-5

@@ -168,18 +168,15 @@ def _conv_primal(x, kernel, bias, geom, act, out_dtype):
 
 def _conv_fwd(x, kernel, bias, geom, act, out_dtype):
     # Through _conv itself, so that differentiating the gradient meets _conv_bwd's error.
-    if _activations.needs_preactivation(act):  # gelu's derivative needs the float32 pre-activation
-        z = _conv(x, kernel, bias, geom, "none", _F32)
-        return _activations.apply(act, z).astype(out_dtype), (x, kernel, bias, None, z)
-    out = _conv(x, kernel, bias, geom, act, out_dtype)
-    return out, (x, kernel, bias, None if act == "none" else out, None)
+    out, z = _activations.forward_with_residuals(
+        lambda act, dtype: _conv(x, kernel, bias, geom, act, np.dtype(dtype)), act, out_dtype)
+    return out, (x, kernel, bias, out if _activations.needs_output(act) else None, z)
 
 
 def _conv_bwd(geom, act, out_dtype, res, g):
     x, kernel, bias, out, z = res
     # d loss / d pre-activation in float32 (for the bias), then in the compute dtype.
-    gz = _activations.grad_from(act, g.astype(jnp.float32), None if out is None else out.astype(jnp.float32), z)
-    gz_in = gz.astype(x.dtype)
+    gz, gz_in = _activations.activation_grad(act, g, out, z, x.dtype)
     dx = _backward_data_call(geom, x.shape[1:3])(gz_in, kernel.astype(x.dtype))
     dkernel = _weight_update_call(geom, kernel.shape[:2])(x, gz_in).astype(kernel.dtype)
     dbias = None if bias is None else gz.sum(axis=(0, 1, 2)).astype(bias.dtype)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _ext  # noqa: F401  (registers the FFI targets)
+from .. import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
 from .._checks import check_activation, check_kernel_dtype, check_rank
 from .._op import kernel_call, kernel_op, problems_rule, without_derivative
 from .._sharding import align_to_batch
@@ -68,11 +68,12 @@ def dense(x, kernel, bias=None, *, activation=None):
     return _dense(x, kernel, bias, act).reshape(lead + (k,))
 
 
-def _forward(x, kernel, bias, act, keep_preact):
-    """y in x's dtype (and the float32 pre-activation when kept) for 2-D x, kernel cast to
-    x's dtype and bias to float32."""
-    call = _forward_call(act, keep_preact, bias is not None)
-    return call(x, kernel.astype(x.dtype), _NONE if bias is None else bias.astype(jnp.float32))
+def _forward(x, kernel, bias, act, out_dtype=None):
+    """act(x @ kernel + bias) in out_dtype (default x's) for 2-D x, kernel cast to x's dtype
+    and bias to float32."""
+    out_dtype = np.dtype(x.dtype if out_dtype is None else out_dtype)
+    call = _forward_call(act, out_dtype, bias is not None)
+    return call(x, kernel.astype(x.dtype), _NONE if bias is None else bias.astype(jnp.float32))[0]
 
 
 # Under vmap the handlers take one leading problem dim (lead=True): the data (x; dy, x and
@@ -81,18 +82,19 @@ def _forward(x, kernel, bias, act, keep_preact):
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_call(act, keep_preact, has_bias, lead=False):
+def _forward_call(act, out_dtype, has_bias, lead=False):
+    # (The handler can also keep the float32 pre-activation, its second result: not asked
+    # for, since the derivatives are applied in JAX.)
     def results(x, kernel, bias):
-        y = x.shape[:-1] + kernel.shape[-1:]
-        return (jax.ShapeDtypeStruct(y, x.dtype),
-                jax.ShapeDtypeStruct(y if keep_preact else (0,), jnp.float32))
+        return (jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], out_dtype),
+                jax.ShapeDtypeStruct((0,), jnp.float32))
 
     # Data parallel: rows split across devices, weights replicated.
     data = (True, False, False)
     return kernel_call(
         "jax_brgemm_dense_fwd", results, batched=(True, True, has_bias) if lead else data,
-        outputs=("batch", "batch" if keep_preact else "replicated"),
-        vmap=problems_rule(lambda: _forward_call(act, keep_preact, has_bias, True), data, lead),
+        outputs=("batch", "replicated"),
+        vmap=problems_rule(lambda: _forward_call(act, out_dtype, has_bias, True), data, lead),
         activation=act)
 
 
@@ -130,33 +132,38 @@ def _backward_kernel_call(act, has_saved, wants, dx_dtype, dw_dtype, db_dtype, l
 
 
 def _dense_primal(x, kernel, bias, act):
-    return _forward(x, kernel, bias, act, keep_preact=False)[0]
+    return _forward(x, kernel, bias, act)
 
 
 def _dense_fwd(x, kernel, bias, act):
     # Symbolic zeros: each primal comes with `perturbed`, whether it is differentiated at
     # all. The backward skips the gradients nobody asked for (dx of a first layer, whose
     # input is data; dkernel of a frozen layer) inside its one FFI call.
-    keep_preact = act == "gelu"  # gelu's derivative needs its input; others use the output
-    forward = without_derivative(  # grad of grad: a clear error
-        "jax_brgemm.nn.dense", lambda x, kernel, bias: _forward(x, kernel, bias, act, keep_preact))
     bias_value = None if bias is None else bias.value
-    y, preact = forward(x.value, kernel.value, bias_value)
-    saved = preact if keep_preact else (None if act == "none" else y)
+    forward = without_derivative(  # grad of grad: a clear error
+        "jax_brgemm.nn.dense", lambda *a: _activations.forward_with_residuals(
+            lambda act, out_dtype: _forward(*a, act, out_dtype), act, x.value.dtype))
+    y, z = forward(x.value, kernel.value, bias_value)
     # (Residuals are pytrees of arrays: the flags ride in their structure, () or None.)
     wanted = tuple(() if p is not None and p.perturbed else None for p in (x, kernel, bias))
-    return y, (x.value, kernel.value, bias_value, saved, wanted)
+    saved = y if _activations.needs_output(act) else None
+    return y, (x.value, kernel.value, bias_value, saved, z, wanted)
 
 
 def _dense_bwd(act, res, dy):
-    x, kernel, bias, saved, wanted = res
+    x, kernel, bias, y, z, wanted = res
     want_dx, want_dw, want_db = (flag is not None for flag in wanted)
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
         dy = jnp.zeros(dy.shape, dy.dtype)
-    # One call: dx and dkernel share one pass computing dz and one parallel loop.
+    gz, gz_in = _activations.activation_grad(act, dy, y, z, x.dtype)
+    # One call: dx and dkernel share one pass and one parallel loop. In bfloat16 the bias
+    # gradient sums the float32 gz (as brgemm and conv2d do), not its rounded copy.
+    in_kernel_db = want_db and x.dtype == jnp.float32
     dx, dkernel, dbias = _backward_call(
-        dy, x, kernel, saved, act, want_dx=want_dx, want_dw=want_dw,
-        want_db=want_db and bias is not None, db_dtype=jnp.float32 if bias is None else bias.dtype)
+        gz_in, x, kernel, None, "none", want_dx=want_dx, want_dw=want_dw,
+        want_db=in_kernel_db, db_dtype=jnp.float32 if bias is None else bias.dtype)
+    if want_db and not in_kernel_db:
+        dbias = gz.sum(0).astype(bias.dtype)
     return (dx if want_dx else jnp.zeros_like(x), dkernel if want_dw else jnp.zeros_like(kernel),
             None if bias is None else (dbias if want_db else jnp.zeros_like(bias)))
 
