@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import jax.numpy as jnp
 
-ACTIVATIONS = (None, "relu", "gelu", "sigmoid", "tanh")
+from ._activations import ACTIVATIONS
 
 
 def dtype_of(x) -> np.dtype:

@@ -21,7 +21,6 @@ call: custom_vjp and custom_vmap sit outside it.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Sequence
 
 import jax
@@ -201,57 +200,3 @@ def _partitioned(impl, batch_dims, outputs, ndims, out_ranks):
                      sharding_rule=f"{operands} -> {results}",
                      reduction_factors=("b",) if sum_only else ())
     return op
-
-
-def partitionable_ffi_call(target: str, results, *, batched: Sequence[bool],
-                           outputs: Sequence[str]) -> Callable:
-    """``jax.ffi.ffi_call(target, results, vmap_method="expand_dims")`` that also splits
-    along the batch under sharding (see batch_partitioned for `batched` and `outputs`).
-
-    vmap keeps expand_dims semantics: every argument gets the new leading dim (size 1 where
-    unbatched) and so does every result; the handler must accept that. Attributes are
-    passed to the returned function as keyword arguments, as with ffi_call.
-    """
-    single = not isinstance(results, (tuple, list))
-    specs = tuple((tuple(r.shape), str(r.dtype)) for r in ((results,) if single else results))
-
-    def call(*args, **attrs):
-        factory = _expand_dims_call(target, specs, single, tuple(batched), tuple(outputs),
-                                    tuple(sorted(attrs.items())))
-        return factory(*args)
-
-    return call
-
-
-@functools.lru_cache(maxsize=None)
-def _expand_dims_call(target, specs, single, batched, outputs, attr_items):
-    attrs = dict(attr_items)
-    # An empty placeholder result has no batch to split.
-    kinds = tuple("replicated" if math.prod(shape) == 0 else kind
-                  for (shape, _), kind in zip(specs, outputs))
-
-    def impl(*args):
-        # "batch" results follow the batch of the arguments they get: the global one, or a
-        # device's shard of it inside the partitioned lowering.
-        batch = max((a.shape[0] for a, b in zip(args, batched) if b and a.ndim), default=None)
-        results = tuple(
-            jax.ShapeDtypeStruct((batch,) + shape[1:] if kind == "batch" and batch and shape else shape,
-                                 dtype)
-            for (shape, dtype), kind in zip(specs, kinds))
-        return jax.ffi.ffi_call(target, results[0] if single else results)(*args, **attrs)
-
-    sharded = batch_partitioned(impl, batched, kinds)
-
-    @jax.custom_batching.custom_vmap
-    def call(*args):
-        return sharded(*args)
-
-    @call.def_vmap
-    def call_vmap(axis_size, in_batched, *args):
-        args = [x if b else x[None] for x, b in zip(args, in_batched)]
-        new_specs = tuple(((axis_size,) + shape, dtype) for shape, dtype in specs)
-        inner = _expand_dims_call(target, new_specs, single, (True,) * len(args),
-                                  ("batch",) * len(specs), attr_items)
-        return inner(*args), (True if single else (True,) * len(specs))
-
-    return call

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
-from ._sharding import align_to_batch, batch_partitioned
+from ._op import kernel_call, kernel_op, lift
+from ._sharding import align_to_batch
 from ._checks import (
     broadcast_lead,
     check_activation,
@@ -59,17 +60,20 @@ def _attrs(alpha, beta, act):
 # ------------------------------------------------------------------ stride form
 
 
-def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None, out_dtype=None):
-    """Batch-reduce GEMM: ``epilogue(beta * c + alpha * sum_i a[..., i, :, :] @ b[..., i, :, :] + bias)``.
+def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, activation=None, bias=None, out_dtype=None,
+           epilogue=None):
+    """Batch-reduce GEMM: ``activation(beta * c + alpha * sum_i a[..., i, :, :] @ b[..., i, :, :] + bias)``.
 
     Args:
       a: ``(..., count, m, k)`` float32 or bfloat16.
       b: ``(..., count, k, n)``, a's dtype.
       c: optional ``(..., m, n)`` addend of the result's dtype, scaled by ``beta``.
       alpha, beta: Python numbers.
-      epilogue: None, "relu", "gelu" (tanh form), "sigmoid" or "tanh", applied after bias.
+      activation: None, "relu", "gelu" (tanh form), "sigmoid" or "tanh", applied after bias
+        (the kernel's epilogue).
       bias: optional ``(n,)`` row added to every output row (applied in float32).
       out_dtype: float32 or bfloat16; default a's dtype. Accumulation is always float32.
+      epilogue: the former name of ``activation``, still accepted.
 
     Leading dims of a, b and c are independent problems and broadcast like NumPy's.
     Returns ``(..., m, n)``. Works under jit, vmap and grad (a, b, c and bias); gradients
@@ -88,12 +92,21 @@ def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, epilogue=None, bias=None, out_d
         raise ValueError(f"b's k ({b.shape[-2]}) must equal a's k ({k}); a {a.shape}, b {b.shape}")
     n = b.shape[-1]
     e = _epilogue_args({"a": a.shape[:-3], "b": b.shape[:-3]}, m, n, a.dtype, c, out_dtype,
-                       epilogue, alpha, beta, bias)
+                       _activation_arg(activation, epilogue), alpha, beta, bias)
     if count == 0 or k == 0 or e.empty:
         return _without_products(e, m, n)
     lead = lambda x, rank: 0 if x is not None and x.ndim > rank else None  # noqa: E731
     a, b, c, bias = align_to_batch((a, b, e.c, e.bias), (lead(a, 3), lead(b, 3), lead(e.c, 2), None))
     return _brgemm(a, b, c, bias, e.alpha, e.beta, e.act, e.out_dtype)
+
+
+def _activation_arg(activation, epilogue):
+    """(argument name, value): `activation`, or its older alias `epilogue`."""
+    if epilogue is not None:
+        if activation is not None and activation != epilogue:
+            raise ValueError(f"activation ({activation!r}) and its alias epilogue ({epilogue!r}) disagree")
+        return "epilogue", epilogue
+    return "activation", activation
 
 
 def _out_dtype(out_dtype, default):
@@ -131,8 +144,9 @@ class _Epilogue(NamedTuple):
     empty: bool  # the result has no elements
 
 
-def _epilogue_args(leads, m, n, in_dtype, c, out_dtype, epilogue, alpha, beta, bias) -> _Epilogue:
-    """Checks what both forms share (c, bias, epilogue, alpha, beta, out_dtype) and
+def _epilogue_args(leads, m, n, in_dtype, c, out_dtype, activation, alpha, beta, bias) -> _Epilogue:
+    """Checks what both forms share (c, bias, activation: (name, value), alpha, beta,
+    out_dtype) and
     broadcasts the leading dims of `leads` (name -> shape) and c's."""
     out_dtype = _out_dtype(out_dtype, in_dtype)
     leads = dict(leads)
@@ -143,7 +157,7 @@ def _epilogue_args(leads, m, n, in_dtype, c, out_dtype, epilogue, alpha, beta, b
         if c.shape[-2:] != (m, n):
             raise ValueError(f"c must end in (m, n) = {(m, n)}, got {c.shape}")
         leads["c"] = c.shape[:-2]
-    act = check_activation("epilogue", epilogue)
+    act = check_activation(*activation)
     alpha, beta = _scalar("alpha", alpha), _scalar("beta", beta)
     bias = _check_bias(bias, n)
     lead = broadcast_lead(leads)
@@ -181,65 +195,39 @@ def _brgemm_call(a, b, c, bias, alpha, beta, act, out_dtype):
 def _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
     """The raw FFI call for one set of static attributes. Every operand has `lead_rank`
     leading dims (size 1 where broadcast), which the kernel broadcasts; the first is the
-    batch that data-parallel sharding splits."""
+    batch that data-parallel sharding splits. A vmapped axis is one more leading dim."""
 
-    def ffi(a, b, *rest):
-        c = rest[0] if has_c else None
-        bias = rest[-1] if has_bias else None
-        lead = jnp.broadcast_shapes(a.shape[:-3], b.shape[:-3], *(() if c is None else (c.shape[:-2],)))
-        out = jax.ShapeDtypeStruct(lead + (a.shape[-2], b.shape[-1]), out_dtype)
-        return jax.ffi.ffi_call("jax_brgemm_brgemm", out)(
-            a, b, _none() if c is None else c, _none() if bias is None else bias,
-            **_attrs(alpha, beta if has_c else 0.0, act))
+    def results(a, b, *rest):
+        # (A vmapped bias alone gives the problems their leading dims.)
+        blocks = ((a, 3), (b, 3)) + tuple(zip(rest, ((2,) if has_c else ()) + ((1,) if has_bias else ())))
+        lead = jnp.broadcast_shapes(*(x.shape[:x.ndim - rank] for x, rank in blocks))
+        return jax.ShapeDtypeStruct(lead + (a.shape[-2], b.shape[-1]), out_dtype)
 
-    n_args = 2 + has_c + has_bias
-    sharded = batch_partitioned(ffi, batched=(lead_rank > 0,) * n_args, outputs=("batch",))
+    def operands(a, b, *rest):
+        c = rest[0] if has_c else _none()
+        return a, b, c, rest[-1] if has_bias else _none()
 
-    @jax.custom_batching.custom_vmap
-    def call(*args):
-        return sharded(*args)
-
-    @call.def_vmap
-    def call_vmap(axis_size, in_batched, *args):
+    def rule(axis_size, in_batched, *args):
         # A new leading problem dim: size 1 (broadcast) on the unbatched operands.
         args = [x if batched else x[None] for x, batched in zip(args, in_batched)]
-        call = _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype)
-        return call(*args), True
+        return _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype)(*args), True
 
-    return call
-
-
-def _forward_with_residuals(call, act, out_dtype, *args):
-    """Runs `call(..., act, out_dtype)`; for gelu keeps the float32 pre-activation its
-    derivative needs."""
-    if _activations.needs_preactivation(act):
-        z = call(*args, "none", np.dtype(jnp.float32))
-        out = _activations.apply(act, z).astype(out_dtype)
-        return out, z
-    return call(*args, act, out_dtype), None
-
-
-def _activation_grad(act, g, out, z, dtype):
-    """d loss / d pre-activation in float32, then in the kernel's input dtype."""
-    gz = _activations.grad_from(act, g.astype(jnp.float32), out.astype(jnp.float32), z)
-    return gz, gz.astype(dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _brgemm(a, b, c, bias, alpha, beta, act, out_dtype):
-    return _brgemm_call(a, b, c, bias, alpha, beta, act, out_dtype)
+    return kernel_call("jax_brgemm_brgemm", results, batched=(lead_rank > 0,) * (2 + has_c + has_bias),
+                       outputs=("batch",), vmap=rule, operands=operands,
+                       **_attrs(alpha, beta if has_c else 0.0, act))
 
 
 def _brgemm_fwd(a, b, c, bias, alpha, beta, act, out_dtype):
     # Through the custom_vjp function itself, so the residuals stay differentiable
     # (second-order gradients).
-    out, z = _forward_with_residuals(_brgemm, act, out_dtype, a, b, c, bias, alpha, beta)
+    out, z = _activations.forward_with_residuals(
+        lambda act, dtype: _brgemm(a, b, c, bias, alpha, beta, act, np.dtype(dtype)), act, out_dtype)
     return out, (a, b, c, bias, out, z)
 
 
 def _brgemm_bwd(alpha, beta, act, out_dtype, res, g):
     a, b, c, bias, out, z = res
-    gz, gz_in = _activation_grad(act, g, out, z, a.dtype)
+    gz, gz_in = _activations.activation_grad(act, g, out, z, a.dtype)
     g_block = gz_in[..., None, None, :, :]  # (lead, 1, 1, m, n): one product per batch element
     # dA_i = alpha * gz @ B_i^T and dB_i = alpha * A_i^T @ gz, each a count-1 brgemm with
     # float32 results, summed over broadcast dims in float32, then cast to the input dtype.
@@ -252,24 +240,26 @@ def _brgemm_bwd(alpha, beta, act, out_dtype, res, g):
             dc, dbias)
 
 
-_brgemm.defvjp(_brgemm_fwd, _brgemm_bwd)
+# The backward is made of brgemm calls, so it is differentiable again.
+_brgemm = kernel_op(_brgemm_call, _brgemm_fwd, _brgemm_bwd, name="jax_brgemm.brgemm",
+                    nondiff_argnums=(4, 5, 6, 7), bwd_differentiable=True)
 
 
 # ------------------------------------------------------------------ offset form
 
 
 def brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, *, alpha=1.0, beta=0.0,
-                   epilogue=None, bias=None, out_dtype=None):
+                   activation=None, bias=None, out_dtype=None, epilogue=None):
     """Offset-form batch-reduce GEMM over pools of blocks.
 
-    ``out[...] = epilogue(beta * c[...] + alpha * sum_i a_blocks[a_index[..., i]] @ b_blocks[b_index[..., i]] + bias)``
+    ``out[...] = activation(beta * c[...] + alpha * sum_i a_blocks[a_index[..., i]] @ b_blocks[b_index[..., i]] + bias)``
 
     Args:
       a_blocks: ``(Pa, m, k)`` float32 or bfloat16; b_blocks: ``(Pb, k, n)``, the same dtype.
       a_index, b_index: integer ``(..., count)``; leading dims broadcast with each other and c.
         Values outside ``[0, Pa)`` / ``[0, Pb)`` are an error (ValueError when the indices
         are concrete, a runtime error from the kernel under jit), never an out-of-bounds read.
-      c, alpha, beta, epilogue, bias, out_dtype: as in :func:`brgemm`.
+      c, alpha, beta, activation, bias, out_dtype, epilogue: as in :func:`brgemm`.
 
     Returns ``(..., m, n)``. Works under jit, vmap and grad (to the blocks, c, bias).
     """
@@ -296,14 +286,22 @@ def brgemm_indexed(a_blocks, b_blocks, a_index, b_index, c=None, *, alpha=1.0, b
     _check_index_range("a_index", a_index_host, a_blocks.shape[0])
     _check_index_range("b_index", b_index_host, b_blocks.shape[0])
     e = _epilogue_args({"a_index": a_index.shape[:-1], "b_index": b_index.shape[:-1]}, m, n,
-                       a_blocks.dtype, c, out_dtype, epilogue, alpha, beta, bias)
+                       a_blocks.dtype, c, out_dtype, _activation_arg(activation, epilogue), alpha, beta, bias)
     if count == 0 or k == 0 or e.empty:
         return _without_products(e, m, n)
-    a_index = jnp.broadcast_to(a_index.astype(jnp.int32), e.lead + (count,))
-    b_index = jnp.broadcast_to(b_index.astype(jnp.int32), e.lead + (count,))
+    a_index = jnp.broadcast_to(a_index.astype(_index_dtype(a_index)), e.lead + (count,))
+    b_index = jnp.broadcast_to(b_index.astype(_index_dtype(b_index)), e.lead + (count,))
     c = None if e.c is None else jnp.broadcast_to(e.c, e.lead + (m, n))
     return _indexed(a_blocks, b_blocks, a_index, b_index, c, e.bias, e.alpha, e.beta, e.act,
                     e.out_dtype)
+
+
+def _index_dtype(index):
+    """int32, or int64 for indices that may not fit it (with jax_enable_x64): the kernel
+    range-checks them as they are, so nothing wraps into range."""
+    dtype = np.dtype(index.dtype)
+    wide = dtype.itemsize > 4 or (dtype.kind == "u" and dtype.itemsize == 4)
+    return jnp.int64 if wide and jax.config.jax_enable_x64 else jnp.int32
 
 
 def _check_index_range(name, index, blocks):
@@ -317,62 +315,46 @@ def _check_index_range(name, index, blocks):
 
 
 @functools.lru_cache(maxsize=None)
-def _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
+def _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype, pool_leads=(False, False)):
     """The raw FFI call for one set of static attributes, taking (a_blocks, b_blocks,
-    a_index, b_index[, c][, bias]). The pools are replicated under sharding; the problems
-    (indices, c, out) split along their first leading dim. A vmapped axis folds into the
-    problems and the block pools."""
+    a_index, b_index[, c][, bias]). A pool is (P, r, s), shared by every problem, or under
+    vmap (lead..., P, r, s) with the problems' leading dims (size 1 where broadcast): then
+    each problem reads, and is range-checked against, its own pool. Under sharding the
+    problems (indices, c, out) split along their first leading dim, shared pools are
+    replicated."""
 
-    def ffi(a_blocks, b_blocks, a_index, b_index, *rest):
-        c = rest[0] if has_c else None
-        bias = rest[-1] if has_bias else None
-        lead = a_index.shape[:-1]
-        out = jax.ShapeDtypeStruct(lead + (a_blocks.shape[1], b_blocks.shape[2]), out_dtype)
-        return jax.ffi.ffi_call("jax_brgemm_brgemm_indexed", out)(
-            a_blocks, b_blocks, a_index, b_index,
-            _none() if c is None else c,
-            _none() if bias is None else _with_lead_rank(bias, len(lead), 1),
-            **_attrs(alpha, beta if has_c else 0.0, act),
-        )
+    def results(a_blocks, b_blocks, a_index, *_):
+        return jax.ShapeDtypeStruct(a_index.shape[:-1] + (a_blocks.shape[-2], b_blocks.shape[-1]), out_dtype)
 
-    split = lead_rank > 0
-    batched = (False, False, split, split) + ((split,) if has_c else ()) + ((False,) if has_bias else ())
-    sharded = batch_partitioned(ffi, batched=batched, outputs=("batch",))
+    def operands(a_blocks, b_blocks, a_index, b_index, *rest):
+        c = rest[0] if has_c else _none()
+        bias = _with_lead_rank(rest[-1], a_index.ndim - 1, 1) if has_bias else _none()
+        return a_blocks, b_blocks, a_index, b_index, c, bias
 
-    @jax.custom_batching.custom_vmap
-    def call(*args):
-        return sharded(*args)
+    def rule(axis_size, in_batched, a_blocks, b_blocks, a_index, b_index, *rest):
+        def pool(blocks, batched, has_lead):
+            # The new dim in front of the problems' leading dims (size 1 where shared).
+            if batched:
+                return blocks if has_lead else blocks.reshape(blocks.shape[:1] + (1,) * lead_rank + blocks.shape[1:])
+            return blocks[None] if has_lead else blocks
 
-    @call.def_vmap
-    def call_vmap(axis_size, in_batched, a_blocks, b_blocks, a_index, b_index, *rest):
-        a_b, b_b, ai_b, bi_b = in_batched[:4]
-        rest_b = in_batched[4:]
-
-        def lift(x, batched):
-            return x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-
-        a_index, b_index = lift(a_index, ai_b), lift(b_index, bi_b)
-
-        def fold_pool(blocks, index):  # (B, P, r, s) -> (B*P, r, s), indices shifted
-            pool = blocks.shape[1]
-            shift = jnp.arange(axis_size, dtype=jnp.int32) * pool
-            index = index + shift.reshape((axis_size,) + (1,) * (index.ndim - 1))
-            return blocks.reshape((axis_size * pool,) + blocks.shape[2:]), index
-
-        if a_b:
-            a_blocks, a_index = fold_pool(a_blocks, a_index)
-        if b_b:
-            b_blocks, b_index = fold_pool(b_blocks, b_index)
-        rest = list(rest)
+        leads = tuple(b or had for b, had in zip(in_batched[:2], pool_leads))
+        a_blocks = pool(a_blocks, in_batched[0], pool_leads[0])
+        b_blocks = pool(b_blocks, in_batched[1], pool_leads[1])
+        a_index, b_index = (lift(i, b, axis_size) for i, b in zip((a_index, b_index), in_batched[2:4]))
+        rest, rest_b = list(rest), in_batched[4:]
         if has_c:
-            rest[0] = lift(rest[0], rest_b[0])
-        if has_bias:
-            bias, bias_b = rest[-1], rest_b[-1]
-            rest[-1] = bias.reshape((axis_size if bias_b else 1,) + (1,) * lead_rank + bias.shape[-1:])
-        call = _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype)
+            rest[0] = lift(rest[0], rest_b[0], axis_size)
+        if has_bias and rest_b[-1] and rest[-1].ndim == 2:  # (B, n): broadcast over the old problems
+            rest[-1] = rest[-1].reshape(rest[-1].shape[:1] + (1,) * lead_rank + rest[-1].shape[1:])
+        call = _indexed_call_for(alpha, beta, act, has_c, has_bias, lead_rank + 1, out_dtype, leads)
         return call(a_blocks, b_blocks, a_index, b_index, *rest), True
 
-    return call
+    split = lead_rank > 0
+    batched = (split and pool_leads[0], split and pool_leads[1], split, split)
+    batched += ((split,) if has_c else ()) + ((False,) if has_bias else ())
+    return kernel_call("jax_brgemm_brgemm_indexed", results, batched=batched, outputs=("batch",),
+                       vmap=rule, operands=operands, **_attrs(alpha, beta if has_c else 0.0, act))
 
 
 def _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype):
@@ -382,20 +364,16 @@ def _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, ac
     return call(a_blocks, b_blocks, a_index, b_index, *(x for x in (c, bias) if x is not None))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype):
-    return _indexed_call(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype)
-
-
 def _indexed_fwd(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act, out_dtype):
-    out, z = _forward_with_residuals(_indexed, act, out_dtype, a_blocks, b_blocks, a_index,
-                                     b_index, c, bias, alpha, beta)
+    out, z = _activations.forward_with_residuals(
+        lambda act, dtype: _indexed(a_blocks, b_blocks, a_index, b_index, c, bias, alpha, beta, act,
+                                    np.dtype(dtype)), act, out_dtype)
     return out, (a_blocks, b_blocks, a_index, b_index, c, bias, out, z)
 
 
 def _indexed_bwd(alpha, beta, act, out_dtype, res, g):
     a_blocks, b_blocks, a_index, b_index, c, bias, out, z = res
-    gz, gz_in = _activation_grad(act, g, out, z, a_blocks.dtype)
+    gz, gz_in = _activations.activation_grad(act, g, out, z, a_blocks.dtype)
     m, n = gz.shape[-2:]
     problems = gz_in.reshape(-1, m, n)  # the output gradients as a block pool
     # Problem p's index, once per batch element, for count-1 products per element.
@@ -417,4 +395,5 @@ def _indexed_bwd(alpha, beta, act, out_dtype, res, g):
     return da, db, None, None, dc, dbias
 
 
-_indexed.defvjp(_indexed_fwd, _indexed_bwd)
+_indexed = kernel_op(_indexed_call, _indexed_fwd, _indexed_bwd, name="jax_brgemm.brgemm_indexed",
+                     nondiff_argnums=(6, 7, 8, 9), bwd_differentiable=True)

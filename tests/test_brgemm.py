@@ -448,6 +448,42 @@ def test_brgemm_indexed_out_of_range_is_an_error_not_a_read():
     assert np.all(np.asarray(f(np.array([[0, 1]], np.int32))) == 8.0)
 
 
+def test_brgemm_indexed_vmapped_pools_check_each_elements_own_pool(rng):
+    """With a pool per vmapped element, an index past element 0's own pool is an error,
+    never a read of element 1's blocks (the pools used to be folded into one)."""
+    pools = rng.standard_normal((2, 3, 4, 5)).astype(F32)  # 2 elements, 3 blocks each
+    b_blocks = rng.standard_normal((2, 5, 6)).astype(F32)
+    f = jax.jit(jax.vmap(lambda A, i: jb.brgemm_indexed(A, b_blocks, i, np.array([[0, 1]]))))
+    good = np.array([[[0, 2]], [[1, 2]]], np.int32)
+    want = np.stack([brgemm_reference(p[i], b_blocks[[[0, 1]]]) for p, i in zip(pools, good)])
+    assert rel_err(f(pools, good), want) < 1e-5
+    for bad in ([[[0, 3]], [[1, 2]]], [[[0, 1]], [[5, 0]]], [[[-1, 0]], [[0, 0]]]):
+        with pytest.raises(Exception, match="a_index holds"):
+            jax.block_until_ready(f(pools, np.array(bad, np.int32)))
+    # Nested vmap, b pools batched on the outer axis only.
+    bs = rng.standard_normal((3, 2, 5, 6)).astype(F32)
+    g = jax.jit(jax.vmap(jax.vmap(lambda A, B, i: jb.brgemm_indexed(A, B, i, np.array([[1, 0]])),
+                                  in_axes=(0, None, 0)), in_axes=(None, 0, None)))
+    want = np.stack([[brgemm_reference(p[i], b[[[1, 0]]]) for p, i in zip(pools, good)] for b in bs])
+    assert rel_err(g(pools, bs, good), want) < 1e-5
+    with pytest.raises(Exception, match="a_index holds 3"):
+        jax.block_until_ready(g(pools, bs, np.array([[[0, 1]], [[3, 0]]], np.int32)))
+
+
+def test_brgemm_indexed_int64_indices_are_not_truncated():
+    """With jax_enable_x64 a traced int64 index of 2**32 is refused, not wrapped to 0."""
+    a_blocks = np.ones((2, 3, 4), F32)
+    b_blocks = np.ones((2, 4, 5), F32)
+    with jax.enable_x64(True):
+        f = jax.jit(lambda i: jb.brgemm_indexed(a_blocks, b_blocks, i, np.array([[0, 1]])))
+        for bad in (2**32, 2**31, 2**63 - 1):
+            with pytest.raises(Exception, match=f"a_index holds {bad}"):
+                jax.block_until_ready(f(np.array([[0, bad]], np.int64)))
+        with pytest.raises(Exception, match="a_index holds"):
+            jax.block_until_ready(f(np.array([[0, 2**32]], np.uint64)))
+        assert np.all(np.asarray(f(np.array([[0, 1]], np.int64))) == 8.0)
+
+
 # ------------------------------------------------------------------ bad input
 
 
@@ -511,3 +547,19 @@ def test_env_var_rejects_an_unknown_isa():
     result = subprocess.run([sys.executable, "-c", "import jax_brgemm"], capture_output=True, text=True,
                             env=env, timeout=120)
     assert result.returncode != 0 and "JAX_BRGEMM_ISA=neon" in result.stderr
+
+
+def test_activation_argument_and_its_epilogue_alias(rng):
+    a = rng.standard_normal((2, 5, 4)).astype(F32)
+    b = rng.standard_normal((2, 4, 6)).astype(F32)
+    ref = brgemm_reference(a, b, epilogue="tanh")
+    assert rel_err(jb.brgemm(a, b, activation="tanh"), ref) < 1e-5
+    assert rel_err(jb.brgemm(a, b, epilogue="tanh"), ref) < 1e-5
+    assert rel_err(jb.brgemm(a, b, activation="tanh", epilogue="tanh"), ref) < 1e-5
+    with pytest.raises(ValueError, match="disagree"):
+        jb.brgemm(a, b, activation="relu", epilogue="tanh")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        jb.brgemm(a, b, activation="swish")
+    idx = np.array([[0, 1]])
+    out = jb.brgemm_indexed(a, b, idx, idx, activation="sigmoid")
+    assert rel_err(out, brgemm_reference(a[idx], b[idx], epilogue="sigmoid")) < 1e-5

@@ -96,9 +96,13 @@ ffi::Error brgemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
 }
 
 // Block indices (int32 or int64) to element offsets, refusing any outside [0, blocks).
+// Problem p (of the result's leading dims) reads its own pool, which starts pool_offsets[p]
+// elements into the buffer: a pool with leading dims (vmap) holds one pool per problem.
 ffi::Error index_offsets(const ffi::AnyBuffer& index, int64_t blocks, int64_t block_size,
-                         const char* name, std::vector<int64_t>* offsets) {
+                         const std::vector<int64_t>& pool_offsets, const char* name,
+                         std::vector<int64_t>* offsets) {
   const int64_t size = static_cast<int64_t>(index.element_count());
+  const int64_t count = pool_offsets.empty() ? 0 : size / static_cast<int64_t>(pool_offsets.size());
   offsets->resize(size);
   auto convert = [&](auto* data) -> ffi::Error {
     for (int64_t i = 0; i < size; ++i) {
@@ -106,7 +110,7 @@ ffi::Error index_offsets(const ffi::AnyBuffer& index, int64_t blocks, int64_t bl
       if (v < 0 || v >= blocks)
         return invalid(std::string(name) + " holds " + std::to_string(v) +
                        ", outside [0, " + std::to_string(blocks) + ")");
-      (*offsets)[i] = v * block_size;
+      (*offsets)[i] = pool_offsets[i / count] + v * block_size;
     }
     return ffi::Error::Success();
   };
@@ -115,6 +119,28 @@ ffi::Error index_offsets(const ffi::AnyBuffer& index, int64_t blocks, int64_t bl
     case ffi::DataType::S64: return convert(static_cast<const int64_t*>(index.untyped_data()));
     default: return invalid(std::string(name) + " must be int32 or int64");
   }
+}
+
+// A block pool (lead..., P, r, s) whose leading dims broadcast against the result's: its
+// pool size P and, per problem, where that problem's pool starts (in elements).
+ffi::Error pool_offsets(const ffi::AnyBuffer& pool, const std::vector<int64_t>& lead,
+                        const char* name, int64_t* blocks, std::vector<int64_t>* offsets) {
+  auto d = pool.dimensions();
+  if (d.size() < 3) return invalid(std::string(name) + " must have shape (..., P, rows, cols)");
+  *blocks = d[d.size() - 3];
+  std::vector<int64_t> strides;
+  if (auto e = broadcast_strides(pool, 3, lead, name, &strides); e.failure()) return e;
+  int64_t problems = 1;
+  for (int64_t s : lead) problems *= s;
+  offsets->assign(problems, 0);
+  for (int64_t p = 0; p < problems; ++p) {
+    int64_t rest = p;
+    for (int64_t i = static_cast<int64_t>(lead.size()) - 1; i >= 0; --i) {
+      (*offsets)[p] += (rest % lead[i]) * strides[i];
+      rest /= lead[i];
+    }
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error brgemm_indexed_impl(ffi::ThreadPool pool, ffi::AnyBuffer a_blocks,
@@ -128,9 +154,9 @@ ffi::Error brgemm_indexed_impl(ffi::ThreadPool pool, ffi::AnyBuffer a_blocks,
   if (b_blocks.element_type() != a_blocks.element_type())
     return invalid("b_blocks must have a_blocks' dtype");
   auto ad = a_blocks.dimensions(), bd = b_blocks.dimensions();
-  if (ad.size() != 3 || bd.size() != 3) return invalid("a_blocks and b_blocks must have rank 3");
-  pb.k = ad[2];
-  if (ad[1] != pb.m || bd[1] != pb.k || bd[2] != pb.n)
+  if (ad.size() < 3 || bd.size() < 3) return invalid("a_blocks and b_blocks must have rank >= 3");
+  pb.k = ad[ad.size() - 1];
+  if (ad[ad.size() - 2] != pb.m || bd[bd.size() - 2] != pb.k || bd[bd.size() - 1] != pb.n)
     return invalid("a_blocks " + shape_str(ad) + " and b_blocks " + shape_str(bd) +
                    " do not match a result ending in " + std::to_string(pb.m) + " x " +
                    std::to_string(pb.n));
@@ -143,9 +169,14 @@ ffi::Error brgemm_indexed_impl(ffi::ThreadPool pool, ffi::AnyBuffer a_blocks,
   pb.count = id[id.size() - 1];
   if (b_index.dimensions()[id.size() - 1] != pb.count)
     return invalid("a_index and b_index must have the same count");
-  std::vector<int64_t> offs_a, offs_b;
-  if (auto e = index_offsets(a_index, ad[0], pb.m * pb.k, "a_index", &offs_a); e.failure()) return e;
-  if (auto e = index_offsets(b_index, bd[0], pb.k * pb.n, "b_index", &offs_b); e.failure()) return e;
+  int64_t a_pool = 0, b_pool = 0;
+  std::vector<int64_t> a_starts, b_starts, offs_a, offs_b;
+  if (auto e = pool_offsets(a_blocks, pb.lead_shape, "a_blocks", &a_pool, &a_starts); e.failure()) return e;
+  if (auto e = pool_offsets(b_blocks, pb.lead_shape, "b_blocks", &b_pool, &b_starts); e.failure()) return e;
+  if (auto e = index_offsets(a_index, a_pool, pb.m * pb.k, a_starts, "a_index", &offs_a); e.failure())
+    return e;
+  if (auto e = index_offsets(b_index, b_pool, pb.k * pb.n, b_starts, "b_index", &offs_b); e.failure())
+    return e;
   pb.a = a_blocks.untyped_data();
   pb.b = b_blocks.untyped_data();
   pb.offs_a = offs_a.data(), pb.offs_b = offs_b.data();
@@ -171,8 +202,8 @@ JBR_REGISTER_HANDLER("jax_brgemm_brgemm", jbr_brgemm);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_brgemm_indexed, brgemm_indexed_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // a_blocks
-                                  .Arg<ffi::AnyBuffer>()  // b_blocks
+                                  .Arg<ffi::AnyBuffer>()  // a_blocks (lead..., Pa, m, k)
+                                  .Arg<ffi::AnyBuffer>()  // b_blocks (lead..., Pb, k, n)
                                   .Arg<ffi::AnyBuffer>()  // a_index
                                   .Arg<ffi::AnyBuffer>()  // b_index
                                   .Arg<ffi::AnyBuffer>()  // c (empty: none)

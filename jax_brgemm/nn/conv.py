@@ -18,8 +18,8 @@ import numpy as np
 from .. import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
 from .._checks import check_activation, check_kernel_dtype
 from ..ops import _out_dtype
-from .._autodiff import first_order_only
-from .._sharding import align_to_batch, batch_partitioned
+from .._op import fold, from_channels, kernel_call, kernel_op, lift, to_channels, unfold
+from .._sharding import align_to_batch
 
 _NONE = jnp.zeros((0,), jnp.float32)  # stands for an absent bias in the FFI call
 
@@ -162,134 +162,85 @@ def _forward(x, kernel, bias, geom, act, out_dtype):
     return call(x, kernel.astype(x.dtype), _NONE if bias is None else bias.astype(jnp.float32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv(x, kernel, bias, geom, act, out_dtype):
+def _conv_primal(x, kernel, bias, geom, act, out_dtype):
     return _forward(x, kernel, bias, geom, act, out_dtype)
 
 
 def _conv_fwd(x, kernel, bias, geom, act, out_dtype):
     # Through _conv itself, so that differentiating the gradient meets _conv_bwd's error.
-    if _activations.needs_preactivation(act):  # gelu's derivative needs the float32 pre-activation
-        z = _conv(x, kernel, bias, geom, "none", _F32)
-        return _activations.apply(act, z).astype(out_dtype), (x, kernel, bias, None, z)
-    out = _conv(x, kernel, bias, geom, act, out_dtype)
-    return out, (x, kernel, bias, None if act == "none" else out, None)
+    out, z = _activations.forward_with_residuals(
+        lambda act, dtype: _conv(x, kernel, bias, geom, act, np.dtype(dtype)), act, out_dtype)
+    return out, (x, kernel, bias, out if _activations.needs_output(act) else None, z)
 
 
-@first_order_only("jax_brgemm.nn.conv2d")
 def _conv_bwd(geom, act, out_dtype, res, g):
     x, kernel, bias, out, z = res
     # d loss / d pre-activation in float32 (for the bias), then in the compute dtype.
-    gz = _activations.grad_from(act, g.astype(jnp.float32), None if out is None else out.astype(jnp.float32), z)
-    gz_in = gz.astype(x.dtype)
+    gz, gz_in = _activations.activation_grad(act, g, out, z, x.dtype)
     dx = _backward_data_call(geom, x.shape[1:3])(gz_in, kernel.astype(x.dtype))
     dkernel = _weight_update_call(geom, kernel.shape[:2])(x, gz_in).astype(kernel.dtype)
     dbias = None if bias is None else gz.sum(axis=(0, 1, 2)).astype(bias.dtype)
     return dx, dkernel, dbias
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv = kernel_op(_conv_primal, _conv_fwd, _conv_bwd, name="jax_brgemm.nn.conv2d",
+                  nondiff_argnums=(3, 4, 5))
 
 
 # ------------------------------------------------------------------ FFI calls and vmap
-# A vmapped axis of the activations alone folds into the batch. Anything else (batched
-# kernels) becomes a grouped convolution with the vmapped axis as extra groups.
 
 
-def _fold(x):  # (B, N, ...) -> (B*N, ...)
-    return x.reshape((-1,) + x.shape[2:])
+def _conv_rule(call, wide_call, weights):
+    """The batching rule of every convolution call. `weights`: per operand, whether it is a
+    weight (kernel, bias) rather than an image tensor (x, dy); `call` is None where the
+    result is itself a weight (the kernel gradient). A vmapped axis of the images alone
+    folds into the batch; anything else runs `wide_call(size)`, the same call with the
+    vmapped axis as `size` times the groups (every operand's channels B-major)."""
 
+    def rule(size, in_batched, *args):
+        if call is not None and not any(b for b, w in zip(in_batched, weights) if w):
+            args = [fold(lift(a, b, size)) if not w else a for a, b, w in zip(args, in_batched, weights)]
+            return unfold(call(*args), size), True
+        args = [a if a.size == 0 else to_channels(lift(a, b, size)) for a, b in zip(args, in_batched)]
+        return from_channels(wide_call(size)(*args), size), True
 
-def _unfold(y, size):  # (B*N, ...) -> (B, N, ...)
-    return y.reshape((size, -1) + y.shape[1:])
-
-
-def _lift(x, batched, size):
-    return x if batched else jnp.broadcast_to(x, (size,) + x.shape)
-
-
-def _to_channels(x):  # (B, ..., C) -> (..., B*C): the vmapped axis as groups of channels
-    x = jnp.moveaxis(x, 0, -2)
-    return x.reshape(x.shape[:-2] + (-1,))
-
-
-def _from_channels(y, size):  # (..., B*C) -> (B, ..., C)
-    return jnp.moveaxis(y.reshape(y.shape[:-1] + (size, -1)), -2, 0)
+    return rule
 
 
 @functools.lru_cache(maxsize=None)
 def _forward_call(geom, act, has_bias, out_dtype=_F32):
-    def ffi(x, kernel, bias):
+    def results(x, kernel, bias):
         n, h, w, _ = x.shape
-        p, q = geom.out_size((h, w), kernel.shape[:2])
-        out = jax.ShapeDtypeStruct((n, p, q, kernel.shape[3]), out_dtype)
-        return jax.ffi.ffi_call("jax_brgemm_conv2d_forward", out)(
-            x, kernel, bias, geometry=geom.attr(), activation=act)
+        return jax.ShapeDtypeStruct((n, *geom.out_size((h, w), kernel.shape[:2]), kernel.shape[3]), out_dtype)
 
     # Data parallel: images split across devices, weights replicated.
-    sharded = batch_partitioned(ffi, batched=(True, False, False), outputs=("batch",))
-
-    @jax.custom_batching.custom_vmap
-    def call(x, kernel, bias):
-        return sharded(x, kernel, bias)
-
-    @call.def_vmap
-    def rule(size, in_batched, x, kernel, bias):
-        x_b, k_b, b_b = in_batched
-        if not k_b and not (has_bias and b_b):
-            return _unfold(call(_fold(x), kernel, bias), size), True
-        wide = _forward_call(geom.widened(size), act, has_bias, out_dtype)
-        bias = _to_channels(_lift(bias, b_b, size)) if has_bias else bias
-        out = wide(_to_channels(_lift(x, x_b, size)), _to_channels(_lift(kernel, k_b, size)), bias)
-        return _from_channels(out, size), True
-
-    return call
+    return kernel_call(
+        "jax_brgemm_conv2d_forward", results, batched=(True, False, False), outputs=("batch",),
+        vmap=_conv_rule(lambda *a: _forward_call(geom, act, has_bias, out_dtype)(*a),
+                        lambda size: _forward_call(geom.widened(size), act, has_bias, out_dtype),
+                        (False, True, True)),
+        geometry=geom.attr(), activation=act)
 
 
 @functools.lru_cache(maxsize=None)
 def _backward_data_call(geom, in_hw):
-    def ffi(dy, kernel):
-        n, _, _, _ = dy.shape
-        out = jax.ShapeDtypeStruct((n, *in_hw, kernel.shape[2] * geom.groups), dy.dtype)  # dx in dy's dtype
-        return jax.ffi.ffi_call("jax_brgemm_conv2d_backward_data", out)(dy, kernel, geometry=geom.attr())
+    def results(dy, kernel):  # dx in dy's dtype
+        return jax.ShapeDtypeStruct((dy.shape[0], *in_hw, kernel.shape[2] * geom.groups), dy.dtype)
 
-    sharded = batch_partitioned(ffi, batched=(True, False), outputs=("batch",))
-
-    @jax.custom_batching.custom_vmap
-    def call(dy, kernel):
-        return sharded(dy, kernel)
-
-    @call.def_vmap
-    def rule(size, in_batched, dy, kernel):
-        dy_b, k_b = in_batched
-        if not k_b:
-            return _unfold(call(_fold(dy), kernel), size), True
-        wide = _backward_data_call(geom.widened(size), in_hw)
-        out = wide(_to_channels(_lift(dy, dy_b, size)), _to_channels(kernel))
-        return _from_channels(out, size), True
-
-    return call
+    return kernel_call(
+        "jax_brgemm_conv2d_backward_data", results, batched=(True, False), outputs=("batch",),
+        vmap=_conv_rule(lambda *a: _backward_data_call(geom, in_hw)(*a),
+                        lambda size: _backward_data_call(geom.widened(size), in_hw), (False, True)),
+        geometry=geom.attr())
 
 
 @functools.lru_cache(maxsize=None)
 def _weight_update_call(geom, taps_hw):
-    def ffi(x, dy):  # float32 whatever x and dy are: callers round it once
-        cg = x.shape[3] // geom.groups
-        out = jax.ShapeDtypeStruct((*taps_hw, cg, dy.shape[3]), jnp.float32)
-        return jax.ffi.ffi_call("jax_brgemm_conv2d_weight_update", out)(x, dy, geometry=geom.attr())
+    def results(x, dy):  # float32 whatever x and dy are: callers round it once
+        return jax.ShapeDtypeStruct((*taps_hw, x.shape[3] // geom.groups, dy.shape[3]), jnp.float32)
 
     # Per-shard partial sums over the images, all-reduced across the batch's devices.
-    sharded = batch_partitioned(ffi, batched=(True, True), outputs=("sum",))
-
-    @jax.custom_batching.custom_vmap
-    def call(x, dy):
-        return sharded(x, dy)
-
-    @call.def_vmap
-    def rule(size, in_batched, x, dy):
-        x_b, dy_b = in_batched
-        wide = _weight_update_call(geom.widened(size), taps_hw)
-        out = wide(_to_channels(_lift(x, x_b, size)), _to_channels(_lift(dy, dy_b, size)))
-        return _from_channels(out, size), True
-
-    return call
+    return kernel_call(
+        "jax_brgemm_conv2d_weight_update", results, batched=(True, True), outputs=("sum",),
+        vmap=_conv_rule(None, lambda size: _weight_update_call(geom.widened(size), taps_hw), (False, False)),
+        geometry=geom.attr())

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _ext  # noqa: F401  (registers the FFI targets)
-from .._autodiff import first_order_only, without_derivative
+from .. import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
 from .._checks import check_activation, check_kernel_dtype, check_rank
-from .._sharding import align_to_batch, partitionable_ffi_call
+from .._op import kernel_call, kernel_op, problems_rule, without_derivative
+from .._sharding import align_to_batch
 
 _NONE = jnp.zeros((0,), jnp.float32)  # an absent optional operand or result
 
@@ -68,19 +68,34 @@ def dense(x, kernel, bias=None, *, activation=None):
     return _dense(x, kernel, bias, act).reshape(lead + (k,))
 
 
-def _forward_call(x, kernel, bias, act, keep_preact):
-    """y in x's dtype (and the float32 pre-activation when kept) for 2-D x, kernel cast to
-    x's dtype and bias to float32; vmap adds leading problem dims, which the handler folds
-    into the minibatch while the weights are shared."""
-    kernel = kernel.astype(x.dtype)
-    bias = None if bias is None else bias.astype(jnp.float32)
-    shape = (x.shape[0], kernel.shape[1])
-    outs = (jax.ShapeDtypeStruct(shape, x.dtype),
-            jax.ShapeDtypeStruct(shape if keep_preact else (0,), jnp.float32))
+def _forward(x, kernel, bias, act, out_dtype=None):
+    """act(x @ kernel + bias) in out_dtype (default x's) for 2-D x, kernel cast to x's dtype
+    and bias to float32."""
+    out_dtype = np.dtype(x.dtype if out_dtype is None else out_dtype)
+    call = _forward_call(act, out_dtype, bias is not None)
+    return call(x, kernel.astype(x.dtype), _NONE if bias is None else bias.astype(jnp.float32))[0]
+
+
+# Under vmap the handlers take one leading problem dim (lead=True): the data (x; dy, x and
+# the saved output) have every problem, the weights one (shared: folded into the
+# minibatch) or every problem (run one by one).
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_call(act, out_dtype, has_bias, lead=False):
+    # (The handler can also keep the float32 pre-activation, its second result: not asked
+    # for, since the derivatives are applied in JAX.)
+    def results(x, kernel, bias):
+        return (jax.ShapeDtypeStruct(x.shape[:-1] + kernel.shape[-1:], out_dtype),
+                jax.ShapeDtypeStruct((0,), jnp.float32))
+
     # Data parallel: rows split across devices, weights replicated.
-    call = partitionable_ffi_call("jax_brgemm_dense_fwd", outs, batched=(True, False, False),
-                                  outputs=("batch", "batch"))
-    return call(x, kernel, _NONE if bias is None else bias, activation=act)
+    data = (True, False, False)
+    return kernel_call(
+        "jax_brgemm_dense_fwd", results, batched=(True, True, has_bias) if lead else data,
+        outputs=("batch", "replicated"),
+        vmap=problems_rule(lambda: _forward_call(act, out_dtype, has_bias, True), data, lead),
+        activation=act)
 
 
 def _backward_call(dy, x, kernel, saved, act, *, want_dx=True, want_dw=True, want_db=True,
@@ -89,56 +104,72 @@ def _backward_call(dy, x, kernel, saved, act, *, want_dx=True, want_dw=True, wan
     `saved` is y for relu/sigmoid/tanh, the pre-activation for gelu, None for none. The
     products run in x's dtype (dy and kernel are cast to it); dx comes in x's dtype, dkernel
     in dw_dtype (default kernel's), dbias in db_dtype."""
-    (n, c), k = x.shape, kernel.shape[1]
-    dw_dtype = kernel.dtype if dw_dtype is None else dw_dtype
-    dy, kernel = dy.astype(x.dtype), kernel.astype(x.dtype)
+    dw_dtype = np.dtype(kernel.dtype if dw_dtype is None else dw_dtype)
+    call = _backward_kernel_call(act, saved is not None, (want_dx, want_dw, want_db),
+                                 np.dtype(x.dtype), dw_dtype, np.dtype(db_dtype))
+    return call(dy.astype(x.dtype), x, kernel.astype(x.dtype), _NONE if saved is None else saved)
 
-    def result(want, shape, dtype):
-        return jax.ShapeDtypeStruct(shape if want else (0,), dtype if want else jnp.float32)
 
-    outs = (result(want_dx, (n, c), x.dtype), result(want_dw, (c, k), dw_dtype),
-            result(want_db, (k,), db_dtype))
+@functools.lru_cache(maxsize=None)
+def _backward_kernel_call(act, has_saved, wants, dx_dtype, dw_dtype, db_dtype, lead=False):
+    def results(dy, x, kernel, saved):
+        shapes = (x.shape, dy.shape[:-2] + kernel.shape[-2:], dy.shape[:-2] + dy.shape[-1:])
+        if not lead:  # the weight gradients are sums over the minibatch
+            shapes = shapes[:1] + (kernel.shape, dy.shape[-1:])
+        return tuple(jax.ShapeDtypeStruct(shape if want else (0,), dtype if want else jnp.float32)
+                     for shape, dtype, want in zip(shapes, (dx_dtype, dw_dtype, db_dtype), wants))
+
     # dx splits like the rows; dkernel and dbias are per-shard sums, all-reduced.
-    call = partitionable_ffi_call("jax_brgemm_dense_bwd", outs, batched=(True, True, False, True),
-                                  outputs=("batch", "sum", "sum"))
-    return call(dy, x, kernel, _NONE if saved is None else saved, activation=act)
+    data = (True, True, False, True)
+    kinds = ("batch",) * 3 if lead else ("batch", "sum", "sum")
+    return kernel_call(
+        "jax_brgemm_dense_bwd", results,
+        batched=(True, True, True, has_saved) if lead else (True, True, False, has_saved),
+        outputs=tuple(k if want else "replicated" for k, want in zip(kinds, wants)),
+        vmap=problems_rule(lambda: _backward_kernel_call(act, has_saved, wants, dx_dtype, dw_dtype,
+                                                         db_dtype, True), data, lead),
+        activation=act)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _dense(x, kernel, bias, act):
-    return _forward_call(x, kernel, bias, act, keep_preact=False)[0]
+def _dense_primal(x, kernel, bias, act):
+    return _forward(x, kernel, bias, act)
 
 
 def _dense_fwd(x, kernel, bias, act):
     # Symbolic zeros: each primal comes with `perturbed`, whether it is differentiated at
     # all. The backward skips the gradients nobody asked for (dx of a first layer, whose
     # input is data; dkernel of a frozen layer) inside its one FFI call.
-    keep_preact = act == "gelu"  # gelu's derivative needs its input; others use the output
-    forward = without_derivative(  # grad of grad: a clear error
-        "jax_brgemm.nn.dense", lambda x, kernel, bias: _forward_call(x, kernel, bias, act, keep_preact))
     bias_value = None if bias is None else bias.value
-    y, preact = forward(x.value, kernel.value, bias_value)
-    saved = preact if keep_preact else (None if act == "none" else y)
+    forward = without_derivative(  # grad of grad: a clear error
+        "jax_brgemm.nn.dense", lambda *a: _activations.forward_with_residuals(
+            lambda act, out_dtype: _forward(*a, act, out_dtype), act, x.value.dtype))
+    y, z = forward(x.value, kernel.value, bias_value)
     # (Residuals are pytrees of arrays: the flags ride in their structure, () or None.)
     wanted = tuple(() if p is not None and p.perturbed else None for p in (x, kernel, bias))
-    return y, (x.value, kernel.value, bias_value, saved, wanted)
+    saved = y if _activations.needs_output(act) else None
+    return y, (x.value, kernel.value, bias_value, saved, z, wanted)
 
 
-@first_order_only("jax_brgemm.nn.dense")
 def _dense_bwd(act, res, dy):
-    x, kernel, bias, saved, wanted = res
+    x, kernel, bias, y, z, wanted = res
     want_dx, want_dw, want_db = (flag is not None for flag in wanted)
     if isinstance(dy, jax.custom_derivatives.SymbolicZero):
         dy = jnp.zeros(dy.shape, dy.dtype)
-    # One call: dx and dkernel share one pass computing dz and one parallel loop.
+    gz, gz_in = _activations.activation_grad(act, dy, y, z, x.dtype)
+    # One call: dx and dkernel share one pass and one parallel loop. In bfloat16 the bias
+    # gradient sums the float32 gz (as brgemm and conv2d do), not its rounded copy.
+    in_kernel_db = want_db and x.dtype == jnp.float32
     dx, dkernel, dbias = _backward_call(
-        dy, x, kernel, saved, act, want_dx=want_dx, want_dw=want_dw,
-        want_db=want_db, db_dtype=jnp.float32 if bias is None else bias.dtype)
+        gz_in, x, kernel, None, "none", want_dx=want_dx, want_dw=want_dw,
+        want_db=in_kernel_db, db_dtype=jnp.float32 if bias is None else bias.dtype)
+    if want_db and not in_kernel_db:
+        dbias = gz.sum(0).astype(bias.dtype)
     return (dx if want_dx else jnp.zeros_like(x), dkernel if want_dw else jnp.zeros_like(kernel),
             None if bias is None else (dbias if want_db else jnp.zeros_like(bias)))
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
+_dense = kernel_op(_dense_primal, _dense_fwd, _dense_bwd, name="jax_brgemm.nn.dense",
+                   nondiff_argnums=(3,), symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------ multi-layer perceptron
