@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _ext  # noqa: F401  (registers the FFI targets)
-from .._autodiff import first_order_only, without_derivative
+from .._op import first_order_only, without_derivative
 from .._checks import check_kernel_dtype, check_same_dtype, dtype_of
 from .._sharding import align_to_batch, batch_partitioned
 
