@@ -23,7 +23,7 @@ def num_cores() -> int:
 @functools.lru_cache(maxsize=None)
 def core_peak_gflops(isa: str = "") -> float:
     """Single-core float32 peak measured by the packaged FMA loop (best of 3 runs)."""
-    from .._ext import ext
+    from jax_brgemm._ext import ext
 
     return max(ext.fma_peak_gflops(isa, 0.2) for _ in range(3))
 

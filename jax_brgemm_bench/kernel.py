@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._ext import ext
+from jax_brgemm._ext import ext
 from .common import core_peak_gflops, median_seconds, print_records
 
 # (m, n, k, count): the block shapes the paper's primitives use. A row of 28 or 56 output
@@ -80,6 +80,11 @@ def call_overhead_us(op: str = "brgemm", lengths=(1, 25, 50, 100)) -> tuple[floa
         times.append(median_seconds(lambda: jax.block_until_ready(f(c0)), repeats=9))
     slope, intercept = np.polyfit(np.asarray(lengths, float), np.asarray(times), 1)
     return slope * 1e6, intercept * 1e6
+
+
+# `bench all` arguments (see __init__.py): both dtypes; --quick measures one shape.
+ALL_ARGS = ["--dtype", "all"]
+QUICK_ARGS = ["--m", "64", "--n", "64", "--k", "64", "--count", "4"]
 
 
 def main(argv=None) -> None:

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..nn import mlp, mlp_init
-from ..nn.dense import _backward_call, _forward_call, dense
+from jax_brgemm.nn import mlp, mlp_init
+from jax_brgemm.nn.dense import _backward_call, _forward_call, dense
 from .common import (gflops, machine_peak_gflops, median_cpu_seconds, median_seconds, num_cores,
                      print_records, torch_module)
 from .kernel import machine_core_peak
@@ -43,7 +43,7 @@ def _cpu_core_peak(dtype="float32") -> float:
     """The packaged FMA loop's single-core GFLOP/s (for bfloat16, the best ISA's native
     dot-product loop where there is one), best of 3. The loops time themselves by the
     thread's CPU time already, matching --cpu-time measurements."""
-    from .._ext import ext
+    from jax_brgemm._ext import ext
 
     rates = [ext.fma_peak_gflops("", 0.2) for _ in range(3)]
     if dtype == "bfloat16":
@@ -229,6 +229,10 @@ def mlp_records(torch, rounds, peak, width=1024, depth=4, batch=256, dtype="floa
         rec["vs torch"] = t["torch"] / t["ours"]
         rec["best vs torch"] = best["torch"] / best["ours"]
     return [rec]
+
+
+# `bench all` arguments (see __init__.py).
+ALL_ARGS = ["--dtype", "all"]
 
 
 def main(argv=None):

@@ -136,6 +136,10 @@ def measure(C, K, dtype, repeats, torch, rng) -> list[dict]:
     return records
 
 
+# `bench all` arguments (see __init__.py).
+ALL_ARGS = ["--dtype", "all"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jax_brgemm bench lstm")
     parser.add_argument("--json", action="store_true")

@@ -17,7 +17,7 @@ import sys
 
 from .common import print_records
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "data_parallel.py")
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "data_parallel.py")
 
 
 def step_ms(model: str, devices: int, stock: bool, steps: int, batch: int) -> float:
@@ -26,6 +26,10 @@ def step_ms(model: str, devices: int, stock: bool, steps: int, batch: int) -> fl
     out = subprocess.run(args, capture_output=True, text=True, check=True,
                          env=dict(os.environ, JAX_PLATFORMS="cpu")).stdout
     return float(re.search(r"step_ms (\S+)", out).group(1))
+
+
+# `bench all` arguments (see __init__.py): --quick takes a few small steps.
+QUICK_ARGS = ["--steps", "3", "--batch", "64"]
 
 
 def main(argv=None) -> None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..nn import conv as conv_mod
+from jax_brgemm.nn import conv as conv_mod
 from . import common
 from .kernel import machine_core_peak
 
@@ -171,7 +171,7 @@ def main(argv=None):
 
 
 def jax_brgemm_isa():
-    from .._ext import active_isa
+    from jax_brgemm._ext import active_isa
 
     return active_isa()
 

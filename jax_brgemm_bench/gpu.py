@@ -8,7 +8,7 @@ Three tables, each measured side by side with its XLA peer:
   and dense-shaped ones (count 1). Peer: ``einsum("pimk,pikn->pmn")`` (cuBLAS).
 - dense: ``y = x @ w + bias`` through ``nn.dense`` (float32 or bfloat16). Peer:
   ``jnp.dot(x, w) + bias`` (cuBLAS).
-- conv: ``nn.conv2d`` forward on the ResNet-50 v1 layers (benchmarks/conv.py's list).
+- conv: ``nn.conv2d`` forward on the ResNet-50 v1 layers (conv.py's list).
   Peer: ``lax.conv_general_dilated`` (cuDNN).
 Every peer accumulates in float32 (``preferred_element_type``); in float32 it runs at
 precision HIGHEST (true float32, as our SIMT kernel; XLA's default may use TF32). The % of
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .. import _cuda
-from ..nn import conv2d, dense
+from jax_brgemm import _cuda
+from jax_brgemm.nn import conv2d, dense
 from .common import gflops, print_records, time_jax
 from .conv import LAYERS as RESNET50_LAYERS
 
