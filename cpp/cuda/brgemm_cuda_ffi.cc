@@ -12,10 +12,6 @@
 namespace jbr::cuda {
 namespace {
 
-static_assert(static_cast<int>(Act::gelu) == static_cast<int>(Activation::gelu) &&
-              static_cast<int>(Act::tanh) == static_cast<int>(Activation::tanh),
-              "CUDA and CPU activations must be numbered alike");
-
 // a and b (or their pools) share one element type.
 ffi::Error input_type(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b, const char* a_name,
                       const char* b_name, Problem* pr) {
@@ -51,10 +47,8 @@ ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
     opt->bias = dims_of(bias), opt->bias_dims = &opt->bias;
     pr->bias = static_cast<const float*>(bias.untyped_data());
   }
-  Activation act;
-  if (!ffi_handlers::parse_activation(activation, &act))
+  if (!parse_activation(activation, &pr->act))
     return invalid("unknown activation '" + std::string(activation) + "'");
-  pr->act = static_cast<Act>(act);
   pr->alpha = alpha;
   pr->beta = pr->c != nullptr ? beta : 0.0f;  // no c: nothing to scale, never read
   return ffi::Error::Success();

@@ -39,17 +39,23 @@ namespace jbr::cuda::dev {
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// The CPU kernel's activations (gelu in its tanh form: 0.5 x (1 + tanh(u)) == x sigmoid(2u)).
+// The CPU kernel's activations, one per entry of brgemm/activation.h (gelu in its tanh
+// form: 0.5 x (1 + tanh(u)) == x sigmoid(2u)).
+__device__ __forceinline__ float act_none(float x) { return x; }
+__device__ __forceinline__ float act_relu(float x) { return x < 0.0f ? 0.0f : x; }  // NaN stays NaN
+__device__ __forceinline__ float act_gelu(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return x * sigmoid(2.0f * u);
+}
+__device__ __forceinline__ float act_sigmoid(float x) { return sigmoid(x); }
+__device__ __forceinline__ float act_tanh(float x) { return tanhf(x); }
+
 __device__ __forceinline__ float activate(Act act, float x) {
   switch (act) {
-    case Act::none: return x;
-    case Act::relu: return x < 0.0f ? 0.0f : x;  // NaN stays NaN
-    case Act::gelu: {
-      const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-      return x * sigmoid(2.0f * u);
-    }
-    case Act::sigmoid: return sigmoid(x);
-    case Act::tanh: return tanhf(x);
+#define JBR_ACTIVATION_CASE(name) \
+  case Act::name: return act_##name(x);
+    JBR_ACTIVATIONS(JBR_ACTIVATION_CASE)
+#undef JBR_ACTIVATION_CASE
   }
   return x;
 }

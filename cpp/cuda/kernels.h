@@ -12,13 +12,15 @@
 
 #include <cstdint>
 
+#include "brgemm/activation.h"
 #include "cuda/plan.h"
 
 struct CUstream_st;
 
 namespace jbr::cuda {
 
-enum class Act : int { none = 0, relu = 1, gelu = 2, sigmoid = 3, tanh = 4 };
+// The CPU kernel's activation set (brgemm/activation.h), one enum for both devices.
+using Act = Activation;
 
 struct Problem {
   ElemType type = ElemType::f32;  // of a and b; c, bias and out are float32

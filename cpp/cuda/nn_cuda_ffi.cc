@@ -41,10 +41,7 @@ ffi::Error input_types(const ffi::AnyBuffer& a, const char* a_name, const ffi::A
 }
 
 ffi::Error activation_of(std::string_view name, Act* act) {
-  Activation a;
-  if (!ffi_handlers::parse_activation(name, &a))
-    return invalid("unknown activation '" + std::string(name) + "'");
-  *act = static_cast<Act>(a);
+  if (!parse_activation(name, act)) return invalid("unknown activation '" + std::string(name) + "'");
   return ffi::Error::Success();
 }
 

@@ -28,18 +28,24 @@ __device__ __forceinline__ void store_elem(void* p, ElemType t, int64_t i, float
 
 // dy * act'(z), from saved = y (relu, sigmoid, tanh) or z (gelu): the CPU's formulas
 // (cpp/primitives/dense.cc, activation_grad).
+// One function per entry of brgemm/activation.h.
+__device__ __forceinline__ float grad_none(float dy, float) { return dy; }
+__device__ __forceinline__ float grad_relu(float dy, float y) { return y > 0.0f ? dy : 0.0f; }
+__device__ __forceinline__ float grad_sigmoid(float dy, float y) { return dy * y * (1.0f - y); }
+__device__ __forceinline__ float grad_tanh(float dy, float y) { return dy * (1.0f - y * y); }
+__device__ __forceinline__ float grad_gelu(float dy, float z) {
+  constexpr float s = 0.7978845608028654f, a = 0.044715f;
+  const float t = tanhf(s * (z + a * z * z * z));
+  const float du = s * (1.0f + 3.0f * a * z * z);
+  return dy * (0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du);
+}
+
 __device__ __forceinline__ float activation_grad(Act act, float dy, float saved) {
   switch (act) {
-    case Act::none: return dy;
-    case Act::relu: return saved > 0.0f ? dy : 0.0f;
-    case Act::sigmoid: return dy * saved * (1.0f - saved);
-    case Act::tanh: return dy * (1.0f - saved * saved);
-    case Act::gelu: {
-      constexpr float s = 0.7978845608028654f, a = 0.044715f;
-      const float z = saved, t = tanhf(s * (z + a * z * z * z));
-      const float du = s * (1.0f + 3.0f * a * z * z);
-      return dy * (0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * du);
-    }
+#define JBR_ACTIVATION_CASE(name) \
+  case Act::name: return grad_##name(dy, saved);
+    JBR_ACTIVATIONS(JBR_ACTIVATION_CASE)
+#undef JBR_ACTIVATION_CASE
   }
   return dy;
 }

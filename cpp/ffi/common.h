@@ -73,15 +73,6 @@ inline ffi::Error current_isa(Isa* isa) {
   return ffi::Error::Success();
 }
 
-inline bool parse_activation(std::string_view name, Activation* act) {
-  static const std::pair<std::string_view, Activation> names[] = {
-      {"none", Activation::none}, {"relu", Activation::relu}, {"gelu", Activation::gelu},
-      {"sigmoid", Activation::sigmoid}, {"tanh", Activation::tanh}};
-  for (auto [n, a] : names)
-    if (n == name) return *act = a, true;
-  return false;
-}
-
 // The executor of one handler call: the library's worker team, with every task also
 // offered to XLA's intra-op pool (prim::TeamCall says why).
 inline prim::TeamCall team_call(ffi::ThreadPool& pool,

@@ -239,6 +239,11 @@ NB_MODULE(_jax_brgemm, m) {
       targets[entry.name.c_str()] = nb::capsule(entry.handler);
     return targets;
   }, "FFI target name -> handler capsule, for jax.ffi.register_ffi_target.");
+  m.def("activation_names", [] {
+    std::vector<std::string> names;
+    for (std::string_view n : kActivationNames) names.emplace_back(n);
+    return names;
+  }, "The activations the kernels implement, in enum order (cpp/brgemm/activation.h).");
   m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
   m.def("isa_env_error", [] { return active_isa_error(); },
         "Why JAX_BRGEMM_ISA was rejected, or '' when it is unset or valid.");
