@@ -45,9 +45,9 @@ def _cpu_core_peak(dtype="float32") -> float:
     thread's CPU time already, matching --cpu-time measurements."""
     from jax_brgemm._ext import ext
 
-    rates = [ext.fma_peak_gflops("", 0.2) for _ in range(3)]
+    rates = [ext.testing.fma_peak_gflops("", 0.2) for _ in range(3)]
     if dtype == "bfloat16":
-        rates += [ext.bf16_peak_gflops(isa, 0.2) for isa in ext.supported_isas() for _ in range(3)]
+        rates += [ext.testing.bf16_peak_gflops(isa, 0.2) for isa in ext.supported_isas() for _ in range(3)]
     return max(rates)
 
 

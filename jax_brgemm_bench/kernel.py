@@ -34,7 +34,7 @@ def machine_core_peak(dtype: str = "float32") -> float:
 
 @functools.lru_cache(maxsize=None)
 def bf16_core_peak_gflops(isa: str) -> float:
-    return max(ext.bf16_peak_gflops(isa, 0.2) for _ in range(3))
+    return max(ext.testing.bf16_peak_gflops(isa, 0.2) for _ in range(3))
 
 
 def kernel_records(shapes, variants, isas, dtypes=("float32",), samples=7) -> list[dict]:
@@ -48,7 +48,7 @@ def kernel_records(shapes, variants, isas, dtypes=("float32",), samples=7) -> li
             for m, n, k, count in shapes:
                 for variant in variants:
                     for layout in layouts:
-                        rate = ext.bench_kernel(m, n, k, count, variant, isa, dtype, samples, layout == "vnni")
+                        rate = ext.testing.bench_kernel(m, n, k, count, variant, isa, dtype, samples, layout == "vnni")
                         records.append(dict(m=m, n=n, k=k, count=count, variant=variant, dtype=dtype,
                                             isa=isa, b=layout, gflops=rate, pct_of_peak=100.0 * rate / peak))
     return records

@@ -11,6 +11,7 @@
 
 #include "brgemm/brgemm.h"
 #include "primitives/parallel.h"
+#include "primitives/parallel_policy.h"
 #include "primitives/scratch.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -94,23 +95,14 @@ inline ffi::Future finished(ffi::Error error) {
   return ffi::Future(promise);
 }
 
-// Calls of at most this many multiply-adds run as tasks (run_sized).
-inline constexpr int64_t kSmallTaskMacs = int64_t{8} << 20;
-
-// Runs `work(executor)` (returning ffi::Error) and returns its future. A call of more than
-// kSmallTaskMacs multiply-adds runs here, on the team and XLA's pool (team_call). A smaller
-// one runs as a single-threaded task on XLA's pool and the handler returns at once: two
-// threads gain little on it (a 128x64x512 weight gradient: 48 us on one thread, 44 on
-// two), no helper is woken for it, and XLA's executor goes on with other thunks meanwhile
-// (the optimizer's updates of other layers) instead of waiting. Flax digits MLP step
-// (in-process A/B, 2 cores): its small backward calls as tasks +3-6 %, then its small
-// forwards (64->512, 512->10) as tasks +12-13 % (1.05-1.08x stock); CNN level. (Small
-// convolution calls as tasks, the CNN's first layer: level or 2 % slower, so convolutions
-// do not use this; docs/design-notes.md, session 10.) `work` must own what it uses: it
-// may run after the handler returns, when `pool` is no longer valid.
+// Runs `work(executor)` (returning ffi::Error) and returns its future: on the team and XLA's
+// pool (team_call) here, or, where prim::runs_as_task says so (primitives/parallel_policy.h
+// says why), as a single-threaded task on XLA's pool while the handler returns at once.
+// `work` must own what it uses: it may run after the handler returns, when `pool` is no
+// longer valid.
 template <typename Work>
 ffi::Future run_sized(ffi::ThreadPool& pool, int64_t macs, Work work) {
-  if (macs > kSmallTaskMacs) {
+  if (!prim::runs_as_task(macs)) {
     prim::TeamCall executor = team_call(pool);
     return finished(work(&executor));
   }

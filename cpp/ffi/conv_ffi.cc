@@ -50,16 +50,6 @@ ffi::Error run_primitive(Run run) {
   }
 }
 
-// Convolutions usually come back to back (a network's layers, a layer's three passes), so
-// after one the library's workers keep polling for 150 us (prim::TeamCall): the next call
-// finds its helper awake instead of waking a parked thread on an idle core. With the late
-// task copies returning at once (parallel.cc, SharedWork), in-process A/B over the 60
-// ResNet-50 passes called from Python, 2 cores: geometric mean +3.1 % (56x56 1x1 passes up
-// to +7 %, strided 1x1 backward-data up to +18 %); Flax steps level (MLP +0.5 %, CNN -0.7 %,
-// LSTM +1.9 %, within their noise). Dense and LSTM calls keep none: a linger after every
-// call cost the Flax MLP step 3-5 % (docs/design-notes.md, session 10).
-constexpr std::chrono::microseconds kConvLinger{150};
-
 ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                         ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                         ffi::Span<const int64_t> geometry, std::string_view activation) {
@@ -81,7 +71,7 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(y);
-  prim::TeamCall executor = team_call(pool, kConvLinger);
+  prim::TeamCall executor = team_call(pool, prim::kConvLinger);
   return run_primitive([&] {
     return prim::conv2d_forward(s, dt[0], x.untyped_data(), w.untyped_data(), bias_ptr, act, dt[2],
                                 y->untyped_data(), isa, &executor);
@@ -97,7 +87,7 @@ ffi::Error backward_data_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyB
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dx);
-  prim::TeamCall executor = team_call(pool, kConvLinger);
+  prim::TeamCall executor = team_call(pool, prim::kConvLinger);
   return run_primitive([&] {
     return prim::conv2d_backward_data(s, dt[2], dy.untyped_data(), w.untyped_data(), dt[0],
                                       dx->untyped_data(), isa, &executor);
@@ -114,7 +104,7 @@ ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dw);
-  prim::TeamCall executor = team_call(pool, kConvLinger);
+  prim::TeamCall executor = team_call(pool, prim::kConvLinger);
   return run_primitive([&] {
     return prim::conv2d_weight_update(s, dt[0], x.untyped_data(), dy.untyped_data(),
                                       static_cast<float*>(dw->untyped_data()), isa, &executor);
