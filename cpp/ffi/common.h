@@ -13,6 +13,7 @@
 #include "primitives/parallel.h"
 #include "primitives/parallel_policy.h"
 #include "primitives/scratch.h"
+#include "shape/dims.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jbr::ffi_handlers {
@@ -46,11 +47,7 @@ inline ffi::Error invalid(std::string message) {
   return ffi::Error::InvalidArgument("jax_brgemm: " + std::move(message));
 }
 
-inline std::string shape_str(ffi::Span<const int64_t> dims) {
-  std::string s = "(";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + (dims.size() == 1 ? ",)" : ")");
-}
+using shape::dims_str;  // "(2, 3)": how every message words a shape
 
 inline ffi::Error expect_f32(const ffi::AnyBuffer& buffer, const char* name) {
   if (buffer.element_type() != ffi::DataType::F32)

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "ffi/common.h"
+#include "ffi/signatures.h"
 #include "primitives/conv.h"
 
 namespace jbr::ffi_handlers {
@@ -15,7 +16,7 @@ ffi::Error rank4(const ffi::AnyBuffer& buffer, const char* name, const char* lay
   if (auto e = kernel_dtype(buffer, name, dtype); e.failure()) return e;
   if (buffer.dimensions().size() != 4)
     return invalid(std::string(name) + " must have shape " + layout + ", got " +
-                   shape_str(buffer.dimensions()));
+                   dims_str(buffer.dimensions()));
   return ffi::Error::Success();
 }
 
@@ -62,7 +63,7 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
     if (auto e = expect_f32(bias, "bias"); e.failure()) return e;
     if (bias.dimensions().size() != 1 || bias.dimensions()[0] != s.out_c)
       return invalid("bias must have shape (" + std::to_string(s.out_c) + ",), got " +
-                     shape_str(bias.dimensions()));
+                     dims_str(bias.dimensions()));
     bias_ptr = static_cast<const float*>(bias.untyped_data());
   }
   Activation act;
@@ -114,32 +115,15 @@ ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_conv2d_forward, forward_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
-                                  .Ret<ffi::AnyBuffer>()  // y
-                                  .Attr<ffi::Span<const int64_t>>("geometry")
-                                  .Attr<std::string_view>("activation"));
+                              signatures::conv2d_forward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 JBR_REGISTER_HANDLER("jax_brgemm_conv2d_forward", jbr_conv2d_forward);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_conv2d_backward_data, backward_data_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Ret<ffi::AnyBuffer>()  // dx
-                                  .Attr<ffi::Span<const int64_t>>("geometry"));
+                              signatures::conv2d_backward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 JBR_REGISTER_HANDLER("jax_brgemm_conv2d_backward_data", jbr_conv2d_backward_data);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_conv2d_weight_update, weight_update_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Ret<ffi::AnyBuffer>()  // dkernel
-                                  .Attr<ffi::Span<const int64_t>>("geometry"));
+                              signatures::conv2d_backward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 JBR_REGISTER_HANDLER("jax_brgemm_conv2d_weight_update", jbr_conv2d_weight_update);
 
 }  // namespace jbr::ffi_handlers

@@ -3,8 +3,8 @@
 // dense's two element-wise backward kernels.
 #include <algorithm>
 
-#include "cuda/gemm.cuh"
-#include "cuda/nn_kernels.h"
+#include "cuda/brgemm/gemm.cuh"
+#include "cuda/primitives/nn_kernels.h"
 
 namespace jbr::cuda {
 namespace {

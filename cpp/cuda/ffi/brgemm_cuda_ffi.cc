@@ -1,13 +1,14 @@
 // XLA FFI handlers for platform CUDA, under the same target names as the CPU handlers
 // (jax_brgemm_brgemm, jax_brgemm_brgemm_indexed), so jax.ffi.ffi_call runs these when the
-// inputs live on a GPU. Decode (cuda/plan.h), validate, launch (cuda/kernels.h).
+// inputs live on a GPU. Decode (cuda/primitives/plan.h), validate, launch (cuda/brgemm/kernels.h).
 #include <cuda_runtime_api.h>
 
 #include <string>
 
-#include "cuda/ffi_util.h"
-#include "cuda/kernels.h"
-#include "cuda/plan.h"
+#include "cuda/ffi/ffi_util.h"
+#include "ffi/signatures.h"
+#include "cuda/brgemm/kernels.h"
+#include "cuda/primitives/plan.h"
 
 namespace jbr::cuda {
 namespace {
@@ -140,34 +141,12 @@ ffi::Error brgemm_indexed_impl(cudaStream_t stream, int32_t device, ffi::Scratch
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_cuda_brgemm, brgemm_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // c (empty: none)
-                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("alpha")
-                                  .Attr<float>("beta")
-                                  .Attr<std::string_view>("activation"));
+                              signatures::brgemm(bind_stream_device()));
 JBR_REGISTER_HANDLER("jax_brgemm_brgemm", jbr_cuda_brgemm);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_cuda_brgemm_indexed, brgemm_indexed_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::AnyBuffer>()  // a_blocks
-                                  .Arg<ffi::AnyBuffer>()  // b_blocks
-                                  .Arg<ffi::AnyBuffer>()  // a_index
-                                  .Arg<ffi::AnyBuffer>()  // b_index
-                                  .Arg<ffi::AnyBuffer>()  // c (empty: none)
-                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("alpha")
-                                  .Attr<float>("beta")
-                                  .Attr<std::string_view>("activation"));
+                              signatures::brgemm_indexed(
+                                  bind_stream_device().Ctx<ffi::ScratchAllocator>()));
 JBR_REGISTER_HANDLER("jax_brgemm_brgemm_indexed", jbr_cuda_brgemm_indexed);
 
 }  // namespace jbr::cuda

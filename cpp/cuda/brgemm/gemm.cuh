@@ -32,8 +32,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cuda/kernels.h"
-#include "cuda/plan.h"
+#include "cuda/brgemm/kernels.h"
+#include "cuda/brgemm/types.h"
 
 namespace jbr::cuda::dev {
 

@@ -1,52 +1,14 @@
-#include "cuda/plan.h"
+#include "cuda/primitives/plan.h"
 
 #include <algorithm>
 #include <limits>
 
 namespace jbr::cuda {
-std::string dims_str(const std::vector<int64_t>& dims) {
-  std::string s = "(";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + (dims.size() == 1 ? ",)" : ")");
-}
-
 namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
-
-const char* elem_type_name(ElemType t) {
-  switch (t) {
-    case ElemType::f32: return "float32";
-    case ElemType::bf16: return "bfloat16";
-    case ElemType::f16: return "float16";
-  }
-  return "?";
-}
-
-std::string broadcast_strides(const std::vector<int64_t>& dims, int block_rank,
-                              const std::vector<int64_t>& lead, const char* name,
-                              std::vector<int64_t>* strides) {
-  const int64_t op_lead = static_cast<int64_t>(dims.size()) - block_rank;
-  const int64_t out_lead = static_cast<int64_t>(lead.size());
-  if (op_lead < 0)
-    return std::string(name) + " must have rank >= " + std::to_string(block_rank) + ", got " +
-           dims_str(dims);
-  if (op_lead > out_lead) return std::string(name) + " has more leading dims than the result";
-  int64_t stride = 1;
-  for (int64_t d = op_lead; d < static_cast<int64_t>(dims.size()); ++d) stride *= dims[d];
-  strides->assign(out_lead, 0);
-  for (int64_t d = op_lead - 1; d >= 0; --d) {
-    const int64_t out_d = d + out_lead - op_lead;
-    if (dims[d] != 1 && dims[d] != lead[out_d])
-      return std::string(name) + " leading dims " + dims_str(dims) + " do not broadcast to " +
-             dims_str(lead);
-    (*strides)[out_d] = dims[d] == 1 ? 0 : stride;
-    stride *= dims[d];
-  }
-  return "";
-}
 
 std::string fold_lead(const std::vector<int64_t>& lead,
                       const std::vector<int64_t> (&strides)[kNumOperands], LeadDims* out) {

@@ -13,7 +13,7 @@
 #include <cstdint>
 
 #include "brgemm/activation.h"
-#include "cuda/plan.h"
+#include "cuda/brgemm/types.h"
 
 struct CUstream_st;
 

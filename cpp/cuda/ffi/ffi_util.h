@@ -5,13 +5,19 @@
 
 #include <string>
 
-#include "cuda/plan.h"
+#include "cuda/primitives/plan.h"
 #include "ffi/common.h"
+#include "ffi/signatures.h"
 
 namespace jbr::cuda {
 
 namespace ffi = xla::ffi;
 using ffi_handlers::invalid;
+
+// The contexts every CUDA handler binds first (then ffi/signatures.h's operands).
+inline auto bind_stream_device() {
+  return ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>().Ctx<ffi::DeviceOrdinal>();
+}
 
 inline Dims dims_of(const ffi::AnyBuffer& x) {
   auto d = x.dimensions();

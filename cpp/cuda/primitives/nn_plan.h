@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "cuda/plan.h"
-#include "primitives/conv_shape.h"
+#include "cuda/primitives/plan.h"
+#include "shape/conv_shape.h"
 
 namespace jbr::cuda {
 

@@ -1,7 +1,7 @@
 // The brgemm op on CUDA: the addressing functor of the stride and offset forms for the shared
 // BRGEMM kernels (gemm.cuh), and the launch.
-#include "cuda/gemm.cuh"
-#include "cuda/kernels.h"
+#include "cuda/brgemm/gemm.cuh"
+#include "cuda/brgemm/kernels.h"
 
 namespace jbr::cuda {
 namespace {

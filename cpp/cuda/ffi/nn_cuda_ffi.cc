@@ -1,16 +1,18 @@
 // XLA FFI handlers for platform CUDA of jax_brgemm.nn.dense and nn.conv2d, under the CPU
 // handlers' target names, operands, results and attributes (cpp/ffi/dense_ffi.cc,
 // cpp/ffi/conv_ffi.cc), so jax.ffi.ffi_call runs these when the inputs live on a GPU.
-// Decode (cuda/nn_plan.h), validate, plan (cuda/plan.h), launch (cuda/nn_kernels.h).
+// Decode (cuda/primitives/nn_plan.h), validate, plan (cuda/primitives/plan.h), launch
+// (cuda/primitives/nn_kernels.h).
 #include <cuda_runtime_api.h>
 
 #include <optional>
 #include <string>
 #include <vector>
 
-#include "cuda/ffi_util.h"
-#include "cuda/nn_kernels.h"
-#include "cuda/nn_plan.h"
+#include "cuda/ffi/ffi_util.h"
+#include "ffi/signatures.h"
+#include "cuda/primitives/nn_kernels.h"
+#include "cuda/primitives/nn_plan.h"
 
 namespace jbr::cuda {
 namespace {
@@ -217,62 +219,24 @@ ffi::Error conv_weight_update_impl(cudaStream_t stream, int32_t device, ffi::Any
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_cuda_dense_fwd, dense_fwd_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
-                                  .Ret<ffi::AnyBuffer>()  // y
-                                  .Ret<ffi::AnyBuffer>()  // pre-activation (empty: not kept)
-                                  .Attr<std::string_view>("activation"));
+                              signatures::dense_fwd(bind_stream_device()));
 JBR_REGISTER_HANDLER("jax_brgemm_dense_fwd", jbr_cuda_dense_fwd);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_cuda_dense_bwd, dense_bwd_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Arg<ffi::AnyBuffer>()  // saved y or pre-activation
-                                  .Ret<ffi::AnyBuffer>()  // dx (empty: skip)
-                                  .Ret<ffi::AnyBuffer>()  // dkernel (empty: skip)
-                                  .Ret<ffi::AnyBuffer>()  // dbias (empty: skip)
-                                  .Attr<std::string_view>("activation"));
+                              signatures::dense_bwd(
+                                  bind_stream_device().Ctx<ffi::ScratchAllocator>()));
 JBR_REGISTER_HANDLER("jax_brgemm_dense_bwd", jbr_cuda_dense_bwd);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_cuda_conv2d_forward, conv_forward_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
-                                  .Ret<ffi::AnyBuffer>()  // y
-                                  .Attr<ffi::Span<const int64_t>>("geometry")
-                                  .Attr<std::string_view>("activation"));
+                              signatures::conv2d_forward(bind_stream_device()));
 JBR_REGISTER_HANDLER("jax_brgemm_conv2d_forward", jbr_cuda_conv2d_forward);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_cuda_conv2d_backward_data, conv_backward_data_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Ret<ffi::AnyBuffer>()  // dx
-                                  .Attr<ffi::Span<const int64_t>>("geometry"));
+                              signatures::conv2d_backward(bind_stream_device()));
 JBR_REGISTER_HANDLER("jax_brgemm_conv2d_backward_data", jbr_cuda_conv2d_backward_data);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_cuda_conv2d_weight_update, conv_weight_update_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::DeviceOrdinal>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Ret<ffi::AnyBuffer>()  // dkernel
-                                  .Attr<ffi::Span<const int64_t>>("geometry"));
+                              signatures::conv2d_backward(bind_stream_device()));
 JBR_REGISTER_HANDLER("jax_brgemm_conv2d_weight_update", jbr_cuda_conv2d_weight_update);
 
 }  // namespace jbr::cuda

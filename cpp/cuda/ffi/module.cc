@@ -1,5 +1,5 @@
 // The CUDA extension (_jax_brgemm_cuda): exports the CUDA FFI handler capsules, the number of
-// visible GPUs, and the host-side planning (cuda/plan.h) for unit tests on machines without a
+// visible GPUs, and the host-side planning (cuda/primitives/plan.h) for unit tests on machines without a
 // GPU. The CUDA runtime is linked statically and only touched by device_count() and the
 // handlers, so the module imports on a machine without a GPU or driver.
 #include <nanobind/nanobind.h>
@@ -11,8 +11,8 @@
 
 #include <optional>
 
-#include "cuda/nn_plan.h"
-#include "cuda/plan.h"
+#include "cuda/primitives/nn_plan.h"
+#include "cuda/primitives/plan.h"
 #include "ffi/common.h"
 
 namespace nb = nanobind;

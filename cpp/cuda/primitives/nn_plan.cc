@@ -1,4 +1,4 @@
-#include "cuda/nn_plan.h"
+#include "cuda/primitives/nn_plan.h"
 
 #include <initializer_list>
 #include <utility>

@@ -1,12 +1,12 @@
 // dense and conv2d on CUDA: each pass is one launch of the shared BRGEMM kernels (gemm.cuh)
-// with the addressing of cuda/nn_plan.h, plus two small element-wise kernels for dense's
+// with the addressing of nn_plan.h, plus two small element-wise kernels for dense's
 // backward (the activation's derivative and the bias gradient).
 #pragma once
 
 #include <cstdint>
 
-#include "cuda/kernels.h"
-#include "cuda/nn_plan.h"
+#include "cuda/brgemm/kernels.h"
+#include "cuda/primitives/nn_plan.h"
 
 namespace jbr::cuda {
 
