@@ -205,7 +205,7 @@ ffi::Future dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuff
   int64_t macs = 0;  // (dx and dkernel together)
   for (const prim::DenseBackward& q : problems) macs += q.n * q.c * q.k * ((q.dx != nullptr) + (q.dw != nullptr));
   // (A larger layer's dx and dkernel as two tasks, on half the threads each: the Flax MLP
-  // step level once the small calls were tasks; docs/design-notes.md, session 10.)
+  // step level once the small calls were tasks; docs/design.md, Threads.)
   return run_sized(pool, macs, [problems = std::move(problems)](const prim::Executor* executor) {
     for (const prim::DenseBackward& q : problems)
       if (std::string e = prim::dense_backward(q, executor); !e.empty()) return invalid(e);

@@ -196,7 +196,7 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   // Short reductions (a pointwise layer over 64 channels) leave each call too little work
   // to hide its fixed costs: there calls take up to 4 x kMaxRows pixels of a long row
   // (float32 56x56 64->64 1x1, 2 threads: 300 -> 340 GFLOP/s). Not on AMX, where calls
-  // of more than 56 pixels measured no faster (session 5).
+  // of more than 56 pixels measured no faster (2026-12-05; docs/design.md, Loop nests).
   const int64_t reduce = rp.kg * rp.taps_r * rp.taps_s;
   const int64_t max_rows =
       amx ? kMaxRows : std::clamp(kCallReduce / reduce / kMaxRows, int64_t{1}, int64_t{4}) * kMaxRows;
