@@ -30,9 +30,13 @@ def utc_now() -> str:
 
 
 def module_title(module) -> str:
-    """The first sentence of a benchmark module's docstring, on one line."""
+    """A short heading from a benchmark module's docstring: its first sentence, up to a colon,
+    and no longer than about 100 characters."""
     doc = " ".join((module.__doc__ or module.__name__).split("\n\n")[0].split())
-    return doc.split(". ")[0].rstrip(".")
+    title = doc.split(". ")[0].split(": ")[0].rstrip(".")
+    if len(title) > 100 and ", " in title[:100]:
+        title = title[: title[:100].rindex(", ")]
+    return title
 
 
 def cpu_model() -> str:
@@ -85,7 +89,9 @@ def _cell(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        text = f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+        # two decimals; three significant digits below 0.1 (seconds), none from 100
+        text = (f"{value:.0f}" if abs(value) >= 100 else
+                f"{value:.2f}" if abs(value) >= 0.1 or value == 0 else f"{value:.3g}")
     elif isinstance(value, (list, dict)):
         text = json.dumps(value)
     else:
@@ -153,6 +159,8 @@ def markdown(json_dirs: list[str]) -> str:
         machine = metas[0].get("cpu", "machine not recorded") if metas else "machine not recorded"
         cores = f", {metas[0].get('cores')} cores" if metas else ""
         parts += [f"## {machine}{cores}", ""]
+        if metas and all(m.get("quick") for m in metas):
+            parts += ["These tables come from `--quick` smoke runs: they show the format, not figures.", ""]
         names = [n for n in ORDER if n in results] + sorted(set(results) - set(ORDER))
         failed = []
         for name in names:

@@ -33,9 +33,9 @@ def test_registered_benchmarks():
 
 
 def test_tables_one_per_key_set():
-    records = [dict(a=1, b=2.5), dict(a=3, b=1234.5), dict(c="x|y", d=None, e=True)]
+    records = [dict(a=1, b=2.5), dict(a=3, b=1234.5), dict(a=4, b=0.00123), dict(c="x|y", d=None, e=True)]
     md = report.tables(records)
-    assert _rows(md, ["a", "b"]) == [["1", "2.50"], ["3", "1234"]]
+    assert _rows(md, ["a", "b"]) == [["1", "2.50"], ["3", "1234"], ["4", "0.00123"]]
     assert _rows(md, ["c", "d", "e"]) == [["x\\|y", "-", "true"]]
 
 
