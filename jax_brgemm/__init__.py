@@ -2,8 +2,9 @@
 
     C = epilogue(beta * C + alpha * sum_i A_i @ B_i + bias)
 
-The kernel runs inside XLA as an FFI custom call (AVX-512, AVX2 or portable C++, chosen
-from CPUID; JAX_BRGEMM_ISA=avx512|avx2|ref forces one), so jit, grad and vmap work on it.
+The kernel runs inside XLA as an FFI custom call (AMX, AVX512-BF16, AVX-512, AVX2 or portable
+C++, chosen from CPUID; JAX_BRGEMM_ISA=amx|avx512bf16|avx512|avx2|ref forces one), so jit, grad
+and vmap work on it.
 """
 
 from ._ext import active_isa, set_isa, supported_isas

@@ -41,9 +41,9 @@ def streaming():
     test: by default convolution results only over a quarter of the L3 cache are, which on
     a CPU with a large L3 is none that a test makes."""
     from jax_brgemm._ext import ext
-    ext.set_stream_bytes(1 << 20)
+    ext.testing.set_stream_bytes(1 << 20)
     yield
-    ext.set_stream_bytes(0)
+    ext.testing.set_stream_bytes(0)
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ def call_kernel(form, a_pool, b_pool, c, m, n, k, lda, ldb, ldc, offs_a, offs_b,
     count = len(offs_a)
     stride_a = offs_a[1] if count > 1 else 0
     stride_b = offs_b[1] if count > 1 else 0
-    ext.kernel_call(form, a_pool, b_pool, c, m, n, k, lda, ldb, ldc, count, stride_a, stride_b,
+    ext.testing.kernel_call(form, a_pool, b_pool, c, m, n, k, lda, ldb, ldc, count, stride_a, stride_b,
                     np.asarray(offs_a, np.int64), np.asarray(offs_b, np.int64), alpha, beta,
                     activation, bias, isa, b_vnni)
 
@@ -517,9 +517,9 @@ def test_bad_input_names_the_argument(call, error, match):
 @pytest.mark.parametrize("rows,cols", [(1, 1), (3, 17), (16, 16), (33, 65), (100, 7), (64, 129)])
 def test_kernel_layer_transpose(rows, cols, isa, rng):
     x = rng.standard_normal((rows, cols)).astype(F32)
-    np.testing.assert_array_equal(ext.transpose_f32(x, isa), x.T)
+    np.testing.assert_array_equal(ext.testing.transpose_f32(x, isa), x.T)
     bits = rng.integers(0, 1 << 16, size=(rows, cols), dtype=np.uint16)
-    np.testing.assert_array_equal(ext.transpose_bf16(bits, isa), bits.T)
+    np.testing.assert_array_equal(ext.testing.transpose_bf16(bits, isa), bits.T)
 
 
 @pytest.mark.parametrize("name", jb.supported_isas())

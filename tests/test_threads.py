@@ -100,7 +100,7 @@ def test_bad_polling_setting_is_a_clear_error(var, value):
     ((1 << 16) + 1, 8, 0)])
 def test_parallel_loop_runs_every_item_once(n, threads, item_us):
     from jax_brgemm._ext import ext
-    runners = ext.parallel_for_runners(n, threads, item_us)
+    runners = ext.testing.parallel_for_runners(n, threads, item_us)
     assert len(runners) == n
     assert all(0 <= r < threads for r in runners), sorted(set(runners))
 
@@ -111,7 +111,7 @@ def test_parallel_loop_gives_each_thread_contiguous_items():
     so the loop is at most four runs of one thread each, whoever joins late."""
     from jax_brgemm._ext import ext
     for item_us in (0, 20):
-        runners = ext.parallel_for_runners(2000, 2, item_us)
+        runners = ext.testing.parallel_for_runners(2000, 2, item_us)
         assert set(runners) <= {0, 1}
         runs = 1 + sum(a != b for a, b in zip(runners, runners[1:]))
         assert runs <= 4, runs
@@ -123,6 +123,6 @@ def test_late_copies_of_a_task_add_no_thread(threads):
     take the ranges, one thread each, and a later copy returns at once instead of joining
     as an extra thief (which ran loops on three threads on two cores)."""
     from jax_brgemm._ext import ext
-    runners = ext.parallel_for_runners(2000, threads, 10, second_copies=True)
+    runners = ext.testing.parallel_for_runners(2000, threads, 10, second_copies=True)
     assert all(r >= 0 for r in runners), "an item did not run exactly once"
     assert len(set(runners)) <= threads, sorted(set(runners))

@@ -14,11 +14,12 @@
 #include <cstring>
 #include <string>
 
+#include "activation.h"
+
 namespace jbr {
 
 enum class Isa : int { ref = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3, amx = 4 };
 enum class DType : int { f32 = 0, bf16 = 1 };
-enum class Activation : int { none = 0, relu = 1, gelu = 2, sigmoid = 3, tanh = 4 };
 
 const char* isa_name(Isa isa);
 // Parses "ref", "avx2", ...; returns false for an unknown name.

@@ -42,13 +42,19 @@ inline Vec gelu(Vec x) {
   return x * sigmoid(u2);
 }
 
+// One function per entry of activation.h; the switch below expands that list.
+inline Vec act_none(Vec x) { return x; }
+inline Vec act_relu(Vec x) { return relu(x); }
+inline Vec act_gelu(Vec x) { return gelu(x); }
+inline Vec act_sigmoid(Vec x) { return sigmoid(x); }
+inline Vec act_tanh(Vec x) { return tanh(x); }
+
 inline Vec activate(Vec x, Activation act) {
   switch (act) {
-    case Activation::relu: return relu(x);
-    case Activation::gelu: return gelu(x);
-    case Activation::sigmoid: return sigmoid(x);
-    case Activation::tanh: return tanh(x);
-    case Activation::none: break;
+#define JBR_ACTIVATION_CASE(name) \
+  case Activation::name: return act_##name(x);
+    JBR_ACTIVATIONS(JBR_ACTIVATION_CASE)
+#undef JBR_ACTIVATION_CASE
   }
   return x;
 }

@@ -2,33 +2,21 @@
 #include <string>
 
 #include "ffi/common.h"
+#include "ffi/signatures.h"
 #include "primitives/batched.h"
 
 namespace jbr::ffi_handlers {
 namespace {
 
-// Element strides of `operand`'s leading dims (all but its last `block_rank`), right-aligned
-// against `lead` with NumPy broadcasting: a missing or size-1 dim gets stride 0.
+// Element strides of `operand`'s leading dims (all but its last `block_rank`) against
+// `lead` (shape/dims.h, which the CUDA handlers share).
 ffi::Error broadcast_strides(const ffi::AnyBuffer& operand, int64_t block_rank,
                              const std::vector<int64_t>& lead, const char* name,
                              std::vector<int64_t>* strides) {
   auto dims = operand.dimensions();
-  const int64_t op_lead = static_cast<int64_t>(dims.size()) - block_rank;
-  const int64_t out_lead = static_cast<int64_t>(lead.size());
-  if (op_lead > out_lead)
-    return invalid(std::string(name) + " has more leading dims than the result");
-  int64_t stride = 1;
-  for (int64_t d = op_lead; d < static_cast<int64_t>(dims.size()); ++d) stride *= dims[d];
-  strides->assign(out_lead, 0);
-  for (int64_t d = op_lead - 1; d >= 0; --d) {
-    const int64_t out_d = d + out_lead - op_lead;
-    if (dims[d] != 1 && dims[d] != lead[out_d])
-      return invalid(std::string(name) + " leading dims " + shape_str(dims) +
-                     " do not broadcast to " + shape_str(lead));
-    (*strides)[out_d] = dims[d] == 1 ? 0 : stride;
-    stride *= dims[d];
-  }
-  return ffi::Error::Success();
+  const std::string error = shape::broadcast_strides(shape::Dims(dims.begin(), dims.end()), block_rank, lead,
+                                                     name, strides);
+  return error.empty() ? ffi::Error::Success() : invalid(error);
 }
 
 // Decodes what both forms share: out shape, optional c and bias, alpha/beta/activation.
@@ -46,7 +34,7 @@ ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
     auto cd = c.dimensions();
     if (cd.size() < 2 || cd[cd.size() - 2] != pb->m || cd[cd.size() - 1] != pb->n)
       return invalid("c must end in (m, n) = (" + std::to_string(pb->m) + ", " +
-                     std::to_string(pb->n) + "), got " + shape_str(cd));
+                     std::to_string(pb->n) + "), got " + dims_str(cd));
     if (auto e = broadcast_strides(c, 2, pb->lead_shape, "c", &pb->c_lead_strides); e.failure())
       return e;
     pb->c = c.untyped_data();
@@ -56,7 +44,7 @@ ffi::Error common_setup(const ffi::AnyBuffer& c, const ffi::AnyBuffer& bias,
     if (auto e = expect_f32(bias, "bias"); e.failure()) return e;
     auto bd = bias.dimensions();
     if (bd.size() < 1 || bd[bd.size() - 1] != pb->n)
-      return invalid("bias must have shape (n,) = (" + std::to_string(pb->n) + ",), got " + shape_str(bd));
+      return invalid("bias must have shape (n,) = (" + std::to_string(pb->n) + ",), got " + dims_str(bd));
     if (auto e = broadcast_strides(bias, 1, pb->lead_shape, "bias", &pb->bias_lead_strides); e.failure())
       return e;
     pb->bias = static_cast<const float*>(bias.untyped_data());
@@ -86,7 +74,7 @@ ffi::Error brgemm_impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   pb.count = ad[ad.size() - 3], pb.k = ad[ad.size() - 1];
   if (ad[ad.size() - 2] != pb.m) return invalid("a's m does not match the result");
   if (bd[bd.size() - 3] != pb.count || bd[bd.size() - 2] != pb.k || bd[bd.size() - 1] != pb.n)
-    return invalid("b must end in (count, k, n), got " + shape_str(bd) + " for a " + shape_str(ad));
+    return invalid("b must end in (count, k, n), got " + dims_str(bd) + " for a " + dims_str(ad));
   if (auto e = broadcast_strides(a, 3, pb.lead_shape, "a", &pb.a_lead_strides); e.failure()) return e;
   if (auto e = broadcast_strides(b, 3, pb.lead_shape, "b", &pb.b_lead_strides); e.failure()) return e;
   pb.a = a.untyped_data();
@@ -157,7 +145,7 @@ ffi::Error brgemm_indexed_impl(ffi::ThreadPool pool, ffi::AnyBuffer a_blocks,
   if (ad.size() < 3 || bd.size() < 3) return invalid("a_blocks and b_blocks must have rank >= 3");
   pb.k = ad[ad.size() - 1];
   if (ad[ad.size() - 2] != pb.m || bd[bd.size() - 2] != pb.k || bd[bd.size() - 1] != pb.n)
-    return invalid("a_blocks " + shape_str(ad) + " and b_blocks " + shape_str(bd) +
+    return invalid("a_blocks " + dims_str(ad) + " and b_blocks " + dims_str(bd) +
                    " do not match a result ending in " + std::to_string(pb.m) + " x " +
                    std::to_string(pb.n));
   auto id = a_index.dimensions();
@@ -187,31 +175,11 @@ ffi::Error brgemm_indexed_impl(ffi::ThreadPool pool, ffi::AnyBuffer a_blocks,
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_brgemm, brgemm_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // c (empty: none)
-                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("alpha")
-                                  .Attr<float>("beta")
-                                  .Attr<std::string_view>("activation"));
+                              signatures::brgemm(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 JBR_REGISTER_HANDLER("jax_brgemm_brgemm", jbr_brgemm);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_brgemm_indexed, brgemm_indexed_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // a_blocks (lead..., Pa, m, k)
-                                  .Arg<ffi::AnyBuffer>()  // b_blocks (lead..., Pb, k, n)
-                                  .Arg<ffi::AnyBuffer>()  // a_index
-                                  .Arg<ffi::AnyBuffer>()  // b_index
-                                  .Arg<ffi::AnyBuffer>()  // c (empty: none)
-                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<float>("alpha")
-                                  .Attr<float>("beta")
-                                  .Attr<std::string_view>("activation"));
+                              signatures::brgemm_indexed(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 JBR_REGISTER_HANDLER("jax_brgemm_brgemm_indexed", jbr_brgemm_indexed);
 
 }  // namespace jbr::ffi_handlers

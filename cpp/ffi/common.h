@@ -11,7 +11,9 @@
 
 #include "brgemm/brgemm.h"
 #include "primitives/parallel.h"
+#include "primitives/parallel_policy.h"
 #include "primitives/scratch.h"
+#include "shape/dims.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jbr::ffi_handlers {
@@ -45,11 +47,7 @@ inline ffi::Error invalid(std::string message) {
   return ffi::Error::InvalidArgument("jax_brgemm: " + std::move(message));
 }
 
-inline std::string shape_str(ffi::Span<const int64_t> dims) {
-  std::string s = "(";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + (dims.size() == 1 ? ",)" : ")");
-}
+using shape::dims_str;  // "(2, 3)": how every message words a shape
 
 inline ffi::Error expect_f32(const ffi::AnyBuffer& buffer, const char* name) {
   if (buffer.element_type() != ffi::DataType::F32)
@@ -73,15 +71,6 @@ inline ffi::Error current_isa(Isa* isa) {
   return ffi::Error::Success();
 }
 
-inline bool parse_activation(std::string_view name, Activation* act) {
-  static const std::pair<std::string_view, Activation> names[] = {
-      {"none", Activation::none}, {"relu", Activation::relu}, {"gelu", Activation::gelu},
-      {"sigmoid", Activation::sigmoid}, {"tanh", Activation::tanh}};
-  for (auto [n, a] : names)
-    if (n == name) return *act = a, true;
-  return false;
-}
-
 // The executor of one handler call: the library's worker team, with every task also
 // offered to XLA's intra-op pool (prim::TeamCall says why).
 inline prim::TeamCall team_call(ffi::ThreadPool& pool,
@@ -103,23 +92,14 @@ inline ffi::Future finished(ffi::Error error) {
   return ffi::Future(promise);
 }
 
-// Calls of at most this many multiply-adds run as tasks (run_sized).
-inline constexpr int64_t kSmallTaskMacs = int64_t{8} << 20;
-
-// Runs `work(executor)` (returning ffi::Error) and returns its future. A call of more than
-// kSmallTaskMacs multiply-adds runs here, on the team and XLA's pool (team_call). A smaller
-// one runs as a single-threaded task on XLA's pool and the handler returns at once: two
-// threads gain little on it (a 128x64x512 weight gradient: 48 us on one thread, 44 on
-// two), no helper is woken for it, and XLA's executor goes on with other thunks meanwhile
-// (the optimizer's updates of other layers) instead of waiting. Flax digits MLP step
-// (in-process A/B, 2 cores): its small backward calls as tasks +3-6 %, then its small
-// forwards (64->512, 512->10) as tasks +12-13 % (1.05-1.08x stock); CNN level. (Small
-// convolution calls as tasks, the CNN's first layer: level or 2 % slower, so convolutions
-// do not use this; docs/design-notes.md, session 10.) `work` must own what it uses: it
-// may run after the handler returns, when `pool` is no longer valid.
+// Runs `work(executor)` (returning ffi::Error) and returns its future: on the team and XLA's
+// pool (team_call) here, or, where prim::runs_as_task says so (primitives/parallel_policy.h
+// says why), as a single-threaded task on XLA's pool while the handler returns at once.
+// `work` must own what it uses: it may run after the handler returns, when `pool` is no
+// longer valid.
 template <typename Work>
 ffi::Future run_sized(ffi::ThreadPool& pool, int64_t macs, Work work) {
-  if (macs > kSmallTaskMacs) {
+  if (!prim::runs_as_task(macs)) {
     prim::TeamCall executor = team_call(pool);
     return finished(work(&executor));
   }

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "ffi/common.h"
+#include "ffi/signatures.h"
 #include "primitives/conv.h"
 
 namespace jbr::ffi_handlers {
@@ -15,7 +16,7 @@ ffi::Error rank4(const ffi::AnyBuffer& buffer, const char* name, const char* lay
   if (auto e = kernel_dtype(buffer, name, dtype); e.failure()) return e;
   if (buffer.dimensions().size() != 4)
     return invalid(std::string(name) + " must have shape " + layout + ", got " +
-                   shape_str(buffer.dimensions()));
+                   dims_str(buffer.dimensions()));
   return ffi::Error::Success();
 }
 
@@ -50,16 +51,6 @@ ffi::Error run_primitive(Run run) {
   }
 }
 
-// Convolutions usually come back to back (a network's layers, a layer's three passes), so
-// after one the library's workers keep polling for 150 us (prim::TeamCall): the next call
-// finds its helper awake instead of waking a parked thread on an idle core. With the late
-// task copies returning at once (parallel.cc, SharedWork), in-process A/B over the 60
-// ResNet-50 passes called from Python, 2 cores: geometric mean +3.1 % (56x56 1x1 passes up
-// to +7 %, strided 1x1 backward-data up to +18 %); Flax steps level (MLP +0.5 %, CNN -0.7 %,
-// LSTM +1.9 %, within their noise). Dense and LSTM calls keep none: a linger after every
-// call cost the Flax MLP step 3-5 % (docs/design-notes.md, session 10).
-constexpr std::chrono::microseconds kConvLinger{150};
-
 ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                         ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                         ffi::Span<const int64_t> geometry, std::string_view activation) {
@@ -72,7 +63,7 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
     if (auto e = expect_f32(bias, "bias"); e.failure()) return e;
     if (bias.dimensions().size() != 1 || bias.dimensions()[0] != s.out_c)
       return invalid("bias must have shape (" + std::to_string(s.out_c) + ",), got " +
-                     shape_str(bias.dimensions()));
+                     dims_str(bias.dimensions()));
     bias_ptr = static_cast<const float*>(bias.untyped_data());
   }
   Activation act;
@@ -81,7 +72,7 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(y);
-  prim::TeamCall executor = team_call(pool, kConvLinger);
+  prim::TeamCall executor = team_call(pool, prim::kConvLinger);
   return run_primitive([&] {
     return prim::conv2d_forward(s, dt[0], x.untyped_data(), w.untyped_data(), bias_ptr, act, dt[2],
                                 y->untyped_data(), isa, &executor);
@@ -97,7 +88,7 @@ ffi::Error backward_data_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyB
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dx);
-  prim::TeamCall executor = team_call(pool, kConvLinger);
+  prim::TeamCall executor = team_call(pool, prim::kConvLinger);
   return run_primitive([&] {
     return prim::conv2d_backward_data(s, dt[2], dy.untyped_data(), w.untyped_data(), dt[0],
                                       dx->untyped_data(), isa, &executor);
@@ -114,7 +105,7 @@ ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dw);
-  prim::TeamCall executor = team_call(pool, kConvLinger);
+  prim::TeamCall executor = team_call(pool, prim::kConvLinger);
   return run_primitive([&] {
     return prim::conv2d_weight_update(s, dt[0], x.untyped_data(), dy.untyped_data(),
                                       static_cast<float*>(dw->untyped_data()), isa, &executor);
@@ -124,32 +115,15 @@ ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_conv2d_forward, forward_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
-                                  .Ret<ffi::AnyBuffer>()  // y
-                                  .Attr<ffi::Span<const int64_t>>("geometry")
-                                  .Attr<std::string_view>("activation"));
+                              signatures::conv2d_forward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 JBR_REGISTER_HANDLER("jax_brgemm_conv2d_forward", jbr_conv2d_forward);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_conv2d_backward_data, backward_data_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Ret<ffi::AnyBuffer>()  // dx
-                                  .Attr<ffi::Span<const int64_t>>("geometry"));
+                              signatures::conv2d_backward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 JBR_REGISTER_HANDLER("jax_brgemm_conv2d_backward_data", jbr_conv2d_backward_data);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_conv2d_weight_update, weight_update_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Ret<ffi::AnyBuffer>()  // dkernel
-                                  .Attr<ffi::Span<const int64_t>>("geometry"));
+                              signatures::conv2d_backward(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 JBR_REGISTER_HANDLER("jax_brgemm_conv2d_weight_update", jbr_conv2d_weight_update);
 
 }  // namespace jbr::ffi_handlers

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "ffi/common.h"
+#include "ffi/signatures.h"
 #include "primitives/dense.h"
 
 namespace jbr::ffi_handlers {
@@ -33,7 +34,7 @@ ffi::Error expect_operand(const ffi::AnyBuffer& b, const char* name,
   for (int64_t t : tail) ok = ok && d[i++] == t;
   std::string want = "(...";
   for (int64_t t : tail) want += ", " + std::to_string(t);
-  if (!ok) return invalid(std::string(name) + " must have shape " + want + "), got " + shape_str(d));
+  if (!ok) return invalid(std::string(name) + " must have shape " + want + "), got " + dims_str(d));
   const int64_t p = lead_count(b, tail.size());
   if (p != 1 && p != problems)
     return invalid(std::string(name) + " has " + std::to_string(p) + " leading problems, expected 1 or " +
@@ -73,13 +74,13 @@ ffi::Error plan_forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer bias,
   if (auto e = setup(activation, &p.activation, &p.isa); e.failure()) return e;
   if (auto e = expect_dtype(x, "x", &p.in); e.failure()) return e;
   auto xd = x.dimensions();
-  if (xd.size() < 2) return invalid("x must have shape (..., n, c), got " + shape_str(xd));
+  if (xd.size() < 2) return invalid("x must have shape (..., n, c), got " + dims_str(xd));
   const int64_t problems = lead_count(x, 2);
   p.n = xd[xd.size() - 2], p.c = xd[xd.size() - 1];
   DType w_dtype;
   if (auto e = expect_dtype(w, "kernel", &w_dtype, &p.in); e.failure()) return e;
   auto wd = w.dimensions();
-  if (wd.size() < 2) return invalid("kernel must have shape (..., c, k), got " + shape_str(wd));
+  if (wd.size() < 2) return invalid("kernel must have shape (..., c, k), got " + dims_str(wd));
   p.k = wd[wd.size() - 1];
   bool w_shared = true, b_shared = true, unused = true;
   if (auto e = expect_operand(w, "kernel", {p.c, p.k}, problems, &w_shared); e.failure()) return e;
@@ -139,14 +140,14 @@ ffi::Error plan_backward(ffi::AnyBuffer dy, ffi::AnyBuffer x, ffi::AnyBuffer w, 
   if (auto e = setup(activation, &p.activation, &p.isa); e.failure()) return e;
   if (auto e = expect_dtype(dy, "dy", &p.in); e.failure()) return e;
   auto gd = dy.dimensions();
-  if (gd.size() < 2) return invalid("dy must have shape (..., n, k), got " + shape_str(gd));
+  if (gd.size() < 2) return invalid("dy must have shape (..., n, k), got " + dims_str(gd));
   const int64_t problems = lead_count(dy, 2);
   p.n = gd[gd.size() - 2], p.k = gd[gd.size() - 1];
   DType x_dtype, w_dtype;
   if (auto e = expect_dtype(x, "x", &x_dtype, &p.in); e.failure()) return e;
   if (auto e = expect_dtype(w, "kernel", &w_dtype, &p.in); e.failure()) return e;
   auto xd = x.dimensions();
-  if (xd.size() < 2) return invalid("x must have shape (..., n, c), got " + shape_str(xd));
+  if (xd.size() < 2) return invalid("x must have shape (..., n, c), got " + dims_str(xd));
   p.c = xd[xd.size() - 1];
   bool shared = false, w_shared = true, dw_shared = true, db_shared = true;
   if (auto e = expect_operand(x, "x", {p.n, p.c}, problems, &shared); e.failure()) return e;
@@ -204,7 +205,7 @@ ffi::Future dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuff
   int64_t macs = 0;  // (dx and dkernel together)
   for (const prim::DenseBackward& q : problems) macs += q.n * q.c * q.k * ((q.dx != nullptr) + (q.dw != nullptr));
   // (A larger layer's dx and dkernel as two tasks, on half the threads each: the Flax MLP
-  // step level once the small calls were tasks; docs/design-notes.md, session 10.)
+  // step level once the small calls were tasks; docs/design.md, Threads.)
   return run_sized(pool, macs, [problems = std::move(problems)](const prim::Executor* executor) {
     for (const prim::DenseBackward& q : problems)
       if (std::string e = prim::dense_backward(q, executor); !e.empty()) return invalid(e);
@@ -215,27 +216,11 @@ ffi::Future dense_bwd_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuff
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_dense_fwd, dense_fwd_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Arg<ffi::AnyBuffer>()  // bias (empty: none)
-                                  .Ret<ffi::AnyBuffer>()  // y
-                                  .Ret<ffi::AnyBuffer>()  // pre-activation (empty: not kept)
-                                  .Attr<std::string_view>("activation"));
+                              signatures::dense_fwd(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 JBR_REGISTER_HANDLER("jax_brgemm_dense_fwd", jbr_dense_fwd);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jbr_dense_bwd, dense_bwd_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // dy
-                                  .Arg<ffi::AnyBuffer>()  // x
-                                  .Arg<ffi::AnyBuffer>()  // kernel
-                                  .Arg<ffi::AnyBuffer>()  // saved y or pre-activation
-                                  .Ret<ffi::AnyBuffer>()  // dx (empty: skip)
-                                  .Ret<ffi::AnyBuffer>()  // dkernel (empty: skip)
-                                  .Ret<ffi::AnyBuffer>()  // dbias (empty: skip)
-                                  .Attr<std::string_view>("activation"));
+                              signatures::dense_bwd(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 JBR_REGISTER_HANDLER("jax_brgemm_dense_bwd", jbr_dense_bwd);
 
 }  // namespace jbr::ffi_handlers

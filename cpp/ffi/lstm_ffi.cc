@@ -25,8 +25,8 @@ ffi::Error expect_shape(const ffi::AnyBuffer& buffer, const char* name, const Di
   if (auto e = expect_dtype(buffer, name, dtype); e.failure()) return e;
   auto d = buffer.dimensions();
   if (Dims(d.begin(), d.end()) != want)
-    return invalid(std::string(name) + " must have shape " + shape_str(want) + ", got " +
-                   shape_str(d));
+    return invalid(std::string(name) + " must have shape " + dims_str(want) + ", got " +
+                   dims_str(d));
   return ffi::Error::Success();
 }
 
@@ -37,18 +37,18 @@ ffi::Error decode_shape(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w_ih, int
   if (auto e = kernel_dtype(x, "x", dtype); e.failure()) return e;
   if (auto e = expect_dtype(w_ih, "w_ih", *dtype); e.failure()) return e;
   auto xd = x.dimensions(), wd = w_ih.dimensions();
-  if (xd.size() != 3) return invalid("x must have rank 3, got " + shape_str(xd));
+  if (xd.size() != 3) return invalid("x must have rank 3, got " + dims_str(xd));
   if (wd.size() != 2 || wd[1] % 4 != 0 || wd[1] == 0)
-    return invalid("w_ih must have shape (C, 4K) with K >= 1, got " + shape_str(wd));
+    return invalid("w_ih must have shape (C, 4K) with K >= 1, got " + dims_str(wd));
   s->time_major = time_major != 0;
   s->steps = s->time_major ? xd[0] : xd[1];
   s->batch = s->time_major ? xd[1] : xd[0];
   s->in = xd[2], s->hidden = wd[1] / 4;
   if (s->steps < 1 || s->batch < 1 || s->in < 1)
-    return invalid("x must have at least one step, batch row and feature, got " + shape_str(xd));
+    return invalid("x must have at least one step, batch row and feature, got " + dims_str(xd));
   if (wd[0] != s->in)
     return invalid("w_ih must have shape (C, 4K) with C = " + std::to_string(s->in) + ", got " +
-                   shape_str(wd));
+                   dims_str(wd));
   return ffi::Error::Success();
 }
 

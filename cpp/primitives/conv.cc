@@ -1,4 +1,5 @@
 #include "primitives/conv.h"
+#include "primitives/conv_tuning.h"
 #include "primitives/elements.h"
 #include "primitives/scratch.h"
 
@@ -12,16 +13,7 @@
 namespace jbr::prim {
 namespace {
 
-// Block sizes and cache budgets (measured on Zen 4: 32 KiB L1d, 1 MiB L2 per core).
-constexpr int64_t kBlock = 64;                  // channel block: 4 AVX-512 vectors wide
-constexpr int64_t kMaxRows = 56;                // output pixels per call (a multiple of 7 and 8)
-constexpr int64_t kCallReduce = 56 * 256;       // pixels x reduced elements a call should reach
-constexpr int64_t kMaxReduce = 1024;            // weight-update: pixels reduced per call
-constexpr int64_t kPadWidth = 8;                // rows this narrow, bordered both sides: padded copy
-constexpr int64_t kPanelBudget = 512 << 10;     // bytes of packed weights kept in L2 at once
-constexpr int64_t kPartialBudget = 1 << 20;     // floats of weight-update partial sums, all splits
-constexpr int64_t kTransposeBudget = 64 << 10;  // floats of transposed input per chunk
-constexpr int64_t kPortionBudget = 64 << 10;    // floats of weight blocks one item accumulates
+using namespace conv_tuning;  // block sizes and budgets: conv_tuning.h
 
 int64_t floor_div(int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); }
 int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
@@ -204,7 +196,7 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   // Short reductions (a pointwise layer over 64 channels) leave each call too little work
   // to hide its fixed costs: there calls take up to 4 x kMaxRows pixels of a long row
   // (float32 56x56 64->64 1x1, 2 threads: 300 -> 340 GFLOP/s). Not on AMX, where calls
-  // of more than 56 pixels measured no faster (session 5).
+  // of more than 56 pixels measured no faster (2026-12-05; docs/design.md, Loop nests).
   const int64_t reduce = rp.kg * rp.taps_r * rp.taps_s;
   const int64_t max_rows =
       amx ? kMaxRows : std::clamp(kCallReduce / reduce / kMaxRows, int64_t{1}, int64_t{4}) * kMaxRows;

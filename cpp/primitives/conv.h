@@ -13,7 +13,7 @@
 #include <string>
 
 #include "brgemm/brgemm.h"
-#include "primitives/conv_shape.h"
+#include "shape/conv_shape.h"
 #include "primitives/parallel.h"
 
 namespace jbr::prim {

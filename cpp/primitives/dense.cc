@@ -1,4 +1,5 @@
 #include "primitives/dense.h"
+#include "primitives/dense_tuning.h"
 #include "primitives/elements.h"
 #include "primitives/scratch.h"
 
@@ -17,31 +18,7 @@ int64_t threads_of(const Executor* executor) {
   return executor ? executor->num_workers() + 1 : 1;
 }
 
-// Block sizes (elements). A strip is a column block of the output that one work item
-// owns; its B panel (kReduceChunk x kStripCols, 256 KB) stays in L2 while every row block
-// of the item's rows uses it, and each brgemm call reduces kReduceBlock-deep blocks.
-// Row groups are large so that a packed panel serves many row blocks (packing a strided
-// panel per 256 rows cost ~10 % of a 4096-wide forward); the group's A block (4 MB) is
-// read from L3 while the strips go by. (Measured single-threaded against chunks of 128 to
-// 2048 and groups of 128 to 4096 rows: 256/512 was 3-12 % slower on the large layers.)
-constexpr int64_t kStripCols = 64;
-constexpr int64_t kRowTarget = 64;
-constexpr int64_t kReduceChunk = 1024;  // float32; bfloat16 chunks hold the same bytes
-constexpr int64_t kReduceBlock = 64;
-// Calls start at multiples of kReduceBlock inside a chunk's panel; a VNNI panel is read in
-// whole 32-row pieces, so those must be multiples of 32 (else a call reads the next one's rows).
-static_assert(kReduceBlock % 32 == 0);
-constexpr int64_t kGroupRows = 1024;
-// Plain B panels are copied contiguous when their rows lie at least kPackLdb floats apart
-// (2 KB or more: a 64-column strip's rows fall in few L1 sets, and from 4 KB each on its own
-// page) and at least kPackRows rows share each copy (it costs a pass over the panel).
-// kPackLdb was 2048 on Zen 4, where packing narrower strides measured no gain; on the Xeon
-// (48 KB 12-way L1) 512 doubles the float32 forward of 1024-wide layers (1024^3: 121-130 ->
-// 250-257 GFLOP/s, 1024x2048x512: 155-161 -> 241-246, 2 cores). kPackRows counts rows, not
-// row blocks, since blocks shrink where m splits unevenly: 128 rows in three 43-row blocks
-// do not pay for the copy (128x512x512 forward, one thread: 500-558 -> 480-493 us).
-constexpr int64_t kPackLdb = 512;
-constexpr int64_t kPackRows = 3 * kRowTarget;
+using namespace dense_tuning;  // block sizes and packing thresholds: dense_tuning.h
 
 // dst[0..size) = src[0..size), rounded to dst's dtype.
 void store_row(const float* __restrict src, void* __restrict dst, DType dtype, int64_t size) {
@@ -155,11 +132,7 @@ void reduce_into(const GemmNest<T>& g, const T* a, const T* b, int64_t ldb, bool
   if (tail > 0) call(a + full * kb, b + b_row_offset(full * kb, ldb, b_vnni), tail, 1, false, last);
 }
 
-// bfloat16: A rows a multiple of 4 KB apart all fall in the same L1 sets (8 KB for x of a
-// 4096-wide layer: ~5-8 % of the forward). Where at least kPadStrips strips read A (so the
-// copy costs a few % at most), it is copied once with its rows 64 bytes further apart.
-// (Float32 runs A as it is: tuned and measured so.)
-constexpr int64_t kPadStrips = 16;
+// bfloat16 A rows a multiple of 4 KB apart are copied with padded rows (dense_tuning.h, kPadStrips).
 template <typename T>
 bool pad_a(const GemmNest<T>& g) {
   return !std::is_same_v<T, float> && rows_page_apart<T>(g.lda) && g.n >= kPadStrips * kStripCols;

@@ -37,7 +37,7 @@ inline void store(float v, float* dst) { *dst = v; }
 inline void store(float v, uint16_t* dst) { *dst = round_to_bf16(v); }
 
 // Results at least this large are written once with non-temporal stores (Desc::stream_c)
-// where one kernel call finishes each block. Dense: 8 MB (Zen 4 and the Xeon of session 8
+// where one kernel call finishes each block. Dense: 8 MB (Zen 4 and the Xeon, 2026-12-05,
 // alike: 16-64 MB results 2-8 % faster streamed there, 2 threads). Convolutions: only
 // results that would not stay in the last-level cache, a quarter of it and at least 8 MB.
 // On Zen 4 (32 MB L3), 2 cores, float32 convolution outputs of 25 MB were 25-30 % faster

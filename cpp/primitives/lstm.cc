@@ -1,4 +1,5 @@
 #include "primitives/lstm.h"
+#include "primitives/lstm_tuning.h"
 #include "primitives/elements.h"
 #include "primitives/scratch.h"
 
@@ -13,9 +14,7 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-constexpr int64_t kPanel = 64;     // column panel width of packed B operands
-constexpr int64_t kMaxUnits = 64;  // hidden units per work item of a step
-constexpr int64_t kChunk = 512;    // longest float32 reduction per call (bfloat16: twice that)
+using namespace lstm_tuning;  // block sizes: lstm_tuning.h
 
 // Row index of (step t, batch n) in a sequence tensor, and the row distance between
 // consecutive batch rows of one step (the factor a step's leading dimension carries).

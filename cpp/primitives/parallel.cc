@@ -23,7 +23,7 @@ namespace {
 // at once, so a loop never runs on more threads than it was split for. As an extra thief
 // it put three threads on two cores whenever our worker was already awake (polling after
 // a convolution) and XLA's thread woke later: in-process A/B, isolated 56x56 256->64 1x1
-// backward-data with the convolution linger 0.81x without this, 1.02x with it (session 11).
+// backward-data with the convolution linger 0.81x without this, 1.02x with it (2026-12-05; docs/design.md, Threads).
 struct SharedWork {
   SharedWork(int64_t n, int64_t slots, const std::function<void(int64_t)>& body)
       : body(body), ranges(slots) {

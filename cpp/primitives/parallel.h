@@ -47,9 +47,10 @@ void parallel_lanes(const Executor* executor, const std::vector<Lane>& lanes);
 // next task (yielding the core to any other runnable thread) for up to JAX_BRGEMM_SPIN_US
 // microseconds (default 300; 0: park at once), so the many parallel loops of one call (an
 // LSTM's time steps) find it awake; then workers park and leave the cores to XLA's own
-// threads. A linger helps calls that come back to back (convolutions pass 150 us) but costs
+// threads. A linger helps calls that come back to back (convolutions pass kConvLinger,
+// parallel_policy.h) but costs
 // a training step whose XLA thunks run between our calls (a linger after every call: Flax
-// digits MLP step 3-5 % slower in `bench flax`, session 10), so other calls pass none.
+// digits MLP step 3-5 % slower in `bench flax`, 2026-12-05), so other calls pass none.
 //
 // Every task is also handed to `also_run` (the handlers pass XLA's intra-op pool), and
 // the first copies to start join the loop, up to one thread per range of items (a later

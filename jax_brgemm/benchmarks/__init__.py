@@ -1,1 +1,0 @@
-"""Benchmarks, run as ``python -m jax_brgemm bench <name>``; each module has ``main(argv)``."""
