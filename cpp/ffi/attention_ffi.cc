@@ -23,8 +23,8 @@ ffi::Error expect(const ffi::AnyBuffer& b, const char* name, const Dims& want, D
   if (auto e = kernel_dtype(b, name, &got); e.failure()) return e;
   if (got != dtype) return invalid(std::string(name) + " must have the dtype of query");
   if (dims_of(b) != want)
-    return invalid(std::string(name) + " must have shape " + shape_str(want) + ", got " +
-                   shape_str(b.dimensions()));
+    return invalid(std::string(name) + " must have shape " + dims_str(want) + ", got " +
+                   dims_str(b.dimensions()));
   return ffi::Error::Success();
 }
 
@@ -33,9 +33,9 @@ ffi::Error decode_shape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const 
                         prim::AttentionShape* s, DType* dtype) {
   if (auto e = kernel_dtype(q, "query", dtype); e.failure()) return e;
   const Dims qd = dims_of(q), kd = dims_of(k);
-  if (qd.size() != 4) return invalid("query must have shape (B, T, N, H), got " + shape_str(q.dimensions()));
+  if (qd.size() != 4) return invalid("query must have shape (B, T, N, H), got " + dims_str(q.dimensions()));
   if (kd.size() != 4 || kd[0] != qd[0] || kd[3] != qd[3])
-    return invalid("key must have shape (B, S, K, H) with B, H of query, got " + shape_str(k.dimensions()));
+    return invalid("key must have shape (B, S, K, H) with B, H of query, got " + dims_str(k.dimensions()));
   if (auto e = expect(k, "key", kd, *dtype); e.failure()) return e;
   if (auto e = expect(v, "value", kd, *dtype); e.failure()) return e;
   s->batch = qd[0], s->q_len = qd[1], s->heads = qd[2], s->head_dim = qd[3];
@@ -51,12 +51,12 @@ ffi::Error broadcast_strides(const ffi::AnyBuffer& b, const char* name, const pr
                              int64_t strides[4]) {
   const Dims d = dims_of(b);
   const Dims full = {s.batch, s.heads, s.q_len, s.kv_len};
-  if (d.size() != 4) return invalid(std::string(name) + " must have rank 4, got " + shape_str(b.dimensions()));
+  if (d.size() != 4) return invalid(std::string(name) + " must have rank 4, got " + dims_str(b.dimensions()));
   int64_t stride = 1;
   for (int i = 3; i >= 0; --i) {
     if (d[i] != 1 && d[i] != full[i])
-      return invalid(std::string(name) + " must broadcast to " + shape_str(full) + ", got " +
-                     shape_str(b.dimensions()));
+      return invalid(std::string(name) + " must broadcast to " + dims_str(full) + ", got " +
+                     dims_str(b.dimensions()));
     strides[i] = d[i] == 1 ? 0 : stride;
     stride *= d[i];
   }
