@@ -213,9 +213,13 @@ std::string validate(const Desc& d) {
   return "";
 }
 
-const Kernel& get_kernel(const Desc& d) {
+namespace {
+using KernelCache = std::unordered_map<Desc, std::unique_ptr<Kernel>, DescHash>;
+
+// The process-wide cache's kernel for `d`, built on first use.
+const Kernel& cached_kernel(const Desc& d) {
   static std::shared_mutex mutex;
-  static std::unordered_map<Desc, std::unique_ptr<Kernel>, DescHash> cache;
+  static KernelCache cache;
   {
     std::shared_lock lock(mutex);
     auto it = cache.find(d);
@@ -235,6 +239,22 @@ const Kernel& get_kernel(const Desc& d) {
   std::unique_lock lock(mutex);
   auto [it, inserted] = cache.emplace(d, std::move(kernel));
   return *it->second;
+}
+}  // namespace
+
+const Kernel& get_kernel(const Desc& d) {
+  // Each thread first looks among the kernels it used last: loop nests ask for the same
+  // few descriptors call after call, and the shared cache's lock is an atomic on a line
+  // every core writes.
+  constexpr int kRecent = 16;
+  thread_local const Kernel* recent[kRecent] = {};
+  thread_local int next = 0;
+  for (const Kernel* k : recent)
+    if (k && k->desc == d) return *k;
+  const Kernel& found = cached_kernel(d);
+  recent[next] = &found;
+  next = (next + 1) % kRecent;
+  return found;
 }
 
 void apply_activation(Activation act, float* data, int64_t size, Isa isa) {

@@ -41,14 +41,15 @@ struct IsaImpl {
 };
 
 // Epilogues a kernel can apply straight from its accumulators, with no per-vector call:
-// C = acc or C += acc in float32 (no alpha), plus a bias and relu (the float32 tile
-// kernel); plain: without those two (the AMX kernel's direct-to-C path).
-inline bool inline_f32_epilogue(const Desc& d, float alpha) {
-  return alpha == 1.0f && (d.beta == 0.0f || d.beta == 1.0f) && d.c_dtype == DType::f32 &&
+// C = alpha acc or C += alpha acc in float32, plus a bias and relu (the float32 tile
+// kernel); plain: without alpha, bias or relu (the AMX kernel's direct-to-C path).
+inline bool inline_f32_epilogue(const Desc& d) {
+  return (d.beta == 0.0f || d.beta == 1.0f) && d.c_dtype == DType::f32 &&
          (d.activation == Activation::none || d.activation == Activation::relu);
 }
 inline bool plain_f32_epilogue(const Desc& d, float alpha) {
-  return inline_f32_epilogue(d, alpha) && !d.has_bias && d.activation == Activation::none;
+  return alpha == 1.0f && inline_f32_epilogue(d) && !d.has_bias &&
+         d.activation == Activation::none;
 }
 
 extern const IsaImpl impl_ref;

@@ -60,6 +60,8 @@ struct Vec {
   friend Vec copysign(Vec mag, Vec sign) { return {std::copysign(mag.v, sign.v)}; }
   friend Vec exp(Vec x) { return {std::exp(x.v)}; }
   friend Vec vmax(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
+  friend float lanes_sum(Vec x) { return x.v; }
+  friend float lanes_max(Vec x) { return x.v; }
 };
 inline void store_fence() {}
 #elif defined(JBR_VEC_AVX512)
@@ -101,6 +103,9 @@ struct Vec {
   // MAXPS returns its second operand when either is NaN: x second keeps NaN.
   friend Vec relu(Vec x) { return {_mm512_max_ps(_mm512_setzero_ps(), x.v)}; }
   friend Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  // Across the lanes as a tree (4 dependent steps, not 15): a row operation's per-row tail.
+  friend float lanes_sum(Vec x) { return _mm512_reduce_add_ps(x.v); }
+  friend float lanes_max(Vec x) { return _mm512_reduce_max_ps(x.v); }
   friend Vec abs(Vec x) { return {_mm512_abs_ps(x.v)}; }
   friend Mask less(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
   friend Vec select(Mask m, Vec a, Vec b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
@@ -186,6 +191,16 @@ struct Vec {
   friend Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
   friend Vec relu(Vec x) { return {_mm256_max_ps(_mm256_setzero_ps(), x.v)}; }
   friend Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  friend float lanes_sum(Vec x) {  // a tree: halves, then pairs
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
+  friend float lanes_max(Vec x) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
   friend Vec abs(Vec x) {
     return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x.v)};
   }
