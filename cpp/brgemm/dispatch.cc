@@ -271,9 +271,9 @@ const detail::RowOps& row_ops(Isa isa) {
 void rows_max(const float* x, int64_t ld, int64_t rows, int64_t cols, float* max, Isa isa) {
   row_ops(isa).max(x, ld, rows, cols, max);
 }
-void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
-              uint16_t* out, int64_t ld_out, Isa isa) {
-  row_ops(isa).exp(x, ld, rows, cols, shift, sum, out, ld_out);
+void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, float scale, const float* shift,
+              float* sum, uint16_t* out, int64_t ld_out, Isa isa) {
+  row_ops(isa).exp(x, ld, rows, cols, scale, shift, sum, out, ld_out);
 }
 void rows_scale(float* x, int64_t ld, int64_t rows, int64_t cols, const float* factor, Isa isa) {
   row_ops(isa).scale(x, ld, rows, cols, factor);

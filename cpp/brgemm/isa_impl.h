@@ -18,8 +18,8 @@ struct Blocking {
 // The row operations of brgemm.h (rows_max etc.), without the isa argument.
 struct RowOps {
   void (*max)(const float* x, int64_t ld, int64_t rows, int64_t cols, float* max) = nullptr;
-  void (*exp)(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
-              uint16_t* out, int64_t ld_out) = nullptr;
+  void (*exp)(float* x, int64_t ld, int64_t rows, int64_t cols, float scale, const float* shift,
+              float* sum, uint16_t* out, int64_t ld_out) = nullptr;
   void (*scale)(float* x, int64_t ld, int64_t rows, int64_t cols, const float* factor) = nullptr;
   void (*sub_mul)(float* x, int64_t ld, const float* y, int64_t ldy, int64_t rows, int64_t cols,
                   const float* sub, uint16_t* out, int64_t ld_out) = nullptr;

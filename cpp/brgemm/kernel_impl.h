@@ -90,23 +90,24 @@ inline void rows_max(const float* x, int64_t ld, int64_t rows, int64_t cols, flo
 }
 
 template <bool kCopy>
-inline void rows_exp_impl(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift,
-                          float* sum, uint16_t* out, int64_t ld_out) {
+inline void rows_exp_impl(float* x, int64_t ld, int64_t rows, int64_t cols, float scale,
+                          const float* shift, float* sum, uint16_t* out, int64_t ld_out) {
+  const Vec sc = Vec::set1(scale);
   for (int64_t r = 0; r < rows; ++r) {
     float* row = x + r * ld;
     uint16_t* orow = kCopy ? out + r * ld_out : nullptr;
-    const Vec s = Vec::set1(shift[r]);
+    const Vec s = Vec::set1(-shift[r]);
     Vec acc = Vec::zero();
     int64_t j = 0;
     for (; j + W <= cols; j += W) {
-      const Vec e = exp(Vec::load(row + j) - s);
+      const Vec e = exp(fmadd(Vec::load(row + j), sc, s));
       e.store(row + j);
       if constexpr (kCopy) e.store_bf16(orow + j);
       acc = acc + e;
     }
     if (j < cols) {
       const auto mask = Vec::tail_mask(static_cast<int>(cols - j));
-      const Vec e = select(mask, exp(Vec::load(row + j, mask) - s), Vec::zero());
+      const Vec e = select(mask, exp(fmadd(Vec::load(row + j, mask), sc, s)), Vec::zero());
       e.store(row + j, mask);
       if constexpr (kCopy) e.store_bf16(orow + j, mask);
       acc = acc + e;
@@ -114,10 +115,10 @@ inline void rows_exp_impl(float* x, int64_t ld, int64_t rows, int64_t cols, cons
     if (sum) sum[r] = lanes_sum(acc);
   }
 }
-inline void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift,
-                     float* sum, uint16_t* out, int64_t ld_out) {
-  if (out) rows_exp_impl<true>(x, ld, rows, cols, shift, sum, out, ld_out);
-  else rows_exp_impl<false>(x, ld, rows, cols, shift, sum, nullptr, 0);
+inline void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, float scale,
+                     const float* shift, float* sum, uint16_t* out, int64_t ld_out) {
+  if (out) rows_exp_impl<true>(x, ld, rows, cols, scale, shift, sum, out, ld_out);
+  else rows_exp_impl<false>(x, ld, rows, cols, scale, shift, sum, nullptr, 0);
 }
 
 inline void rows_scale(float* x, int64_t ld, int64_t rows, int64_t cols, const float* factor) {
