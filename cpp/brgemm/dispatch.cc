@@ -150,8 +150,8 @@ bool isa_supported(Isa isa) {
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
     case Isa::avx512bf16:
       return isa_supported(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
-    case Isa::amx:
-      return isa_supported(Isa::avx512) && detail::amx_usable();
+    case Isa::amx:  // (every AMX CPU has AVX512-BF16; its row operations use it)
+      return isa_supported(Isa::avx512bf16) && detail::amx_usable();
 #endif
     default: return false;
   }
@@ -262,9 +262,12 @@ void apply_activation(Activation act, float* data, int64_t size, Isa isa) {
   (impl ? impl : &detail::impl_ref)->activation(act, data, size);
 }
 
-// The float32 implementation of `isa` (avx512bf16 and amx: the AVX-512 one).
+// The row operations of `isa`: its bfloat16 implementation's where it has its own (avx512bf16
+// and amx: the AVX-512 code compiled with AVX512-BF16, for the conversion of their copies).
 const detail::RowOps& row_ops(Isa isa) {
-  const detail::IsaImpl* impl = impl_for(isa);
+  const detail::IsaImpl* impl = impl_for(isa, DType::bf16);
+  if (impl && impl->rows.exp) return impl->rows;
+  impl = impl_for(isa);
   return (impl ? impl : &detail::impl_ref)->rows;
 }
 

@@ -30,7 +30,7 @@ struct IsaImpl {
   KernelFn run_f32 = nullptr;
   KernelFn run_bf16 = nullptr;
   void (*activation)(Activation act, float* data, int64_t size) = nullptr;
-  RowOps rows;  // float32 implementations (set by make_impl of the float32 kernels)
+  RowOps rows;  // set by make_impl, and by the avx512bf16 and amx paths (row_ops in dispatch.cc)
   double (*fma_peak_gflops)(double seconds) = nullptr;
   double (*bf16_peak_gflops)(double seconds) = nullptr;  // null: no native bf16 math
   // Optional: vectorised transposes (null: the portable loop in dispatch.cc).

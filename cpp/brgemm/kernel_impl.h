@@ -102,14 +102,14 @@ inline void rows_exp_impl(float* x, int64_t ld, int64_t rows, int64_t cols, floa
     for (; j + W <= cols; j += W) {
       const Vec e = exp(fmadd(Vec::load(row + j), sc, s));
       e.store(row + j);
-      if constexpr (kCopy) e.store_bf16(orow + j);
+      if constexpr (kCopy) e.store_bf16_fast(orow + j);
       acc = acc + e;
     }
     if (j < cols) {
       const auto mask = Vec::tail_mask(static_cast<int>(cols - j));
       const Vec e = select(mask, exp(fmadd(Vec::load(row + j, mask), sc, s)), Vec::zero());
       e.store(row + j, mask);
-      if constexpr (kCopy) e.store_bf16(orow + j, mask);
+      if constexpr (kCopy) e.store_bf16_fast(orow + j, mask);
       acc = acc + e;
     }
     if (sum) sum[r] = lanes_sum(acc);
@@ -146,13 +146,13 @@ inline void rows_sub_mul_impl(float* x, int64_t ld, const float* y, int64_t ldy,
     for (; j + W <= cols; j += W) {
       const Vec v = Vec::load(yrow + j) * (Vec::load(row + j) - s);
       v.store(row + j);
-      if constexpr (kCopy) v.store_bf16(orow + j);
+      if constexpr (kCopy) v.store_bf16_fast(orow + j);
     }
     if (j < cols) {
       const auto mask = Vec::tail_mask(static_cast<int>(cols - j));
       const Vec v = Vec::load(yrow + j, mask) * (Vec::load(row + j, mask) - s);
       v.store(row + j, mask);
-      if constexpr (kCopy) v.store_bf16(orow + j, mask);
+      if constexpr (kCopy) v.store_bf16_fast(orow + j, mask);
     }
   }
 }
