@@ -134,14 +134,14 @@ struct Ctx {
   const T* v_rows(int64_t b, int64_t j, int64_t kh) const { return v + ((b * s.kv_len + j) * s.kv_heads + kh) * s.head_dim; }
 
   // c (rows x cols, ldc, float32) = alpha * a (rows x depth) @ b (depth x cols) (+ c); b in
-  // the pair layout (ldb its tile distance) where b_vnni.
+  // the pair layout (ldb its tile distance) where b_vnni; a stored transposed where a_t.
   void gemm(const T* a, int64_t lda, const T* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
             int64_t cols, int64_t depth, bool accumulate, float alpha = 1.0f,
-            bool b_vnni = false) const {
+            bool b_vnni = false, bool a_t = false) const {
     Desc d;
     d.m = rows, d.n = cols, d.k = depth, d.lda = lda, d.ldb = ldb, d.ldc = ldc;
     d.a_dtype = d.b_dtype = dtype_of<T>(), d.c_dtype = DType::f32;
-    d.beta = accumulate ? 1.0f : 0.0f, d.isa = isa, d.b_vnni = b_vnni;
+    d.beta = accumulate ? 1.0f : 0.0f, d.isa = isa, d.b_vnni = b_vnni, d.a_transposed = a_t;
     get_kernel(d)(Batch::strided(a, 0, b, 0, 1), c, alpha);
   }
   // The same with b one of the packed blocks.
@@ -388,16 +388,24 @@ std::string backward(const AttentionBackward& p, const Executor* ex) {
   const T* out = static_cast<const T*>(p.out);
   const T* d_out = static_cast<const T*>(p.d_out);
   // Every operand a block's products read, re-laid out per (batch, head) in blocks: K^T,
-  // V^T and K per key block; Q, Q^T, dO and dO^T per query block.
+  // V^T and K per key block; Q, dO and (bfloat16: the float32 kernels read Q and dO's
+  // blocks transposed in place) Q^T and dO^T per query block.
   const int64_t bq = c.bq, bk = c.bk, kblocks = ceil_div(Tk, bk);
   const int64_t qblocks = ceil_div(Tq, bq);
   c.qr = pack_blocks(c.q, B, Tq, N, H, bq, Form::rows, false, c.isa, ex);
   c.kt = pack_blocks(c.k, B, Tk, K, H, bk, Form::cols, c.vnni, c.isa, ex);
   const Blocks<T> vt = pack_blocks(c.v, B, Tk, K, H, bk, Form::cols, c.vnni, c.isa, ex);
   const Blocks<T> kr = pack_blocks(c.k, B, Tk, K, H, bk, Form::rows, c.vnni, c.isa, ex);
-  const Blocks<T> qt = pack_blocks(c.q, B, Tq, N, H, bq, Form::cols, false, c.isa, ex);
   const Blocks<T> gr = pack_blocks(d_out, B, Tq, N, H, bq, Form::rows, false, c.isa, ex);
-  const Blocks<T> gt = pack_blocks(d_out, B, Tq, N, H, bq, Form::cols, false, c.isa, ex);
+  constexpr bool a_t = std::is_same_v<T, float>;
+  Blocks<T> q_cols, g_cols;
+  if (!a_t) {
+    q_cols = pack_blocks(c.q, B, Tq, N, H, bq, Form::cols, false, c.isa, ex);
+    g_cols = pack_blocks(d_out, B, Tq, N, H, bq, Form::cols, false, c.isa, ex);
+  }
+  const Blocks<T>& qt = a_t ? c.qr : q_cols;
+  const Blocks<T>& gt = a_t ? gr : g_cols;
+  const int64_t ldt = a_t ? H : bq;
   // Per (batch, head): D = rowsum(dO * O), and the dV share of fully masked rows (dO / Tk
   // to every key).
   Buffer<float> D = work_buffer<float>(B * N * Tq), uniform = work_buffer<float>(B * N * H);
@@ -448,7 +456,8 @@ std::string backward(const AttentionBackward& p, const Executor* ex) {
         if (p.dbias && !db_part) db_part = dbias_parts.acquire(&db_id);
         logits(c, b, h, i0, rows, j0, cols, S, bk);
         rows_exp(S, bk, rows, cols, c.exp_scale, p.lse + bh * Tq + i0, nullptr, Pb, bk, c.isa);  // P
-        c.gemm(gt.at(bh, qb), bq, P, bk, dvt, bk, H, cols, rows, !first);  // dV^T += dO^T P
+        c.gemm(gt.at(bh, qb), ldt, P, bk, dvt, bk, H, cols, rows, !first, 1.0f, false,
+               a_t);  // dV^T += dO^T P
         c.gemm(gr.at(bh, qb), H, vt, bkh, kb, dS, bk, rows, cols, H, false);  // dP = dO V^T
         rows_sub_mul(dS, bk, S, bk, rows, cols, D.get() + bh * Tq + i0, dSb, bk, c.isa);  // dS
         if (db_part) {
@@ -458,8 +467,8 @@ std::string backward(const AttentionBackward& p, const Executor* ex) {
             for (int64_t j = 0; j < cols; ++j) base[r * bs[2] + j * bs[3]] += dS[r * bk + j];
         }
         const float scale = p.masks.scale;
-        c.gemm(qt.at(bh, qb), bq, dS_in, bk, dkt, bk, H, cols, rows, !first,
-               scale);  // dK^T += scale Q^T dS
+        c.gemm(qt.at(bh, qb), ldt, dS_in, bk, dkt, bk, H, cols, rows, !first, scale, false,
+               a_t);  // dK^T += scale Q^T dS
         c.gemm(dS_in, bk, kr, bkh, kb, dq_part + (bh * Tq + i0) * H, H, rows, H, cols, true,
                scale);  // dQ += scale dS K
         first = false;
