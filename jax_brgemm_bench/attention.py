@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
+import time
 
 import numpy as np
 
-from .common import gflops, median_seconds, num_cores, print_records, torch_module
+from .common import gflops, num_cores, print_records, torch_module
 
 IMPLS = ("ours", "xla", "torch")
 
@@ -98,12 +100,9 @@ def measure(cases, impls, peer_max_t, repeats):
         rec = {"pass": "fwd+bwd" if backward else "fwd", "T": T, "causal": causal,
                "dtype": dtype, "H": H}
         f = flops(B, N, T, H, causal, backward)
-        times = {}
-        for impl in impls:
-            if impl != "ours" and T > peer_max_t:
-                continue
-            times[impl] = median_seconds(runner(impl, B, T, N, H, dtype, causal, backward),
-                                         repeats=repeats, min_seconds=0.0)
+        run = {impl: runner(impl, B, T, N, H, dtype, causal, backward) for impl in impls
+               if impl == "ours" or T <= peer_max_t}
+        times = interleaved_medians(run, repeats)
         rec["ms"] = times["ours"] * 1e3
         rec["GFLOP/s"] = gflops(f, times["ours"])
         rec["%peak"] = 100 * rec["GFLOP/s"] / _peak(dtype)
@@ -114,6 +113,21 @@ def measure(cases, impls, peer_max_t, repeats):
         records.append(rec)
         print(json.dumps(rec), file=sys.stderr, flush=True)
     return records
+
+
+def interleaved_medians(run, repeats):
+    """Median seconds per call of each runner, timed in turns (ours, xla, torch, ours, ...)
+    after one warm-up call each, so that load from other tenants of a shared machine falls
+    on all of them alike and their ratios hold."""
+    samples = {impl: [] for impl in run}
+    for fn in run.values():
+        fn()
+    for _ in range(repeats):
+        for impl, fn in run.items():
+            start = time.perf_counter()
+            fn()
+            samples[impl].append(time.perf_counter() - start)
+    return {impl: statistics.median(t) for impl, t in samples.items()}
 
 
 def _child(impl, T, H, dtype, causal):
@@ -157,7 +171,7 @@ def main(argv):
     ap.add_argument("--memory", action="store_true", help="peak working memory per case (subprocesses)")
     ap.add_argument("--peer-max-t", type=int, default=1024,
                     help="longest T the peers run (XLA's float32 logits alone are 2 GB at 4096)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:

@@ -121,14 +121,16 @@ void apply_activation(Activation act, float* data, int64_t size, Isa isa);
 // vectorised like the epilogue: what a running normalisation of long rows taken one block
 // of columns at a time needs (a softmax over blocks: max, shifted exponentials and their
 // sums, rescaling). Where `out` is given, the results are also stored there rounded to
-// bfloat16 (leading dimension ld_out), ready to be a kernel operand.
+// bfloat16 (leading dimension ld_out), ready to be a kernel operand (on avx512bf16 and amx
+// by the one-instruction conversion, which flushes subnormal results to zero).
 //   rows_max:     max[r] = max(max[r], x[r, 0..cols))         (NaN elements may be skipped)
-//   rows_exp:     x[r, j] = exp(x[r, j] - shift[r]); sum[r] = sum_j x[r, j] (sum may be null)
+//   rows_exp:     x[r, j] = exp(scale * x[r, j] - shift[r]); sum[r] = sum_j x[r, j] (sum may
+//                 be null); the scale rides in the FMA that subtracts the shift
 //   rows_scale:   x[r, j] *= factor[r]
 //   rows_sub_mul: x[r, j] = y[r, j] * (x[r, j] - sub[r])      (y: leading dimension ldy)
 void rows_max(const float* x, int64_t ld, int64_t rows, int64_t cols, float* max, Isa isa);
-void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
-              uint16_t* out, int64_t ld_out, Isa isa);
+void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, float scale, const float* shift,
+              float* sum, uint16_t* out, int64_t ld_out, Isa isa);
 void rows_scale(float* x, int64_t ld, int64_t rows, int64_t cols, const float* factor, Isa isa);
 void rows_sub_mul(float* x, int64_t ld, const float* y, int64_t ldy, int64_t rows, int64_t cols,
                   const float* sub, uint16_t* out, int64_t ld_out, Isa isa);

@@ -150,8 +150,8 @@ bool isa_supported(Isa isa) {
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
     case Isa::avx512bf16:
       return isa_supported(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
-    case Isa::amx:
-      return isa_supported(Isa::avx512) && detail::amx_usable();
+    case Isa::amx:  // (every AMX CPU has AVX512-BF16; its row operations use it)
+      return isa_supported(Isa::avx512bf16) && detail::amx_usable();
 #endif
     default: return false;
   }
@@ -213,9 +213,13 @@ std::string validate(const Desc& d) {
   return "";
 }
 
-const Kernel& get_kernel(const Desc& d) {
+namespace {
+using KernelCache = std::unordered_map<Desc, std::unique_ptr<Kernel>, DescHash>;
+
+// The process-wide cache's kernel for `d`, built on first use.
+const Kernel& cached_kernel(const Desc& d) {
   static std::shared_mutex mutex;
-  static std::unordered_map<Desc, std::unique_ptr<Kernel>, DescHash> cache;
+  static KernelCache cache;
   {
     std::shared_lock lock(mutex);
     auto it = cache.find(d);
@@ -236,24 +240,43 @@ const Kernel& get_kernel(const Desc& d) {
   auto [it, inserted] = cache.emplace(d, std::move(kernel));
   return *it->second;
 }
+}  // namespace
+
+const Kernel& get_kernel(const Desc& d) {
+  // Each thread first looks among the kernels it used last: loop nests ask for the same
+  // few descriptors call after call, and the shared cache's lock is an atomic on a line
+  // every core writes.
+  constexpr int kRecent = 16;
+  thread_local const Kernel* recent[kRecent] = {};
+  thread_local int next = 0;
+  for (const Kernel* k : recent)
+    if (k && k->desc == d) return *k;
+  const Kernel& found = cached_kernel(d);
+  recent[next] = &found;
+  next = (next + 1) % kRecent;
+  return found;
+}
 
 void apply_activation(Activation act, float* data, int64_t size, Isa isa) {
   const detail::IsaImpl* impl = impl_for(isa);
   (impl ? impl : &detail::impl_ref)->activation(act, data, size);
 }
 
-// The float32 implementation of `isa` (avx512bf16 and amx: the AVX-512 one).
+// The row operations of `isa`: its bfloat16 implementation's where it has its own (avx512bf16
+// and amx: the AVX-512 code compiled with AVX512-BF16, for the conversion of their copies).
 const detail::RowOps& row_ops(Isa isa) {
-  const detail::IsaImpl* impl = impl_for(isa);
+  const detail::IsaImpl* impl = impl_for(isa, DType::bf16);
+  if (impl && impl->rows.exp) return impl->rows;
+  impl = impl_for(isa);
   return (impl ? impl : &detail::impl_ref)->rows;
 }
 
 void rows_max(const float* x, int64_t ld, int64_t rows, int64_t cols, float* max, Isa isa) {
   row_ops(isa).max(x, ld, rows, cols, max);
 }
-void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
-              uint16_t* out, int64_t ld_out, Isa isa) {
-  row_ops(isa).exp(x, ld, rows, cols, shift, sum, out, ld_out);
+void rows_exp(float* x, int64_t ld, int64_t rows, int64_t cols, float scale, const float* shift,
+              float* sum, uint16_t* out, int64_t ld_out, Isa isa) {
+  row_ops(isa).exp(x, ld, rows, cols, scale, shift, sum, out, ld_out);
 }
 void rows_scale(float* x, int64_t ld, int64_t rows, int64_t cols, const float* factor, Isa isa) {
   row_ops(isa).scale(x, ld, rows, cols, factor);

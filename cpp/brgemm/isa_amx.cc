@@ -310,6 +310,7 @@ IsaImpl make_amx_impl() {
   impl.bf16_peak_gflops = &amx::tile_peak_gflops;
   impl.activation = &amx::apply_activation;
   impl.fma_peak_gflops = &amx::fma_peak_gflops;
+  impl.rows = {&amx::rows_max, &amx::rows_exp, &amx::rows_scale, &amx::rows_sub_mul};
   return impl;
 }
 }  // namespace

@@ -168,6 +168,8 @@ IsaImpl make_dot_impl() {
   impl.bf16_peak_gflops = &avx512bf16::dot_peak_gflops;
   impl.activation = &avx512bf16::apply_activation;
   impl.fma_peak_gflops = &avx512bf16::fma_peak_gflops;
+  impl.rows = {&avx512bf16::rows_max, &avx512bf16::rows_exp, &avx512bf16::rows_scale,
+               &avx512bf16::rows_sub_mul};
   return impl;
 }
 }  // namespace

@@ -18,8 +18,8 @@ struct Blocking {
 // The row operations of brgemm.h (rows_max etc.), without the isa argument.
 struct RowOps {
   void (*max)(const float* x, int64_t ld, int64_t rows, int64_t cols, float* max) = nullptr;
-  void (*exp)(float* x, int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
-              uint16_t* out, int64_t ld_out) = nullptr;
+  void (*exp)(float* x, int64_t ld, int64_t rows, int64_t cols, float scale, const float* shift,
+              float* sum, uint16_t* out, int64_t ld_out) = nullptr;
   void (*scale)(float* x, int64_t ld, int64_t rows, int64_t cols, const float* factor) = nullptr;
   void (*sub_mul)(float* x, int64_t ld, const float* y, int64_t ldy, int64_t rows, int64_t cols,
                   const float* sub, uint16_t* out, int64_t ld_out) = nullptr;
@@ -30,7 +30,7 @@ struct IsaImpl {
   KernelFn run_f32 = nullptr;
   KernelFn run_bf16 = nullptr;
   void (*activation)(Activation act, float* data, int64_t size) = nullptr;
-  RowOps rows;  // float32 implementations (set by make_impl of the float32 kernels)
+  RowOps rows;  // set by make_impl, and by the avx512bf16 and amx paths (row_ops in dispatch.cc)
   double (*fma_peak_gflops)(double seconds) = nullptr;
   double (*bf16_peak_gflops)(double seconds) = nullptr;  // null: no native bf16 math
   // Optional: vectorised transposes (null: the portable loop in dispatch.cc).
@@ -41,14 +41,15 @@ struct IsaImpl {
 };
 
 // Epilogues a kernel can apply straight from its accumulators, with no per-vector call:
-// C = acc or C += acc in float32 (no alpha), plus a bias and relu (the float32 tile
-// kernel); plain: without those two (the AMX kernel's direct-to-C path).
-inline bool inline_f32_epilogue(const Desc& d, float alpha) {
-  return alpha == 1.0f && (d.beta == 0.0f || d.beta == 1.0f) && d.c_dtype == DType::f32 &&
+// C = alpha acc or C += alpha acc in float32, plus a bias and relu (the float32 tile
+// kernel); plain: without alpha, bias or relu (the AMX kernel's direct-to-C path).
+inline bool inline_f32_epilogue(const Desc& d) {
+  return (d.beta == 0.0f || d.beta == 1.0f) && d.c_dtype == DType::f32 &&
          (d.activation == Activation::none || d.activation == Activation::relu);
 }
 inline bool plain_f32_epilogue(const Desc& d, float alpha) {
-  return inline_f32_epilogue(d, alpha) && !d.has_bias && d.activation == Activation::none;
+  return alpha == 1.0f && inline_f32_epilogue(d) && !d.has_bias &&
+         d.activation == Activation::none;
 }
 
 extern const IsaImpl impl_ref;

@@ -227,7 +227,8 @@ def _unpack(rest, present):
 @functools.lru_cache(maxsize=None)
 def _backward_call(config, present, bias_grad, bias_batch_full):
     """The backward FFI call, split along B under sharding (a bias gradient with a broadcast
-    B is a per-shard sum, all-reduced); under vmap one call per element."""
+    B is a per-shard sum, all-reduced), with vmapped axes folded into B (one call per
+    element only for the gradient of a bias the vmap does not batch)."""
     batched = (0, 0, 0) + tuple(0 for p in present if p) + (0, 0, 0)
     dbias_kind = 0 if bias_batch_full or not bias_grad else "sum"
     if not bias_grad:
@@ -245,9 +246,28 @@ def _backward_call(config, present, bias_grad, bias_batch_full):
 
     @call.def_vmap
     def rule(axis_size, in_batched, *args):
-        lifted = tuple(a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                       for a, b in zip(args, in_batched))
-        return tuple(jax.lax.map(lambda a: call(*a), lifted)), (True,) * 4
+        bias_at = 3 if present[0] else None
+        if bias_grad and not in_batched[bias_at]:
+            # One bias for every element: its gradient is wanted per element, which a
+            # folded call (a sum over all of them) does not give: one call per element.
+            lifted = tuple(a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                           for a, b in zip(args, in_batched))
+            return tuple(jax.lax.map(lambda a: call(*a), lifted)), (True,) * 4
+        # As the forward: the vmapped axis folded into B, one call. A vmapped bias is
+        # broadcast to the full folded B, its gradient summed back to its own B.
+        q = args[0]
+        batch = q.shape[1] if in_batched[0] else q.shape[0]
+        bcast = tuple(i for i in _bcast_positions(present) if i != bias_at)
+        folded = [_fold(a, b, axis_size, batch, broadcast=i in bcast)
+                  for i, (a, b) in enumerate(zip(args, in_batched))]
+        inner = _backward_call(config, present, bias_grad, bias_grad and axis_size * batch > 1)
+        dq, dk, dv, dbias = inner(*folded)
+        unfold = lambda x: x.reshape((axis_size, batch) + x.shape[1:])
+        if bias_grad:
+            dbias = unfold(dbias)
+            if args[bias_at].shape[1] != batch:  # the element's bias broadcast along B
+                dbias = dbias.sum(axis=1, keepdims=True)
+        return (unfold(dq), unfold(dk), unfold(dv), dbias), (True,) * 4
 
     return call
 
