@@ -155,7 +155,7 @@ def memory(Ts, impls, peer_max_t):
         for impl in impls:
             if impl != "ours" and T > peer_max_t:
                 continue
-            out = subprocess.run([sys.executable, "-m", "jax_brgemm.benchmarks.attention", "--child",
+            out = subprocess.run([sys.executable, "-m", "jax_brgemm_bench.attention", "--child",
                                   impl, str(T), "64", "float32", "0"], capture_output=True, text=True)
             lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
             rec[f"{impl} MB"] = json.loads(lines[-1])["MB"] if lines else None
