@@ -1,4 +1,4 @@
-// Times the convolution primitives (cpp/primitives/conv.cc) without Python or XLA: the loop
+// Times the convolution primitives (cpp/primitives/conv.cc, conv_weight_update.cc) without Python or XLA: the loop
 // nests and the kernel alone, on the library's own worker team, in one process, float32.
 // The JAX-level `bench conv` adds dispatch, XLA's buffers and wake-ups of parked threads
 // (5-15 % on the calls under 1 ms); here two builds or settings compare run against run.
