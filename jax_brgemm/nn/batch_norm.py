@@ -255,8 +255,8 @@ def _wrap(ffi, kinds, outputs):
 
     @call.def_vmap
     def rule(size, in_batched, *args):
-        folded = [(a if b else jnp.broadcast_to(a, (size,) + a.shape)).reshape((-1,) + a.shape[1:])
-                  for a, b in zip(args, in_batched)]
+        lifted = [a if b else jnp.broadcast_to(a, (size,) + a.shape) for a, b in zip(args, in_batched)]
+        folded = [a.reshape((-1,) + a.shape[2:]) for a in lifted]
         out = call(*folded)
         unfold = lambda r: r.reshape((size, -1) + r.shape[1:])
         single = not isinstance(out, tuple)
