@@ -29,7 +29,11 @@ class BatchNorm(nnx.BatchNorm):
     float32 or bfloat16 compute (after the stock dtype promotion) with no ``mask``,
     ``axis_index_groups`` or custom ``promote_dtype``. The statistics are float32 either way
     (with ``use_fast_variance`` or not: the op's variance does not cancel, see
-    batch_norm). Anything else runs the stock computation.
+    batch_norm). Anything else runs the stock computation, and so does eval mode with
+    neither ``activation`` nor ``residual``: there batch norm is one per-channel affine map
+    that XLA fuses into its consumer, where the op's call would be a pass of its own (BN in
+    eval then a separate relu, 8x56x56x256 float32 on the 2-core Xeon: op 52 ms, XLA 33 ms,
+    the op with the relu fused 14 ms).
     """
 
     def __init__(self, num_features: int, *, activation: str | None = None, **kwargs):
@@ -44,7 +48,7 @@ class BatchNorm(nnx.BatchNorm):
             raise ValueError("No `use_running_average` argument was provided to BatchNorm: pass it to "
                              "the constructor or the call (as for nnx.BatchNorm).")
         dtype = self._served_dtype(x, mask)
-        if dtype is None:
+        if dtype is None or (use_ra and self.activation is None and residual is None):
             y = nnx.BatchNorm.__call__(self, x, use_ra, mask=mask)
             if residual is not None:
                 y = y + residual
