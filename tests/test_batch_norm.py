@@ -235,6 +235,11 @@ def test_bad_input_names_the_argument(rng):
         call(x=np.float32(1.0))
     with pytest.raises(ValueError, match="activation must be None or 'relu'"):
         fl.BatchNorm(8, activation="tanh", rngs=nnx.Rngs(0))
+    # The handlers check again: a per-channel vector of the wrong length is an error, not a crash.
+    x3 = jnp.asarray(x.reshape(1, 6, 8))
+    bad = jax.ffi.ffi_call("jax_brgemm_batch_norm_apply", jax.ShapeDtypeStruct(x3.shape, x3.dtype))
+    with pytest.raises(Exception, match=r"b must have shape \(1, 8\)"):
+        jax.block_until_ready(bad(x3, jnp.ones((1, 8)), jnp.ones((1, 7)), jnp.zeros((0,)), activation="relu"))
 
 
 # ------------------------------------------------------------------ vmap

@@ -57,8 +57,9 @@ def batch_norm(x, scale, bias, mean, var, *, use_running_average, momentum=0.99,
         with sharded inputs nothing is needed: the statistics are the global batch's.
       out_dtype: float32 or bfloat16; default x's dtype.
 
-    Statistics are float32 (sums of float32 per chunk of rows, float64 across chunks, of
-    x less the running mean, so the variance does not cancel once that is close).
+    Statistics are float32: sums of x less the running mean (so that E[d^2] - E[d]^2 does
+    not cancel once the running mean is close to the batch's), in float32 over 32 rows at a
+    time and float64 beyond.
 
     Returns ``(y, new_mean, new_var)``; in eval mode the running averages come back as
     given. Works under jit, vmap (each vmapped slice its own statistics) and grad (to x,
