@@ -17,7 +17,9 @@ the kernel adds the bias in float32 and rounds once, so results can differ from 
 module's (which rounds after the product and again after the bias) by bfloat16 rounding. Dense and Conv take one
 extra keyword, ``activation``, fused into the kernel's epilogue.
 
-``fl.MultiHeadAttention`` is ``nnx.MultiHeadAttention`` with its attention on the kernel.
+``fl.MultiHeadAttention`` is ``nnx.MultiHeadAttention`` with its attention on the kernel;
+``fl.BatchNorm`` is ``nnx.BatchNorm`` on the fused batch normalisation (relu and a residual
+add optionally fused).
 
 Linen equivalents: :mod:`flax_layers.linen` (Dense, Conv, ConvTranspose, OptimizedLSTMCell,
 MultiHeadDotProductAttention).
@@ -25,6 +27,7 @@ MultiHeadDotProductAttention).
 
 from .attention import MultiHeadAttention
 from .linear import Conv, ConvTranspose, Dense
+from .normalization import BatchNorm
 from .recurrent import LSTM, RNN, OptimizedLSTMCell
 
-__all__ = ["Dense", "Conv", "ConvTranspose", "OptimizedLSTMCell", "RNN", "LSTM", "MultiHeadAttention"]
+__all__ = ["Dense", "Conv", "ConvTranspose", "OptimizedLSTMCell", "RNN", "LSTM", "MultiHeadAttention", "BatchNorm"]

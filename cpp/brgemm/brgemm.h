@@ -135,6 +135,29 @@ void rows_scale(float* x, int64_t ld, int64_t rows, int64_t cols, const float* f
 void rows_sub_mul(float* x, int64_t ld, const float* y, int64_t ldy, int64_t rows, int64_t cols,
                   const float* sub, uint16_t* out, int64_t ld_out, Isa isa);
 
+// Column operations on row-major blocks (rows x cols, every operand with leading dimension
+// ld) of float32 or bfloat16 elements (as their DType says), float32 math, vectorised along
+// the columns: per-column sums (accumulated into the caller's float32 arrays, which a
+// caller zeroes first) and per-column affine maps. In h below, g counts only where m > 0
+// (m null: everywhere); shift, add, m and h_out may be null (0 / absent).
+//   cols_sums:          sum[j] += sum_r d, sumsq[j] += sum_r d^2, d = x[r, j] - shift[j]
+//   cols_masked_sums:   sum[j] += sum_r h, dot[j] += sum_r h (x[r, j] - shift[j]),
+//                       h = m[r, j] > 0 ? g[r, j] : 0 (g and m: g_dtype)
+//   cols_affine:        y[r, j] = f(x[r, j] a[j] + b[j] + add[r, j]), f relu or identity
+//                       (add and y: y_dtype)
+//   cols_masked_affine: z[r, j] = h a[j] + x[r, j] b[j] + c[j] (z: x_dtype), and
+//                       h_out[r, j] = h (g_dtype)
+void cols_sums(const void* x, DType x_dtype, int64_t ld, int64_t rows, int64_t cols,
+               const float* shift, float* sum, float* sumsq, Isa isa);
+void cols_masked_sums(const void* g, const void* m, DType g_dtype, const void* x, DType x_dtype,
+                      int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
+                      float* dot, Isa isa);
+void cols_affine(const void* x, DType x_dtype, const float* a, const float* b, const void* add,
+                 bool relu, void* y, DType y_dtype, int64_t ld, int64_t rows, int64_t cols, Isa isa);
+void cols_masked_affine(const void* g, const void* m, DType g_dtype, const void* x, DType x_dtype,
+                        const float* a, const float* b, const float* c, void* z, void* h_out,
+                        int64_t ld, int64_t rows, int64_t cols, Isa isa);
+
 // dst (cols x rows, leading dimension ldd) = src (rows x cols, lds) transposed, float32:
 // dst[j * ldd + i] = src[i * lds + j]. In-register 16 x 16 transposes on AVX-512, so the
 // primitives' re-layouts (packing A^T or B^T panels) run at memory speed.

@@ -286,6 +286,31 @@ void rows_sub_mul(float* x, int64_t ld, const float* y, int64_t ldy, int64_t row
   row_ops(isa).sub_mul(x, ld, y, ldy, rows, cols, sub, out, ld_out);
 }
 
+// The column operations: float32 math on either element type, so the float32 implementation.
+const detail::ColOps& col_ops(Isa isa) {
+  const detail::IsaImpl* impl = impl_for(isa);
+  return (impl ? impl : &detail::impl_ref)->cols;
+}
+
+void cols_sums(const void* x, DType x_dtype, int64_t ld, int64_t rows, int64_t cols,
+               const float* shift, float* sum, float* sumsq, Isa isa) {
+  col_ops(isa).sums(x, x_dtype, ld, rows, cols, shift, sum, sumsq);
+}
+void cols_masked_sums(const void* g, const void* m, DType g_dtype, const void* x, DType x_dtype,
+                      int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
+                      float* dot, Isa isa) {
+  col_ops(isa).masked_sums(g, m, g_dtype, x, x_dtype, ld, rows, cols, shift, sum, dot);
+}
+void cols_affine(const void* x, DType x_dtype, const float* a, const float* b, const void* add,
+                 bool relu, void* y, DType y_dtype, int64_t ld, int64_t rows, int64_t cols, Isa isa) {
+  col_ops(isa).affine(x, x_dtype, a, b, add, relu, y, y_dtype, ld, rows, cols);
+}
+void cols_masked_affine(const void* g, const void* m, DType g_dtype, const void* x, DType x_dtype,
+                        const float* a, const float* b, const float* c, void* z, void* h_out,
+                        int64_t ld, int64_t rows, int64_t cols, Isa isa) {
+  col_ops(isa).masked_affine(g, m, g_dtype, x, x_dtype, a, b, c, z, h_out, ld, rows, cols);
+}
+
 namespace {
 // The portable transpose, in 16 x 16 tiles so few destination lines are in flight.
 template <class T>

@@ -25,12 +25,27 @@ struct RowOps {
                   const float* sub, uint16_t* out, int64_t ld_out) = nullptr;
 };
 
+// The column operations of brgemm.h (cols_sums etc.), without the isa argument.
+struct ColOps {
+  void (*sums)(const void* x, DType x_dtype, int64_t ld, int64_t rows, int64_t cols,
+               const float* shift, float* sum, float* sumsq) = nullptr;
+  void (*masked_sums)(const void* g, const void* m, DType g_dtype, const void* x, DType x_dtype,
+                      int64_t ld, int64_t rows, int64_t cols, const float* shift, float* sum,
+                      float* dot) = nullptr;
+  void (*affine)(const void* x, DType x_dtype, const float* a, const float* b, const void* add,
+                 bool relu, void* y, DType y_dtype, int64_t ld, int64_t rows, int64_t cols) = nullptr;
+  void (*masked_affine)(const void* g, const void* m, DType g_dtype, const void* x, DType x_dtype,
+                        const float* a, const float* b, const float* c, void* z, void* h_out,
+                        int64_t ld, int64_t rows, int64_t cols) = nullptr;
+};
+
 struct IsaImpl {
   Blocking f32, bf16;    // blocking for float32 and bfloat16 inputs
   KernelFn run_f32 = nullptr;
   KernelFn run_bf16 = nullptr;
   void (*activation)(Activation act, float* data, int64_t size) = nullptr;
   RowOps rows;  // set by make_impl, and by the avx512bf16 and amx paths (row_ops in dispatch.cc)
+  ColOps cols;  // float32 math on float32 or bfloat16 elements (set by make_impl)
   double (*fma_peak_gflops)(double seconds) = nullptr;
   double (*bf16_peak_gflops)(double seconds) = nullptr;  // null: no native bf16 math
   // Optional: vectorised transposes (null: the portable loop in dispatch.cc).

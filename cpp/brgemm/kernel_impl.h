@@ -168,6 +168,151 @@ inline void rows_sub_mul(float* x, int64_t ld, const float* y, int64_t ldy, int6
   else rows_sub_mul_impl<false>(x, ld, y, ldy, rows, cols, sub, nullptr, 0);
 }
 
+// ---------------------------------------------------------------- column operations
+// Per-column sums and affine maps over row-major blocks (brgemm.h, cols_*): every operand
+// rows x cols with leading dimension ld, float32 or uint16_t (bfloat16 bits), math in float32.
+// Rows outer, columns inner: each row streams through contiguous memory, and the per-column
+// accumulators (caller's arrays, a few KB) stay in L1.
+template <bool TAIL, class T>
+inline Vec load_cols(const T* p, Vec::Mask m) {
+  if constexpr (TAIL) {
+    if constexpr (std::is_same_v<T, float>) return Vec::load(p, m);
+    else return Vec::load_bf16(p, m);
+  } else {
+    if constexpr (std::is_same_v<T, float>) return Vec::load(p);
+    else return Vec::load_bf16(p);
+  }
+}
+template <bool TAIL>
+inline void store_cols(Vec v, float* p, Vec::Mask m) { if (TAIL) v.store(p, m); else v.store(p); }
+template <bool TAIL>
+inline void store_cols(Vec v, uint16_t* p, Vec::Mask m) { if (TAIL) v.store_bf16(p, m); else v.store_bf16(p); }
+
+// body<TAIL>(j, mask) for every vector of columns [j, j + W) of a row, the last one masked.
+template <class Body>
+[[gnu::always_inline]] inline void over_cols(int64_t cols, Body body) {
+  const auto full = Vec::tail_mask(W);
+  int64_t j = 0;
+#pragma GCC unroll 4
+  for (; j + W <= cols; j += W) body(std::false_type{}, j, full);
+  if (j < cols) body(std::true_type{}, j, Vec::tail_mask(static_cast<int>(cols - j)));
+}
+
+// h = g where m > 0, else 0 (m null: h = g).
+template <bool TAIL, class TG>
+inline Vec masked_cols(const TG* g, const TG* m, Vec::Mask mask) {
+  const Vec gv = load_cols<TAIL>(g, mask);
+  if (!m) return gv;
+  return select(less(Vec::zero(), load_cols<TAIL>(m, mask)), gv, Vec::zero());
+}
+
+template <class TX>
+void cols_sums_t(const TX* x, int64_t ld, int64_t rows, int64_t cols, const float* shift,
+                 float* sum, float* sumsq) {
+  for (int64_t r = 0; r < rows; ++r)
+    over_cols(cols, [&](auto tail, int64_t j, Vec::Mask mask) {
+      constexpr bool T = decltype(tail)::value;
+      Vec d = load_cols<T>(x + r * ld + j, mask);
+      if (shift) d = d - load_cols<T>(shift + j, mask);
+      store_cols<T>(load_cols<T>(sum + j, mask) + d, sum + j, mask);
+      store_cols<T>(fmadd(d, d, load_cols<T>(sumsq + j, mask)), sumsq + j, mask);
+    });
+}
+
+template <class TG, class TX>
+void cols_masked_sums_t(const TG* g, const TG* m, const TX* x, int64_t ld, int64_t rows,
+                        int64_t cols, const float* shift, float* sum, float* dot) {
+  for (int64_t r = 0; r < rows; ++r)
+    over_cols(cols, [&](auto tail, int64_t j, Vec::Mask mask) {
+      constexpr bool T = decltype(tail)::value;
+      const int64_t o = r * ld + j;
+      const Vec h = masked_cols<T>(g + o, m ? m + o : nullptr, mask);
+      Vec d = load_cols<T>(x + o, mask);
+      if (shift) d = d - load_cols<T>(shift + j, mask);
+      store_cols<T>(load_cols<T>(sum + j, mask) + h, sum + j, mask);
+      store_cols<T>(fmadd(h, d, load_cols<T>(dot + j, mask)), dot + j, mask);
+    });
+}
+
+template <class TX, class TY>
+void cols_affine_t(const TX* x, const float* a, const float* b, const TY* add, bool relu_out,
+                   TY* y, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    over_cols(cols, [&](auto tail, int64_t j, Vec::Mask mask) {
+      constexpr bool T = decltype(tail)::value;
+      const int64_t o = r * ld + j;
+      Vec v = fmadd(load_cols<T>(x + o, mask), load_cols<T>(a + j, mask), load_cols<T>(b + j, mask));
+      if (add) v = v + load_cols<T>(add + o, mask);
+      if (relu_out) v = relu(v);
+      store_cols<T>(v, y + o, mask);
+    });
+}
+
+template <class TG, class TX>
+void cols_masked_affine_t(const TG* g, const TG* m, const TX* x, const float* a, const float* b,
+                          const float* c, TX* z, TG* h_out, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    over_cols(cols, [&](auto tail, int64_t j, Vec::Mask mask) {
+      constexpr bool T = decltype(tail)::value;
+      const int64_t o = r * ld + j;
+      const Vec h = masked_cols<T>(g + o, m ? m + o : nullptr, mask);
+      const Vec v = fmadd(h, load_cols<T>(a + j, mask),
+                          fmadd(load_cols<T>(x + o, mask), load_cols<T>(b + j, mask), load_cols<T>(c + j, mask)));
+      store_cols<T>(v, z + o, mask);
+      if (h_out) store_cols<T>(h, h_out + o, mask);
+    });
+}
+
+// f(T{}) with T the element type of `d` (float or uint16_t).
+template <class F>
+inline void with_elem(DType d, F f) {
+  if (d == DType::bf16) f(uint16_t{}); else f(float{});
+}
+
+inline void cols_sums(const void* x, DType xt, int64_t ld, int64_t rows, int64_t cols,
+                      const float* shift, float* sum, float* sumsq) {
+  with_elem(xt, [&](auto tx) {
+    using TX = decltype(tx);
+    cols_sums_t(static_cast<const TX*>(x), ld, rows, cols, shift, sum, sumsq);
+  });
+}
+inline void cols_masked_sums(const void* g, const void* m, DType gt, const void* x, DType xt,
+                             int64_t ld, int64_t rows, int64_t cols, const float* shift,
+                             float* sum, float* dot) {
+  with_elem(gt, [&](auto tg) {
+    with_elem(xt, [&](auto tx) {
+      using TG = decltype(tg);
+      using TX = decltype(tx);
+      cols_masked_sums_t(static_cast<const TG*>(g), static_cast<const TG*>(m),
+                         static_cast<const TX*>(x), ld, rows, cols, shift, sum, dot);
+    });
+  });
+}
+inline void cols_affine(const void* x, DType xt, const float* a, const float* b, const void* add,
+                        bool relu_out, void* y, DType yt, int64_t ld, int64_t rows, int64_t cols) {
+  with_elem(xt, [&](auto tx) {
+    with_elem(yt, [&](auto ty) {
+      using TX = decltype(tx);
+      using TY = decltype(ty);
+      cols_affine_t(static_cast<const TX*>(x), a, b, static_cast<const TY*>(add), relu_out,
+                    static_cast<TY*>(y), ld, rows, cols);
+    });
+  });
+}
+inline void cols_masked_affine(const void* g, const void* m, DType gt, const void* x, DType xt,
+                               const float* a, const float* b, const float* c, void* z,
+                               void* h_out, int64_t ld, int64_t rows, int64_t cols) {
+  with_elem(gt, [&](auto tg) {
+    with_elem(xt, [&](auto tx) {
+      using TG = decltype(tg);
+      using TX = decltype(tx);
+      cols_masked_affine_t(static_cast<const TG*>(g), static_cast<const TG*>(m),
+                           static_cast<const TX*>(x), a, b, c, static_cast<TX*>(z),
+                           static_cast<TG*>(h_out), ld, rows, cols);
+    });
+  });
+}
+
 // ---------------------------------------------------------------- micro-kernel
 // Always inlined: as calls, every batch element of a tile saved and restored all its
 // accumulators around them (in cache, 56x64x64x9: 165 -> 176 GFLOP/s once inlined).
@@ -441,6 +586,7 @@ inline detail::IsaImpl make_impl() {
   impl.activation = &apply_activation;
   impl.fma_peak_gflops = &fma_peak_gflops;
   impl.rows = {&rows_max, &rows_exp, &rows_scale, &rows_sub_mul};
+  impl.cols = {&cols_sums, &cols_masked_sums, &cols_affine, &cols_masked_affine};
   return impl;
 }
 

@@ -5,5 +5,6 @@ from .conv import conv2d
 from .conv_transpose import conv_transpose
 from .lstm import lstm
 from .attention import dot_product_attention
+from .batch_norm import batch_norm
 
-__all__: list[str] = ["dense", "mlp", "mlp_init", "conv2d", "conv_transpose", "lstm", "dot_product_attention"]
+__all__: list[str] = ["dense", "mlp", "mlp_init", "conv2d", "conv_transpose", "lstm", "dot_product_attention", "batch_norm"]
