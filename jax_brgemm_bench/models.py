@@ -36,7 +36,8 @@ from .common import machine_peak_gflops, median_seconds, print_records, torch_mo
 LAYERS = {
     "stock": dict(conv=nnx.Conv, dense=nnx.Linear, bn=nnx.BatchNorm, lstm=lambda i, h, rngs: nnx.RNN(
         nnx.OptimizedLSTMCell(i, h, rngs=rngs)), attention=nnx.MultiHeadAttention),
-    "flax_layers": dict(conv=fl.Conv, dense=fl.Dense, bn=getattr(fl, "BatchNorm", nnx.BatchNorm),
+    # fl.BatchNorm with relu and the residual add fused, as a user of flax_layers writes the blocks.
+    "flax_layers": dict(conv=fl.Conv, dense=fl.Dense, bn=fl.BatchNorm, fused_bn=True,
                         lstm=fl.LSTM, attention=fl.MultiHeadAttention, conv_transpose=fl.ConvTranspose),
 }
 VARIANTS = ("stock", "optimize", "flax_layers", "torch")
@@ -45,46 +46,64 @@ VARIANTS = ("stock", "optimize", "flax_layers", "torch")
 # ------------------------------------------------------------------ Flax models
 
 
+def _bn(L, channels, rngs, relu):
+    """A BatchNorm; with the layer set's fused form, relu (and a residual) run inside it."""
+    if L.get("fused_bn"):
+        return L["bn"](channels, activation="relu" if relu else None, rngs=rngs)
+    return L["bn"](channels, rngs=rngs)
+
+
+def _bn_relu(fused, bn, y, residual=None):
+    """relu(bn(y) [+ residual]), in one call where the BatchNorm fuses them."""
+    if fused:
+        return bn(y, residual=residual)
+    y = bn(y)
+    return nnx.relu(y if residual is None else y + residual)
+
+
 class Bottleneck(nnx.Module):
     def __init__(self, L, cin, width, stride, rngs, expansion=4):
         cout = width * expansion
-        self.c1, self.b1 = L["conv"](cin, width, (1, 1), use_bias=False, rngs=rngs), L["bn"](width, rngs=rngs)
+        self.fused = bool(L.get("fused_bn"))
+        self.c1, self.b1 = L["conv"](cin, width, (1, 1), use_bias=False, rngs=rngs), _bn(L, width, rngs, True)
         self.c2 = L["conv"](width, width, (3, 3), strides=stride, use_bias=False, rngs=rngs)
-        self.b2 = L["bn"](width, rngs=rngs)
-        self.c3, self.b3 = L["conv"](width, cout, (1, 1), use_bias=False, rngs=rngs), L["bn"](cout, rngs=rngs)
+        self.b2 = _bn(L, width, rngs, True)
+        self.c3, self.b3 = L["conv"](width, cout, (1, 1), use_bias=False, rngs=rngs), _bn(L, cout, rngs, True)
         self.proj = self.pb = nnx.data(None)
         if stride != 1 or cin != cout:
             self.proj = nnx.data(L["conv"](cin, cout, (1, 1), strides=stride, use_bias=False, rngs=rngs))
             self.pb = nnx.data(L["bn"](cout, rngs=rngs))
 
     def __call__(self, x):
-        y = nnx.relu(self.b1(self.c1(x)))
-        y = nnx.relu(self.b2(self.c2(y)))
-        y = self.b3(self.c3(y))
-        return nnx.relu(y + (x if self.proj is None else self.pb(self.proj(x))))
+        L = self.fused
+        y = _bn_relu(L, self.b1, self.c1(x))
+        y = _bn_relu(L, self.b2, self.c2(y))
+        return _bn_relu(L, self.b3, self.c3(y), x if self.proj is None else self.pb(self.proj(x)))
 
 
 class Basic(nnx.Module):
     def __init__(self, L, cin, width, stride, rngs):
+        self.fused = bool(L.get("fused_bn"))
         self.c1 = L["conv"](cin, width, (3, 3), strides=stride, use_bias=False, rngs=rngs)
-        self.b1 = L["bn"](width, rngs=rngs)
-        self.c2, self.b2 = L["conv"](width, width, (3, 3), use_bias=False, rngs=rngs), L["bn"](width, rngs=rngs)
+        self.b1 = _bn(L, width, rngs, True)
+        self.c2, self.b2 = L["conv"](width, width, (3, 3), use_bias=False, rngs=rngs), _bn(L, width, rngs, True)
         self.proj = self.pb = nnx.data(None)
         if stride != 1 or cin != width:
             self.proj = nnx.data(L["conv"](cin, width, (1, 1), strides=stride, use_bias=False, rngs=rngs))
             self.pb = nnx.data(L["bn"](width, rngs=rngs))
 
     def __call__(self, x):
-        y = nnx.relu(self.b1(self.c1(x)))
-        y = self.b2(self.c2(y))
-        return nnx.relu(y + (x if self.proj is None else self.pb(self.proj(x))))
+        L = self.fused
+        y = _bn_relu(L, self.b1, self.c1(x))
+        return _bn_relu(L, self.b2, self.c2(y), x if self.proj is None else self.pb(self.proj(x)))
 
 
 class ResNet(nnx.Module):
     def __init__(self, L, depth, rngs, classes=1000):
         block, counts, expansion = {18: (Basic, (2, 2, 2, 2), 1), 50: (Bottleneck, (3, 4, 6, 3), 4)}[depth]
+        self.fused = bool(L.get("fused_bn"))
         self.stem = L["conv"](3, 64, (7, 7), strides=2, use_bias=False, rngs=rngs)
-        self.bn = L["bn"](64, rngs=rngs)
+        self.bn = _bn(L, 64, rngs, True)
         blocks, cin = [], 64
         for stage, count in enumerate(counts):
             width = 64 * 2 ** stage
@@ -95,7 +114,7 @@ class ResNet(nnx.Module):
         self.head = L["dense"](cin, classes, rngs=rngs)
 
     def __call__(self, x):
-        x = nnx.relu(self.bn(self.stem(x)))
+        x = _bn_relu(self.fused, self.bn, self.stem(x))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         for b in self.blocks:
             x = b(x)
