@@ -163,6 +163,9 @@ def memory(Ts, impls, peer_max_t):
     return records
 
 
+ALL_ARGS = ["--repeats", "3"]  # bench all: the full matrix, 3 rounds (T=4096 is long)
+
+
 def main(argv):
     ap = argparse.ArgumentParser(prog="python -m jax_brgemm bench attention", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 # Sections in this order; benchmarks not listed follow alphabetically.
-ORDER = ["models", "profile", "attention", "kernel", "dense", "conv", "lstm", "flax", "threshold", "parallel", "gpu"]
+ORDER = ["models", "profile", "attention", "batch_norm", "kernel", "dense", "conv", "lstm", "flax", "threshold", "parallel", "gpu"]
 REGENERATE = ("python -m jax_brgemm bench all --json-dir bench_json && "
               "python -m jax_brgemm bench report --json-dir bench_json > BENCHMARKS.md")
 
