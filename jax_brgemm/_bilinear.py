@@ -96,6 +96,10 @@ def given(t):
 # ------------------------------------------------------------------ helpers
 
 
+def _zero_tangent(out):
+    return ad.Zero(jax.typeof(out).to_tangent_aval())
+
+
 def _zero(t):
     return t is None or type(t) is ad.Zero
 
@@ -164,7 +168,7 @@ def _tangent_jvp(primals, tangents, *, maps, present, lead, dtype):
     t = _add(tangent(maps, x, w, edx, edw, edb, lead, dtype),
              tangent(maps, _value(dx, x), _value(dw, w), None if dw is None else ex,
                      None if dx is None else ew, None, lead, dtype))
-    return out, ad.Zero.from_primal_value(out) if t is None else jnp.broadcast_to(t, out.shape)
+    return out, _zero_tangent(out) if t is None else jnp.broadcast_to(t, out.shape)
 
 
 def _tangent_transpose(ct, x, w, *ts, maps, present, lead, dtype):
@@ -207,7 +211,7 @@ def _cotangent_jvp(primals, tangents, *, maps, wants, b_dtype, lead):
     second = cotangent(maps, _value(ex, x), _value(ew, w), g,
                        (want_dx and ew is not None, want_dw and ex is not None, False), b_dtype, lead)
     ts = [_add(a, b) for a, b, want in zip(first, second, wants) if want]
-    return outs, [ad.Zero.from_primal_value(o) if t is None else jnp.broadcast_to(t, o.shape)
+    return outs, [_zero_tangent(o) if t is None else jnp.broadcast_to(t, o.shape)
                   for o, t in zip(outs, ts)]
 
 
