@@ -1,6 +1,6 @@
-"""How every op is built: kernel calls, then a custom_vjp over them.
+"""How every op is built: kernel calls, then derivative rules over them.
 
-An op is two layers, each made by one function here:
+An op is two layers:
 
 1. ``kernel_call`` turns one FFI target into a JAX function of arrays:
 
@@ -24,14 +24,22 @@ An op is two layers, each made by one function here:
    Make the factory of each call ``functools.lru_cache``d on its static attributes, so
    that a vmap rule can ask for the same call with other attributes.
 
-2. ``kernel_op(primal, fwd, bwd, name=...)`` makes the differentiable op: a
-   ``jax.custom_vjp`` whose primal and forward (which also returns the residuals) and
-   backward (one cotangent per differentiable input) are made of kernel calls.
-   Differentiating the backward again raises a NotImplementedError naming the op.
+2. The differentiable op, one of two kinds:
+
+   - bilinear in (data, weights) plus bias and activation (dense, conv2d, brgemm): a
+     ``jax.custom_jvp`` whose tangent runs the op's forward pass on the tangents and whose
+     transpose is its backward passes (``_bilinear``: give the forward and backward
+     kernel calls, get every order of derivative, forward and reverse);
+   - anything else (lstm, attention, brgemm_indexed): ``kernel_op(primal, fwd, bwd,
+     name=...)``, a ``jax.custom_vjp`` whose primal and forward (which also returns the
+     residuals) and backward (one cotangent per differentiable input) are made of kernel
+     calls. Reverse mode only: forward mode raises a NotImplementedError naming the op,
+     and so does differentiating the backward again unless it is itself made of
+     differentiable ops.
 
 A new op (attention, batch norm): one ``kernel_call`` factory per FFI target, a forward
-and a backward made of them, ``kernel_op``, and the public function that checks its
-arguments and calls it.
+and a backward made of them, ``_bilinear`` maps or ``kernel_op``, and the public function
+that checks its arguments and calls it.
 """
 
 from __future__ import annotations
@@ -73,11 +81,31 @@ def kernel_op(primal: Callable, fwd: Callable, bwd: Callable, *, name: str,
     arguments at `nondiff_argnums`). With `symbolic_zeros`, fwd gets jax's CustomVJPPrimal
     wrappers (``.value``, ``.perturbed``), so the backward can skip gradients nobody asked
     for. Differentiating the backward raises a NotImplementedError naming `name`, unless
-    `bwd_differentiable` (a backward made of differentiable ops, e.g. the op itself)."""
+    `bwd_differentiable` (a backward made of differentiable ops, e.g. the op itself).
+    Forward mode raises a NotImplementedError naming `name` (see reverse_mode_only)."""
     op = jax.custom_vjp(primal, nondiff_argnums=tuple(nondiff_argnums))
     op.defvjp(fwd, bwd if bwd_differentiable else first_order_only(name)(bwd),
               symbolic_zeros=symbolic_zeros)
-    return op
+    return reverse_mode_only(name, op)
+
+
+def reverse_mode_only(name: str, op: Callable) -> Callable:
+    """`op` (a custom_vjp function) with JAX's "can't apply forward-mode autodiff" error
+    replaced by one naming `name` and saying what works instead."""
+
+    @functools.wraps(op)
+    def call(*args):
+        try:
+            return op(*args)
+        except TypeError as e:
+            if "forward-mode" not in str(e):
+                raise
+            raise NotImplementedError(
+                f"{name}: forward-mode autodiff (jax.jvp, jax.linearize, jax.jacfwd, "
+                "jax.hessian) is not supported; reverse mode (jax.grad, jax.vjp, "
+                "jax.jacrev) is.") from None
+
+    return call
 
 
 # ------------------------------------------------------------------ second-order guard

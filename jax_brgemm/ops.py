@@ -1,7 +1,10 @@
 """jax_brgemm.brgemm and jax_brgemm.brgemm_indexed: the kernel as JAX ops.
 
-Both are FFI custom calls with a custom_vjp whose backward passes are themselves brgemm
-calls, and batching rules that fold vmapped axes into the kernel's leading (problem) dims.
+Both are FFI custom calls with batching rules that fold vmapped axes into the kernel's
+leading (problem) dims. brgemm is bilinear in (a, b): a custom_jvp whose tangents and
+backward are brgemm calls (jax_brgemm._bilinear), so every order of derivative works;
+brgemm_indexed is a custom_vjp whose backward is made of brgemm_indexed calls (reverse
+mode, any order).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
+from ._bilinear import given, op_jvp
 from ._op import kernel_call, kernel_op, lift
 from ._sharding import align_to_batch
 from ._checks import (
@@ -217,32 +221,46 @@ def _stride_call_for(alpha, beta, act, has_c, has_bias, lead_rank, out_dtype):
                        **_attrs(alpha, beta if has_c else 0.0, act))
 
 
-def _brgemm_fwd(a, b, c, bias, alpha, beta, act, out_dtype):
-    # Through the custom_vjp function itself, so the residuals stay differentiable
-    # (second-order gradients).
-    out, z = _activations.forward_with_residuals(
-        lambda act, dtype: _brgemm(a, b, c, bias, alpha, beta, act, np.dtype(dtype)), act, out_dtype)
-    return out, (a, b, c, bias, out, z)
+class _Maps(NamedTuple):
+    """The products' kernel passes for jax_brgemm._bilinear: F(a, b) = alpha * sum_i a_i @ b_i
+    and its adjoints, count-1 brgemm calls (one product per batch element)."""
+
+    alpha: float
+
+    def forward(self, a, b, bias, dtype):
+        return _brgemm_call(a, b, None, bias, self.alpha, 0.0, "none", np.dtype(dtype))
+
+    def backward(self, a, b, g, want_da, want_db, want_dbias, b_dtype):
+        # dA_i = alpha * g @ B_i^T and dB_i = alpha * A_i^T @ g, float32 results summed over
+        # broadcast dims in float32, then cast to the input dtype.
+        f32 = np.dtype(jnp.float32)
+        g_block = g.astype(a.dtype)[..., None, None, :, :]  # (lead, 1, 1, m, n)
+        da = db = dbias = None
+        if want_da:
+            da = _brgemm_call(g_block, jnp.swapaxes(b, -1, -2)[..., :, None, :, :], None, None, self.alpha,
+                              0.0, "none", f32)
+            da = _unbroadcast(da, a.shape).astype(a.dtype)
+        if want_db:
+            db = _brgemm_call(jnp.swapaxes(a, -1, -2)[..., :, None, :, :], g_block, None, None, self.alpha,
+                              0.0, "none", f32)
+            db = _unbroadcast(db, b.shape).astype(b.dtype)
+        if want_dbias:
+            dbias = g.astype(jnp.float32).reshape(-1, g.shape[-1]).sum(0).astype(b_dtype)
+        return da, db, dbias
 
 
-def _brgemm_bwd(alpha, beta, act, out_dtype, res, g):
-    a, b, c, bias, out, z = res
-    gz, gz_in = _activations.activation_grad(act, g, out, z, a.dtype)
-    g_block = gz_in[..., None, None, :, :]  # (lead, 1, 1, m, n): one product per batch element
-    # dA_i = alpha * gz @ B_i^T and dB_i = alpha * A_i^T @ gz, each a count-1 brgemm with
-    # float32 results, summed over broadcast dims in float32, then cast to the input dtype.
-    f32 = jnp.float32
-    da = brgemm(g_block, jnp.swapaxes(b, -1, -2)[..., :, None, :, :], alpha=alpha, out_dtype=f32)
-    db = brgemm(jnp.swapaxes(a, -1, -2)[..., :, None, :, :], g_block, alpha=alpha, out_dtype=f32)
-    dc = None if c is None else _unbroadcast(beta * gz, c.shape).astype(c.dtype)
-    dbias = None if bias is None else gz.reshape(-1, gz.shape[-1]).sum(0)
-    return (_unbroadcast(da, a.shape).astype(a.dtype), _unbroadcast(db, b.shape).astype(b.dtype),
-            dc, dbias)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
+def _brgemm(a, b, c, bias, alpha, beta, act, out_dtype):
+    return _brgemm_call(a, b, c, bias, alpha, beta, act, out_dtype)
 
 
-# The backward is made of brgemm calls, so it is differentiable again.
-_brgemm = kernel_op(_brgemm_call, _brgemm_fwd, _brgemm_bwd, name="jax_brgemm.brgemm",
-                    nondiff_argnums=(4, 5, 6, 7), bwd_differentiable=True)
+@functools.partial(_brgemm.defjvp, symbolic_zeros=True)
+def _brgemm_jvp(alpha, beta, act, out_dtype, primals, tangents):
+    a, b, c, bias = primals
+    da, db, dc, dbias = (given(t) for t in tangents)
+    extra = None if dc is None or beta == 0.0 else beta * dc.astype(jnp.float32)
+    return op_jvp(lambda act, dtype: _brgemm(a, b, c, bias, alpha, beta, act, np.dtype(dtype)),
+                  _Maps(alpha), act, out_dtype, a, b, bias, da, db, dbias, extra)
 
 
 # ------------------------------------------------------------------ offset form

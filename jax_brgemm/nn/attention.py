@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _ext  # noqa: F401  (registers the FFI targets)
-from .._op import first_order_only, without_derivative
+from .._op import first_order_only, reverse_mode_only, without_derivative
 from .._checks import check_kernel_dtype, check_same_dtype, dtype_of
 from .._sharding import align_to_batch, batch_partitioned
 
@@ -305,3 +305,4 @@ def _attention_bwd(config, res, cotangents):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = reverse_mode_only("jax_brgemm.nn.dot_product_attention", _attention)

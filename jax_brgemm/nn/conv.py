@@ -1,7 +1,8 @@
 """jax_brgemm.nn.conv2d: 2-D convolution as loop nests around the brgemm kernel.
 
 Forward, backward-data and weight-update are each one FFI call into a C++ loop nest
-(cpp/primitives/conv.cc); ``jax.grad`` goes through the latter two via a custom_vjp.
+(cpp/primitives/conv.cc); ``jax.grad`` runs the latter two, and forward mode and higher orders more of the
+same (jax_brgemm._bilinear).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 from .. import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
 from .._checks import check_activation, check_kernel_dtype
 from ..ops import _out_dtype
-from .._op import fold, from_channels, kernel_call, kernel_op, lift, to_channels, unfold
+from .._bilinear import given, op_jvp
+from .._op import fold, from_channels, kernel_call, lift, to_channels, unfold
 from .._sharding import align_to_batch
 
 _NONE = jnp.zeros((0,), jnp.float32)  # stands for an absent bias in the FFI call
@@ -150,7 +152,7 @@ def _pads(padding, in_hw, taps_hw, strides, dilation):
     return pads
 
 
-# ------------------------------------------------------------------ custom_vjp
+# ------------------------------------------------------------------ derivatives
 
 
 _F32 = np.dtype(jnp.float32)
@@ -162,29 +164,34 @@ def _forward(x, kernel, bias, geom, act, out_dtype):
     return call(x, kernel.astype(x.dtype), _NONE if bias is None else bias.astype(jnp.float32))
 
 
-def _conv_primal(x, kernel, bias, geom, act, out_dtype):
+class _Maps(NamedTuple):
+    """The convolution's kernel passes for jax_brgemm._bilinear: forward, backward-data
+    and weight update."""
+
+    geom: _Geometry
+
+    def forward(self, x, kernel, bias, dtype):
+        return _forward(x, kernel, bias, self.geom, "none", np.dtype(dtype))
+
+    def backward(self, x, kernel, g, want_dx, want_dw, want_db, b_dtype):
+        g_in = g.astype(x.dtype)  # the backward passes run in the compute dtype
+        dx = _backward_data_call(self.geom, x.shape[1:3])(g_in, kernel.astype(x.dtype)) if want_dx else None
+        dkernel = _weight_update_call(self.geom, kernel.shape[:2])(x, g_in).astype(kernel.dtype) if want_dw else None
+        dbias = g.astype(jnp.float32).sum(axis=(0, 1, 2)).astype(b_dtype) if want_db else None
+        return dx, dkernel, dbias
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+def _conv(x, kernel, bias, geom, act, out_dtype):
     return _forward(x, kernel, bias, geom, act, out_dtype)
 
 
-def _conv_fwd(x, kernel, bias, geom, act, out_dtype):
-    # Through _conv itself, so that differentiating the gradient meets _conv_bwd's error.
-    out, z = _activations.forward_with_residuals(
-        lambda act, dtype: _conv(x, kernel, bias, geom, act, np.dtype(dtype)), act, out_dtype)
-    return out, (x, kernel, bias, out if _activations.needs_output(act) else None, z)
-
-
-def _conv_bwd(geom, act, out_dtype, res, g):
-    x, kernel, bias, out, z = res
-    # d loss / d pre-activation in float32 (for the bias), then in the compute dtype.
-    gz, gz_in = _activations.activation_grad(act, g, out, z, x.dtype)
-    dx = _backward_data_call(geom, x.shape[1:3])(gz_in, kernel.astype(x.dtype))
-    dkernel = _weight_update_call(geom, kernel.shape[:2])(x, gz_in).astype(kernel.dtype)
-    dbias = None if bias is None else gz.sum(axis=(0, 1, 2)).astype(bias.dtype)
-    return dx, dkernel, dbias
-
-
-_conv = kernel_op(_conv_primal, _conv_fwd, _conv_bwd, name="jax_brgemm.nn.conv2d",
-                  nondiff_argnums=(3, 4, 5))
+@functools.partial(_conv.defjvp, symbolic_zeros=True)
+def _conv_jvp(geom, act, out_dtype, primals, tangents):
+    x, kernel, bias = primals
+    dx, dkernel, dbias = (given(t) for t in tangents)
+    return op_jvp(lambda act, dtype: _conv(x, kernel, bias, geom, act, np.dtype(dtype)), _Maps(geom), act,
+                  out_dtype, x, kernel, bias, dx, dkernel, dbias)
 
 
 # ------------------------------------------------------------------ FFI calls and vmap

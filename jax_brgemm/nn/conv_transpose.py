@@ -3,12 +3,12 @@
 A convolution with input dilation D is the backward-data pass of a convolution with
 stride D, whose kernel is the given one flipped in space with input and output channels
 swapped. So its forward runs conv2d's backward-data loop nest, its data gradient conv2d's
-forward and its kernel gradient conv2d's weight update: no new loop nest, no gather.
+forward and its kernel gradient conv2d's weight update: no new loop nest, no gather. It is
+written as that adjoint (jax.vjp of conv2d), so forward mode and higher orders come with
+conv2d's.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -90,26 +90,11 @@ def _out_shape(x, kernel, geometry):
     return (x.shape[0], *spatial, kernel.shape[3])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_transpose(x, kernel, geometry):
+    # The adjoint of the strided convolution in its input: jax.vjp transposes conv2d's
+    # tangent into its backward-data call (XLA drops the forward traced alongside). Every
+    # derivative of this is again conv2d's passes (jax_brgemm._bilinear): the data gradient
+    # its forward, the kernel gradient its weight update.
     w_adj = _adjoint_kernel(kernel, geometry[3])
     u = jnp.zeros(_out_shape(x, kernel, geometry), x.dtype)
-    # Only the backward-data call is used; XLA drops the forward it traced alongside.
     return jax.vjp(lambda u: _strided(u, w_adj, geometry), u)[1](x)[0]
-
-
-def _conv_transpose_fwd(x, kernel, geometry):
-    return _conv_transpose(x, kernel, geometry), (x, kernel)
-
-
-def _conv_transpose_bwd(geometry, res, g):
-    x, kernel = res
-    groups = geometry[3]
-    w_adj = _adjoint_kernel(kernel, groups)
-    dx = _strided(g, w_adj, geometry)
-    dw_adj = jax.vjp(lambda w: _strided(g, w, geometry), w_adj)[1](x)[0]
-    dkernel = _adjoint_kernel(dw_adj, groups)  # back to (R, S, C/G, K)
-    return dx, dkernel.astype(kernel.dtype)
-
-
-_conv_transpose.defvjp(_conv_transpose_fwd, _conv_transpose_bwd)

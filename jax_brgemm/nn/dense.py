@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _activations, _ext  # noqa: F401  (_ext registers the FFI targets)
+from .. import _ext  # noqa: F401  (_ext registers the FFI targets)
 from .._checks import check_activation, check_kernel_dtype, check_rank
-from .._op import kernel_call, kernel_op, problems_rule, without_derivative
+from .._bilinear import given, op_jvp
+from .._op import kernel_call, problems_rule
 from .._sharding import align_to_batch
 
 _NONE = jnp.zeros((0,), jnp.float32)  # an absent optional operand or result
@@ -65,7 +66,7 @@ def dense(x, kernel, bias=None, *, activation=None):
     if n == 0 or k == 0:
         return jnp.zeros(lead + (k,), dtype)
     x, kernel, bias = align_to_batch((x.reshape(n, c), kernel, bias), (0, None, None))
-    return _dense(x, kernel, bias, act).reshape(lead + (k,))
+    return _dense(x, kernel, bias, act, np.dtype(dtype)).reshape(lead + (k,))
 
 
 def _forward(x, kernel, bias, act, out_dtype=None):
@@ -131,45 +132,40 @@ def _backward_kernel_call(act, has_saved, wants, dx_dtype, dw_dtype, db_dtype, l
         activation=act)
 
 
-def _dense_primal(x, kernel, bias, act):
-    return _forward(x, kernel, bias, act)
+class _Maps:
+    """The layer's kernel passes for jax_brgemm._bilinear: F(x, w) = x @ w, backward-data and
+    weight update (both in one call)."""
+
+    def forward(self, x, kernel, bias, dtype):
+        return _forward(x, kernel, bias, "none", dtype)
+
+    def backward(self, x, kernel, g, want_dx, want_dw, want_db, b_dtype):
+        # In bfloat16 the bias gradient sums the float32 g (as brgemm and conv2d do), not
+        # its rounded copy; in float32 the kernel sums it in the same pass.
+        in_kernel_db = want_db and x.dtype == jnp.float32
+        dx, dkernel, dbias = _backward_call(g.astype(x.dtype), x, kernel, None, "none", want_dx=want_dx,
+                                            want_dw=want_dw, want_db=in_kernel_db, db_dtype=b_dtype)
+        if want_db and not in_kernel_db:
+            dbias = g.astype(jnp.float32).sum(0).astype(b_dtype)
+        return (dx if want_dx else None, dkernel if want_dw else None, dbias if want_db else None)
 
 
-def _dense_fwd(x, kernel, bias, act):
-    # Symbolic zeros: each primal comes with `perturbed`, whether it is differentiated at
-    # all. The backward skips the gradients nobody asked for (dx of a first layer, whose
-    # input is data; dkernel of a frozen layer) inside its one FFI call.
-    bias_value = None if bias is None else bias.value
-    forward = without_derivative(  # grad of grad: a clear error
-        "jax_brgemm.nn.dense", lambda *a: _activations.forward_with_residuals(
-            lambda act, out_dtype: _forward(*a, act, out_dtype), act, x.value.dtype))
-    y, z = forward(x.value, kernel.value, bias_value)
-    # (Residuals are pytrees of arrays: the flags ride in their structure, () or None.)
-    wanted = tuple(() if p is not None and p.perturbed else None for p in (x, kernel, bias))
-    saved = y if _activations.needs_output(act) else None
-    return y, (x.value, kernel.value, bias_value, saved, z, wanted)
+_MAPS = _Maps()
 
 
-def _dense_bwd(act, res, dy):
-    x, kernel, bias, y, z, wanted = res
-    want_dx, want_dw, want_db = (flag is not None for flag in wanted)
-    if isinstance(dy, jax.custom_derivatives.SymbolicZero):
-        dy = jnp.zeros(dy.shape, dy.dtype)
-    gz, gz_in = _activations.activation_grad(act, dy, y, z, x.dtype)
-    # One call: dx and dkernel share one pass and one parallel loop. In bfloat16 the bias
-    # gradient sums the float32 gz (as brgemm and conv2d do), not its rounded copy.
-    in_kernel_db = want_db and x.dtype == jnp.float32
-    dx, dkernel, dbias = _backward_call(
-        gz_in, x, kernel, None, "none", want_dx=want_dx, want_dw=want_dw,
-        want_db=in_kernel_db, db_dtype=jnp.float32 if bias is None else bias.dtype)
-    if want_db and not in_kernel_db:
-        dbias = gz.sum(0).astype(bias.dtype)
-    return (dx if want_dx else jnp.zeros_like(x), dkernel if want_dw else jnp.zeros_like(kernel),
-            None if bias is None else (dbias if want_db else jnp.zeros_like(bias)))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _dense(x, kernel, bias, act, out_dtype):
+    return _forward(x, kernel, bias, act, out_dtype)
 
 
-_dense = kernel_op(_dense_primal, _dense_fwd, _dense_bwd, name="jax_brgemm.nn.dense",
-                   nondiff_argnums=(3,), symbolic_zeros=True)
+@functools.partial(_dense.defjvp, symbolic_zeros=True)
+def _dense_jvp(act, out_dtype, primals, tangents):
+    # Symbolic zeros: an input not differentiated (the data of a first layer, a frozen
+    # kernel) has no tangent, so jax.grad's one backward call skips its gradient.
+    x, kernel, bias = primals
+    dx, dkernel, dbias = (given(t) for t in tangents)
+    return op_jvp(lambda act, dtype: _dense(x, kernel, bias, act, np.dtype(dtype)), _MAPS, act,
+                  out_dtype, x, kernel, bias, dx, dkernel, dbias)
 
 
 # ------------------------------------------------------------------ multi-layer perceptron
