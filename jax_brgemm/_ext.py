@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 
 from . import _jax_brgemm as ext
 
-_env_error = ext.isa_env_error()
-if _env_error:
-    raise ValueError(f"jax_brgemm: {_env_error}")
-# Read by the worker team (cpp/primitives/parallel.cc) when it starts: checked here, where
-# a bad value can still be a clear error.
-for _var, _what in (("JAX_BRGEMM_SPIN_US", "how long an idle worker polls before it parks"),
-                    ("JAX_BRGEMM_LINGER_US", "how long after each call workers keep polling")):
-    _value = os.environ.get(_var)
-    if _value is not None and not _value.strip().isdigit():
-        raise ValueError(f"jax_brgemm: {_var}={_value!r} must be a whole number of "
-                         f"microseconds >= 0 ({_what})")
+# JAX_BRGEMM_ISA, and the worker team's JAX_BRGEMM_SPIN_US / JAX_BRGEMM_LINGER_US (read by
+# cpp/primitives/parallel.cc when the team starts): checked here, where a bad value can
+# still be a clear error naming the variable. The C++ parses them, so the rule is one.
+for _env_error in (ext.isa_env_error(), ext.wait_env_error()):
+    if _env_error:
+        raise ValueError(f"jax_brgemm: {_env_error}")
 
 for _name, _capsule in ext.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

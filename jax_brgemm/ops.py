@@ -72,7 +72,9 @@ def brgemm(a, b, c=None, *, alpha=1.0, beta=0.0, activation=None, bias=None, out
       a: ``(..., count, m, k)`` float32 or bfloat16.
       b: ``(..., count, k, n)``, a's dtype.
       c: optional ``(..., m, n)`` addend of the result's dtype, scaled by ``beta``.
-      alpha, beta: Python numbers.
+      alpha, beta: Python numbers. ``beta=0`` (the default) never reads ``c``, as in BLAS:
+        a NaN or Inf in ``c`` does not reach the result (XLA's ``0 * c`` would give NaN),
+        and c's gradient is zero.
       activation: None, "relu", "gelu" (tanh form), "sigmoid" or "tanh", applied after bias
         (the kernel's epilogue).
       bias: optional ``(n,)`` row added to every output row (applied in float32).

@@ -2,6 +2,7 @@
 // log-sum-exp) and backward (dq, dk, dv and the bias gradient).
 //
 // Optional operands (bias, mask, sequence lengths) are passed as empty arrays when absent.
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -76,7 +77,9 @@ ffi::Error decode_masks(const prim::AttentionShape& s, const ffi::AnyBuffer& bia
                         const ffi::AnyBuffer& kv_lengths, float scale, int32_t causal,
                         int64_t window_left, int64_t window_right, prim::AttentionMasks* m) {
   m->scale = scale, m->causal = causal != 0;
-  m->window_left = window_left, m->window_right = window_right;
+  // A window past the sequence is the whole sequence: bounded so that i - left and
+  // i + right + 1 (primitives/attention.cc, range) cannot overflow; < 0 stays "no window".
+  m->window_left = std::min(window_left, s.q_len), m->window_right = std::min(window_right, s.kv_len);
   if (bias.element_count() > 0) {
     if (auto e = expect_f32(bias, "bias"); e.failure()) return e;
     if (auto e = broadcast_strides(bias, "bias", s, m->bias_strides); e.failure()) return e;

@@ -37,6 +37,8 @@ NB_MODULE(_jax_brgemm, m) {
   m.def("active_isa", [] { return std::string(isa_name(active_isa())); });
   m.def("isa_env_error", [] { return active_isa_error(); },
         "Why JAX_BRGEMM_ISA was rejected, or '' when it is unset or valid.");
+  m.def("wait_env_error", [] { return prim::wait_env_error(); },
+        "Why JAX_BRGEMM_SPIN_US or JAX_BRGEMM_LINGER_US was rejected, or ''.");
   m.def("supported_isas", [] {
     std::vector<std::string> names;
     for (Isa isa : {Isa::ref, Isa::avx2, Isa::avx512, Isa::avx512bf16, Isa::amx})

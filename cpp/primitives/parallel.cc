@@ -9,11 +9,32 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
 namespace jbr::prim {
 namespace {
+
+// JAX_BRGEMM_SPIN_US / JAX_BRGEMM_LINGER_US: digits (surrounding blanks allowed), at most
+// kMaxWaitMicros. Empty where unset; where malformed, *error says why and the value is the
+// digits read so far, saturated at the maximum, so that no parse and no conversion to clock
+// ticks (nanoseconds: 6e7 us is 6e10 ns) can overflow.
+std::optional<std::chrono::microseconds> wait_setting(const char* name, std::string* error) {
+  const char* value = std::getenv(name);
+  if (!value) return std::nullopt;
+  const char* p = value;
+  while (*p == ' ' || *p == '\t') ++p;
+  int64_t micros = 0;
+  const char* digits = p;
+  for (; *p >= '0' && *p <= '9'; ++p) micros = std::min(micros * 10 + (*p - '0'), kMaxWaitMicros + 1);
+  const bool some = p != digits;
+  while (*p == ' ' || *p == '\t' || *p == '\n') ++p;
+  if (!some || *p != '\0' || micros > kMaxWaitMicros)
+    *error = std::string(name) + "='" + value + "' must be a whole number of microseconds in [0, " +
+             std::to_string(kMaxWaitMicros) + "]";
+  return std::chrono::microseconds(std::min(micros, kMaxWaitMicros));
+}
 
 // The items of a parallel_for, split into one contiguous range per thread. A thread runs
 // its own range front to back, then takes items from the back of the others' ranges, so
@@ -156,12 +177,11 @@ class Team {
  private:
   using Clock = std::chrono::steady_clock;
 
-  // Settings in microseconds, empty where unset (jax_brgemm/_ext.py checks them before the
-  // team starts).
+  // Settings in microseconds, empty where unset. A bad one (jax_brgemm/_ext.py refuses it
+  // at import, through wait_env_error) still gives a safe value here: see wait_setting.
   static std::optional<std::chrono::microseconds> micros_from_env(const char* name) {
-    const char* value = std::getenv(name);
-    if (!value) return std::nullopt;
-    return std::chrono::microseconds(std::atoll(value));
+    std::string error;
+    return wait_setting(name, &error);
   }
 
   Team()
@@ -219,6 +239,13 @@ class Team {
 };
 
 }  // namespace
+
+std::string wait_env_error() {
+  std::string error;
+  for (const char* name : {"JAX_BRGEMM_SPIN_US", "JAX_BRGEMM_LINGER_US"})
+    if (wait_setting(name, &error); !error.empty()) break;
+  return error;
+}
 
 TeamCall::TeamCall(int64_t threads, Runner also_run, std::chrono::microseconds linger)
     : workers_(std::max<int64_t>(threads - 1, 0)), also_run_(std::move(also_run)), linger_(linger) {

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 namespace jbr::prim {
@@ -60,6 +61,13 @@ void parallel_lanes(const Executor* executor, const std::vector<Lane>& lanes);
 // 23 % (its core busy with XLA's threads), and XLA's parked threads took 20-900 us to wake;
 // offered to both, 72 % started within 20 us and 1 % took over 300 us (Flax CNN step
 // 8.0-8.7 -> 7.2-7.3 ms; LSTM 512/512 forward+backward 174-180 -> 197-198 GFLOP/s).
+// The largest JAX_BRGEMM_SPIN_US / JAX_BRGEMM_LINGER_US (a minute: no one means more).
+inline constexpr int64_t kMaxWaitMicros = 60'000'000;
+
+// Why JAX_BRGEMM_SPIN_US or JAX_BRGEMM_LINGER_US is malformed or over kMaxWaitMicros, or ''.
+// The team clamps such a value instead (it starts from a kernel call, not from Python).
+std::string wait_env_error();
+
 class TeamCall final : public Executor {
  public:
   using Runner = std::function<void(std::function<void()>)>;

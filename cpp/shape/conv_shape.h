@@ -26,6 +26,15 @@ inline std::string validate(const ConvShape& s) {
       {"stride_w", s.stride_w}, {"dil_h", s.dil_h}, {"dil_w", s.dil_w}};
   for (auto [name, v] : positive)
     if (v < 1) return std::string(name) + " must be >= 1, got " + std::to_string(v);
+  // The loop nests' int64 arithmetic multiplies these by tensor extents (jax_brgemm/nn/
+  // conv.py, _fit, gives the reasoning and also clamps the stride to the padded extent).
+  constexpr int64_t kMaxGeometry = (int64_t{1} << 31) - 1;
+  const std::pair<const char*, int64_t> bounded[] = {
+      {"stride_h", s.stride_h}, {"stride_w", s.stride_w}, {"dil_h", s.dil_h}, {"dil_w", s.dil_w},
+      {"groups", s.groups}, {"pad_top", s.pad_top}, {"pad_left", s.pad_left}};
+  for (auto [name, v] : bounded)
+    if (v > kMaxGeometry || v < -kMaxGeometry)
+      return std::string(name) + " must lie within 2**31 - 1, got " + std::to_string(v);
   if (s.in_c % s.groups != 0 || s.out_c % s.groups != 0)
     return "groups (" + std::to_string(s.groups) + ") must divide in_c (" +
            std::to_string(s.in_c) + ") and out_c (" + std::to_string(s.out_c) + ")";

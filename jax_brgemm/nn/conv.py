@@ -93,6 +93,7 @@ def conv2d(x, kernel, bias=None, *, strides=1, padding="SAME", dilation=1, featu
     if p < 1 or q < 1:
         raise ValueError(f"kernel {kernel.shape[:2]} (dilation {geom.dilation}) is larger than the padded input: "
                          f"x spatial {(h, w)}, padding {geom.pads} give an output of {(p, q)}")
+    geom = _fit(geom, x.shape, (r, s), k)
     act = check_activation("activation", activation)
     if bias is not None:
         check_kernel_dtype("bias", bias)
@@ -110,12 +111,39 @@ def conv2d(x, kernel, bias=None, *, strides=1, padding="SAME", dilation=1, featu
     return out.reshape(lead + out.shape[1:])
 
 
+# The largest stride, dilation, padding or group count, and the most elements a padded
+# input or an output may hold (far beyond any memory): see _fit.
+MAX_GEOMETRY = 2**31 - 1
+MAX_ELEMENTS = 2**56
+
+
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 1 <= value <= MAX_GEOMETRY:
+        raise ValueError(f"{name} must be in [1, 2**31 - 1], got {value}")
     return int(value)
+
+
+def _fit(geom, x_shape, taps_hw, out_c):
+    """The geometry the C++ runs, with sizes bounded so that its int64 arithmetic is exact.
+
+    The loop nests form pixel coordinates ``o * stride + t * dilation - pad`` and element
+    offsets: a coordinate or a stride, times the elements of one pixel or row, times the
+    element size. A stride past the padded extent gives one output pixel along that axis
+    and is never used, so it runs as that extent (the same result; so does one tap's
+    dilation, as 1). Then every coordinate lies within the padded extent and every offset
+    within a small multiple (< 2**6) of the bytes of the padded input or of the output, so
+    values within 2**31 - 1 and at most 2**56 elements keep every product under 2**63.
+    """
+    *lead, h, w, c = x_shape
+    extents = [max(size, size + lo + hi) for size, (lo, hi) in zip((h, w), geom.pads)]
+    elements = math.prod(lead) * extents[0] * extents[1] * max(c, out_c)
+    if elements > MAX_ELEMENTS:
+        raise ValueError(f"x {tuple(x_shape)} with padding {geom.pads} and {out_c} output channels "
+                         f"spans {elements} elements, over 2**56")
+    return geom._replace(strides=tuple(min(st, e) for st, e in zip(geom.strides, extents)),
+                         dilation=tuple(d if t > 1 else 1 for d, t in zip(geom.dilation, taps_hw)))
 
 
 def _pair(name, value):
@@ -140,15 +168,19 @@ def _pads(padding, in_hw, taps_hw, strides, dilation):
             return tuple(pads)
         raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), got {padding!r}")
     if isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
-        return ((int(padding),) * 2,) * 2
-    try:
-        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        ok = len(pads) == 2 and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                                    for pair in padding for v in pair)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), got {padding!r}")
+        pads = ((int(padding),) * 2,) * 2
+    else:
+        try:
+            pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+            ok = len(pads) == 2 and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                        for pair in padding for v in pair)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"padding must be 'SAME', 'VALID', an int or ((top, bottom), (left, right)), "
+                             f"got {padding!r}")
+    if any(abs(v) > MAX_GEOMETRY for pair in pads for v in pair):
+        raise ValueError(f"padding must lie in [-(2**31 - 1), 2**31 - 1], got {padding!r}")
     return pads
 
 

@@ -10,13 +10,15 @@ conv2d's.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import _activations
 from .._checks import check_activation, check_kernel_dtype
-from .conv import _pair, conv2d
+from .conv import MAX_ELEMENTS, _pair, _positive_int, conv2d
 
 
 def conv_transpose(x, kernel, bias=None, *, input_dilation, padding, dilation=1,
@@ -46,8 +48,8 @@ def conv_transpose(x, kernel, bias=None, *, input_dilation, padding, dilation=1,
     act = check_activation("activation", activation)
     stride, dil = _pair("input_dilation", input_dilation), _pair("dilation", dilation)
     r, s, cg, k = kernel.shape
-    groups = int(feature_group_count)
-    if groups < 1 or x.shape[3] != cg * groups or k % groups:
+    groups = _positive_int("feature_group_count", feature_group_count)
+    if x.shape[3] != cg * groups or k % groups:
         raise ValueError(f"kernel {kernel.shape} and feature_group_count {groups} do not match x {x.shape}")
     try:
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
@@ -59,6 +61,9 @@ def conv_transpose(x, kernel, bias=None, *, input_dilation, padding, dilation=1,
                          f"[0, dilation * (taps - 1)] = {spans}, got {padding!r}")
     # The strided convolution whose backward-data pass this is: pads (span - lo, span - hi).
     geometry = (stride, dil, tuple((span - lo, span - hi) for (lo, hi), span in zip(pads, spans)), groups)
+    out_shape = _out_shape(x, kernel, geometry)
+    if math.prod(out_shape) > MAX_ELEMENTS:  # conv2d bounds the rest (conv.py, _fit)
+        raise ValueError(f"input_dilation {stride} gives an output of shape {out_shape}, over 2**56 elements")
     y = _conv_transpose(jnp.asarray(x), jnp.asarray(kernel).astype(dtype), geometry)
     if bias is not None:
         check_kernel_dtype("bias", bias)
