@@ -35,7 +35,8 @@ from .common import machine_peak_gflops, median_seconds, print_records, torch_mo
 
 LAYERS = {
     "stock": dict(conv=nnx.Conv, dense=nnx.Linear, bn=nnx.BatchNorm, lstm=lambda i, h, rngs: nnx.RNN(
-        nnx.OptimizedLSTMCell(i, h, rngs=rngs)), attention=nnx.MultiHeadAttention),
+        nnx.OptimizedLSTMCell(i, h, rngs=rngs)), attention=nnx.MultiHeadAttention,
+                  conv_transpose=nnx.ConvTranspose),
     # fl.BatchNorm with relu and the residual add fused, as a user of flax_layers writes the blocks.
     "flax_layers": dict(conv=fl.Conv, dense=fl.Dense, bn=fl.BatchNorm, fused_bn=True,
                         lstm=fl.LSTM, attention=fl.MultiHeadAttention, conv_transpose=fl.ConvTranspose),
