@@ -167,3 +167,15 @@ print("ok", float(jb.nn.dense(x, w)[0, 0]))
 def test_worker_team_clamps_a_setting_it_reads_unchecked():
     result = _import_with({}, SATURATED)
     assert result.returncode == 0 and "ok 256.0" in result.stdout, result.stderr
+
+
+def test_attention_huge_window_is_no_window():
+    import jax
+    import jax_brgemm as jb
+
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 6, 2, 8)), jnp.float32) for _ in range(3))
+    want = jb.nn.dot_product_attention(q, k, v)
+    got = jb.nn.dot_product_attention(q, k, v, local_window_size=2**63)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert jax.numpy.isfinite(got).all()

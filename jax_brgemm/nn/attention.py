@@ -108,6 +108,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
             raise ValueError("local_window_size must be an int >= 0 or a pair (left, right) of "
                              f"them, got {local_window_size!r}")
     scale = 1.0 / math.sqrt(H) if scale is None else float(scale)
+    # A window wider than both sequences sees every key: clamped, it fits the int64 attribute.
+    window = tuple(w if w < 0 else min(int(w), max(T, S)) for w in window)
     config = (scale, bool(is_causal), int(window[0]), int(window[1]))
     # The kernel adds a float32 bias; its gradient returns in bias's dtype through astype.
     bias_f32 = None if bias is None else bias.astype(jnp.float32)
