@@ -12,12 +12,6 @@
 namespace jbr::ffi_handlers {
 namespace {
 
-using Dims = std::vector<int64_t>;
-
-Dims dims_of(const ffi::AnyBuffer& b) {
-  auto d = b.dimensions();
-  return Dims(d.begin(), d.end());
-}
 
 ffi::Error expect(const ffi::AnyBuffer& b, const char* name, const Dims& want, DType dtype) {
   DType got;

@@ -12,12 +12,6 @@
 namespace jbr::ffi_handlers {
 namespace {
 
-using Dims = std::vector<int64_t>;
-
-Dims dims_of(const ffi::AnyBuffer& b) {
-  auto d = b.dimensions();
-  return Dims(d.begin(), d.end());
-}
 
 // The shape from x, which must be (G, R, C) float32 or bfloat16.
 ffi::Error decode(const ffi::AnyBuffer& x, prim::BatchNormShape* s, DType* dtype) {

@@ -48,6 +48,12 @@ inline ffi::Error invalid(std::string message) {
 }
 
 using shape::dims_str;  // "(2, 3)": how every message words a shape
+using shape::Dims;
+
+inline Dims dims_of(const ffi::AnyBuffer& b) {
+  auto d = b.dimensions();
+  return Dims(d.begin(), d.end());
+}
 
 inline ffi::Error expect_f32(const ffi::AnyBuffer& buffer, const char* name) {
   if (buffer.element_type() != ffi::DataType::F32)

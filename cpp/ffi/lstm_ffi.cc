@@ -8,7 +8,6 @@
 namespace jbr::ffi_handlers {
 namespace {
 
-using Dims = std::vector<int64_t>;
 
 const char* dtype_name(DType d) { return d == DType::bf16 ? "bfloat16" : "float32"; }
 
