@@ -43,8 +43,9 @@ _OURS = {
 def _kind_of_instruction(line: str) -> str:
     if "custom_call_target=" in line:
         target = re.search(r'custom_call_target="([^"]+)"', line).group(1)
+        name = target.removeprefix("jax_brgemm_")  # every target's prefix: match on the rest
         for key, kind in _OURS.items():
-            if key in target:
+            if key in name:
                 return kind
         return f"custom call {target}"
     opcode = re.search(r"=\s*[^ ]+\s+([a-z\-]+)\(", line)

@@ -77,3 +77,17 @@ def test_bench_all_then_report(tmp_path):
     assert done.stdout == report.markdown([str(out)])
     assert _rows(done.stdout, list(records[0]))[0][:4] == ["64", "64", "64", "4"]
     assert report.cpu_model() in done.stdout
+
+
+def test_profile_sorts_each_target_into_its_kind():
+    """Every target carries the jax_brgemm_ prefix: batch norm must not read as a brgemm call."""
+    from jax_brgemm_bench import profile
+
+    def line(target):
+        return f'%ffi_call.1 = f32[8,64]{{1,0}} custom-call(%x), custom_call_target="{target}"'
+
+    assert profile._kind_of_instruction(line("jax_brgemm_batch_norm_apply")) == "batch norm (ours)"
+    assert profile._kind_of_instruction(line("jax_brgemm_brgemm_indexed")) == "brgemm (ours)"
+    assert profile._kind_of_instruction(line("jax_brgemm_conv2d_weight_update")) == "conv weight update (ours)"
+    assert profile._kind_of_instruction(line("jax_brgemm_attention_backward")) == "attention (ours)"
+    assert profile._kind_of_instruction("%f = f32[8] fusion(%a), kind=kLoop") == "elementwise fusions (XLA)"
