@@ -5,6 +5,7 @@
     python sharding_worker.py process I N PORT  process I of N on localhost; prints the loss
 """
 
+import contextlib
 import os
 import sys
 
@@ -67,6 +68,7 @@ def check_devices():
 
     check_layers(mesh)
     check_explicit()
+    check_attention_heads()
 
     # Inside shard_map the op sees local shards and needs nothing special.
     local = jax.jit(jax.shard_map(lambda a: jb.brgemm(a, b), mesh=mesh, in_specs=P("batch"),
@@ -183,6 +185,54 @@ def check_explicit():
         for g, r in zip(jax.tree.leaves(step(params, x_sharded)), jax.tree.leaves(step(params, x))):
             assert rel(g, r) < 1e-5, f"{name} without a mesh context: gradient differs"
     print("explicit ok")
+
+
+def attention_case(rng, kv_heads):
+    """Batch 4, 16 queries and 12 keys, 4 query heads of 8 over `kv_heads` K/V heads, a bias
+    broadcast over the batch (its gradient a sum over the batch shards)."""
+    q = rng.standard_normal((4, 16, 4, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((4, 12, kv_heads, 8)).astype(np.float32) for _ in range(2))
+    bias = rng.standard_normal((1, 4, 16, 12)).astype(np.float32)
+    return q, k, v, bias
+
+
+def check_attention_heads():
+    """Attention split along the batch and the heads (tensor parallelism) on a 2 x 2 mesh,
+    Auto and Explicit: values and gradients equal the unsharded op's, outputs keep both
+    splits, nothing is gathered, and the bias gradient is reduced over the batch. K/V
+    heads that the split does not divide (one head: replicated; three: not split)."""
+    f = lambda q, k, v, b: jb.nn.dot_product_attention(q, k, v, bias=b, is_causal=True)  # noqa: E731
+    loss = lambda *a: jnp.mean(f(*a) ** 2)  # noqa: E731  (no cancellation in the sum)
+    rng = np.random.default_rng(5)
+    for axis_type in (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit):
+        mesh = jax.make_mesh((2, 2), ("batch", "heads"), axis_types=(axis_type,) * 2)
+        put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+        qkv_spec = P("batch", None, "heads", None)
+        in_context = lambda: (jax.set_mesh(mesh) if axis_type == jax.sharding.AxisType.Explicit  # noqa: E731
+                              else contextlib.nullcontext())
+        with in_context():
+            for kv_heads in (4, 2, 1):
+                q, k, v, bias = attention_case(rng, kv_heads)
+                kv_spec = qkv_spec if kv_heads > 1 else P("batch")
+                args = (put(q, qkv_spec), put(k, kv_spec), put(v, kv_spec), put(bias, P(None, "heads")))
+                forward, step = jax.jit(f), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+                out = forward(*args)
+                assert rel(out, f(q, k, v, bias)) < 1e-5, f"K={kv_heads} {axis_type}: sharded attention differs"
+                assert tuple(out.sharding.spec)[:3] == ("batch", None, "heads"), out.sharding
+                (value, grads), (ref_value, ref_grads) = step(*args), step(q, k, v, bias)
+                assert rel(value, ref_value) < 1e-5, f"K={kv_heads} {axis_type}: loss {value} != {ref_value}"
+                for g, r in zip(grads, ref_grads):
+                    assert rel(g, r) < 1e-5, f"K={kv_heads} {axis_type}: sharded gradient differs"
+                hlo = step.lower(*args).compile().as_text()
+                assert "all-gather" not in hlo, f"K={kv_heads} {axis_type}: the step gathers"
+                assert "all-reduce" in hlo, "the bias gradient is not reduced over the batch"
+            # Three K/V heads do not split two ways: the heads stay whole, the values right.
+            q6 = rng.standard_normal((4, 16, 6, 8)).astype(np.float32)
+            k3, v3 = (rng.standard_normal((4, 12, 3, 8)).astype(np.float32) for _ in range(2))
+            plain = lambda q, k, v: jb.nn.dot_product_attention(q, k, v)  # noqa: E731
+            out = jax.jit(plain)(put(q6, qkv_spec), put(k3, P("batch")), put(v3, P("batch")))
+            assert rel(out, plain(q6, k3, v3)) < 1e-5, f"{axis_type}: uneven K/V heads differ"
+    print("attention heads ok")
 
 
 def run_process():

@@ -48,7 +48,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     masked logits are equal), with no gradient to query, key or bias. Every sum is float32;
     in bfloat16 the probabilities are rounded to bfloat16 before ``P V`` (as JAX does).
     Differentiable once (query, key, value, bias), under jit and vmap (vmapped axes fold
-    into B), split along B under sharding. Memory: O(B N T) beyond inputs and outputs, plus
+    into B), split along B and the heads under sharding. Memory: O(B N T) beyond inputs and outputs, plus
     in the backward a float32 copy of dq per thread. ``implementation`` must be None
     (or "xla", accepted for compatibility); ``return_residual=True`` also returns the
     log-sum-exp of each row, ``(B, T, N)`` in the inputs' dtype, as JAX does.
@@ -113,7 +113,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     config = (scale, bool(is_causal), int(window[0]), int(window[1]))
     # The kernel adds a float32 bias; its gradient returns in bias's dtype through astype.
     bias_f32 = None if bias is None else bias.astype(jnp.float32)
-    ops = align_to_batch((query, key, value, bias_f32, mask, *lengths), (0, 0, 0, 0, 0, 0, 0))
+    ops = align_to_batch((query, key, value, bias_f32, mask, *lengths), (0, 0, 0, 0, 0, 0, 0),
+                         heads=(2, 2, 2, 1, 1, None, None))
     out, lse = _attention(*ops, config)
     result = out[0] if unbatched else out
     if not return_residual:
@@ -179,7 +180,8 @@ def _forward_call(config, present):
     def impl(q, k, v, *rest):
         return _forward_raw(q, k, v, *_unpack(rest, present), config)
 
-    sharded = batch_partitioned(impl, batched=batched, outputs=(0, 0))
+    sharded = batch_partitioned(impl, batched=batched, outputs=(0, 0), heads=_heads_dims(present),
+                                out_heads=(2, 1))
 
     @jax.custom_batching.custom_vmap
     def call(*args):
@@ -196,6 +198,13 @@ def _forward_call(config, present):
                  lse.reshape((axis_size, batch) + lse.shape[1:])), (True, True))
 
     return call
+
+
+def _heads_dims(present):
+    """The heads dim of each operand of the calls: q, k, v (B, T, N, H), bias and mask
+    (B, N, T, S) where present, the lengths (B,) none. Sharding splits the heads with them."""
+    optional = {"bias": 1, "mask": 1, "q_len": None, "kv_len": None}
+    return (2, 2, 2) + tuple(d for (_, d), p in zip(optional.items(), present) if p)
 
 
 def _bcast_positions(present):
@@ -240,7 +249,8 @@ def _backward_call(config, present, bias_grad, bias_batch_full):
         *opt, out, lse, d_out = rest
         return _backward_raw(q, k, v, *_unpack(opt, present), out, lse, d_out, config, bias_grad)
 
-    sharded = batch_partitioned(impl, batched=batched, outputs=(0, 0, 0, dbias_kind))
+    sharded = batch_partitioned(impl, batched=batched, outputs=(0, 0, 0, dbias_kind),
+                                heads=_heads_dims(present) + (2, 1, 2), out_heads=(2, 2, 2, 1 if bias_grad else None))
 
     @jax.custom_batching.custom_vmap
     def call(*args):
