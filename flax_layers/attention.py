@@ -18,6 +18,8 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 
 import jax_brgemm as jb
 
+from . import _common
+
 __all__ = ["MultiHeadAttention", "dot_product_attention", "linen_dot_product_attention"]
 
 _SERVED = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -89,7 +91,23 @@ def linen_dot_product_attention(query, key, value, bias=None, mask=None, broadca
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
     """:class:`flax.nnx.MultiHeadAttention` whose default ``attention_fn`` is
-    :func:`dot_product_attention` above (same parameters, state and results)."""
+    :func:`dot_product_attention` above (same parameters, state and results). Without
+    decoding, dropout or sown weights the whole stock computation runs through the rules of
+    :func:`jax_brgemm.optimize`, so the query, key, value and output projections run on
+    :func:`jax_brgemm.nn.dense` as well."""
 
     def __init__(self, *args, attention_fn=dot_product_attention, **kwargs):
         super().__init__(*args, attention_fn=attention_fn, **kwargs)
+
+    def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, deterministic=None,
+                 rngs=None, sow_weights=False, decode=None, **kwargs):
+        call = super().__call__
+        stateless = (not sow_weights and rngs is None and not (self.decode if decode is None else decode)
+                     and _no_dropout(self.dropout_rate, self.deterministic if deterministic is None
+                                     else deterministic))
+        if not stateless:  # the module reads or writes state: the stock call, attention served
+            return call(inputs_q, inputs_k, inputs_v, mask=mask, deterministic=deterministic, rngs=rngs,
+                        sow_weights=sow_weights, decode=decode, **kwargs)
+        stock = lambda q, k, v, m: call(q, k, v, mask=m, deterministic=deterministic,  # noqa: E731
+                                        decode=decode, **kwargs)
+        return _common.serve(stock, inputs_q, inputs_k, inputs_v, mask)

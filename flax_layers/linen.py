@@ -9,6 +9,8 @@ Conv take one extra attribute, ``activation``, fused into the kernel's epilogue.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 import jax
@@ -124,6 +126,23 @@ class OptimizedLSTMCell(linen.OptimizedLSTMCell):
 
 class MultiHeadDotProductAttention(linen.MultiHeadDotProductAttention):
     """:class:`flax.linen.MultiHeadDotProductAttention` whose default ``attention_fn`` runs
-    :func:`jax_brgemm.nn.dot_product_attention` where it serves (flax_layers.attention)."""
+    :func:`jax_brgemm.nn.dot_product_attention` where it serves (flax_layers.attention).
+    Without decoding, dropout or sown weights the projections run on the kernel too (the
+    rules of :func:`jax_brgemm.optimize`, as in :class:`flax_layers.MultiHeadAttention`)."""
 
     attention_fn: Callable[..., jax.Array] = _attention.linen_dot_product_attention
+
+    @linen.compact
+    def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None, mask=None,
+                 deterministic=None, dropout_rng=None, sow_weights=False):
+        call = functools.partial(linen.MultiHeadDotProductAttention.__call__, self)
+        deterministic = linen.merge_param("deterministic", self.deterministic, deterministic) \
+            if self.dropout_rate > 0.0 else True
+        stateless = (not sow_weights and not self.decode and dropout_rng is None
+                     and (self.dropout_rate == 0.0 or deterministic))
+        if self.is_initializing() or not stateless:
+            return call(inputs_q, inputs_k, inputs_v, inputs_kv=inputs_kv, mask=mask,
+                        deterministic=deterministic, dropout_rng=dropout_rng, sow_weights=sow_weights)
+        stock = lambda q, k, v, kv, m: call(q, k, v, inputs_kv=kv, mask=m,  # noqa: E731
+                                            deterministic=deterministic)
+        return _common.serve(stock, inputs_q, inputs_k, inputs_v, inputs_kv, mask)
