@@ -55,7 +55,8 @@ struct Desc {
   bool a_transposed = false;
   // B_i is stored in the pair-interleaved layout the AMX tiles read (pack_b_vnni), so a
   // primitive packs weights it reuses once instead of the kernel packing them every call.
-  // bfloat16 on amx only; ldb is then the distance between 16-column tiles (pack_b_vnni).
+  // bfloat16 on avx512bf16 and amx only (wants_vnni_b); ldb is then the distance between
+  // 16-column tiles (pack_b_vnni).
   bool b_vnni = false;
   Isa isa = Isa::ref;
 
@@ -183,7 +184,13 @@ inline int64_t b_row_offset(int64_t p, int64_t ldb, bool vnni) { return vnni ? p
 // Whether kernels for `isa` and `dtype` read B in that layout (Desc::b_vnni): a primitive
 // that reuses a B operand across calls packs it so once (pack_b_vnni) instead of the
 // kernel packing it on every call.
-inline bool wants_vnni_b(Isa isa, DType dtype) { return isa == Isa::amx && dtype == DType::bf16; }
+inline bool wants_vnni_b(Isa isa, DType dtype) {
+  return (isa == Isa::amx || isa == Isa::avx512bf16) && dtype == DType::bf16;
+}
+// Whether kernels for `isa` and `dtype` run on the AMX tiles (16 x 16 blocks of C per
+// instruction): loop-nest choices measured for the tiles (not for the register kernels,
+// which also read the pair layout) ask this rather than wants_vnni_b.
+inline bool uses_amx_tiles(Isa isa, DType dtype) { return isa == Isa::amx && dtype == DType::bf16; }
 // dst (tiles ld_dst apart) = src (k x n, row-major, leading dimension lds).
 void pack_b_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst,
                  int64_t ld_dst);
