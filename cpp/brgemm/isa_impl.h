@@ -79,8 +79,8 @@ extern const IsaImpl impl_avx512bf16;
 extern const IsaImpl impl_amx;
 // True where the CPU has AMX-BF16 and the OS granted this process the tile state.
 bool amx_usable();
-// pack_b_vnni on AVX-512 (isa_avx512.cc): the plain-B paths of the amx and avx512bf16
-// kernels pack with it on every call.
+// pack_b_vnni on AVX-512 (isa_avx512.cc), wherever AVX-512 runs; the amx kernel's plain-B
+// path packs with it on every call.
 void pack_vnni_avx512(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ld);
 #endif
 
