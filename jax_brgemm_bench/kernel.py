@@ -42,9 +42,11 @@ def kernel_records(shapes, variants, isas, dtypes=("float32",), samples=7) -> li
     for dtype in dtypes:
         peak = machine_core_peak(dtype)
         for isa in isas:
-            # On AMX, B as the primitives pass their weights (packed once, "vnni") and as a
-            # plain row-major block that the kernel packs on every call.
-            layouts = ["plain", "vnni"] if isa == "amx" and dtype == "bfloat16" else ["plain"]
+            # Where bfloat16 kernels read B in the pair layout (avx512bf16, amx): B as the
+            # primitives pass their weights (packed once, "vnni") and as a plain row-major
+            # block that the kernel packs on every call.
+            vnni = isa in ("avx512bf16", "amx") and dtype == "bfloat16"
+            layouts = ["plain", "vnni"] if vnni else ["plain"]
             for m, n, k, count in shapes:
                 for variant in variants:
                     for layout in layouts:

@@ -1,6 +1,6 @@
 """Whole models, training and inference steps, four ways side by side in one run:
 
-    python -m jax_brgemm bench models [--model NAME ...] [--quick] [--json]
+    python -m jax_brgemm bench models [--model NAME ...] [--quick] [--dtype float32|bfloat16] [--json]
 
 - ``stock``: the model written with stock Flax NNX modules, jitted;
 - ``optimize``: the same stock model with its loss (or forward) wrapped in
@@ -14,6 +14,12 @@ LSTM, and a small transformer block (d=256, 4 heads, T=256, causal).
 A training step is forward, backward and the optimizer update; inference is the eval-mode
 forward. FLOPs per step are XLA's count for the stock program (its cost analysis), so
 ``pct_of_peak`` is against this machine's measured float32 FMA peak on all cores.
+
+``--dtype bfloat16`` is mixed precision: inputs, activations and the convolutions, dense
+layers, batch norms and attention compute in bfloat16 (Flax modules with dtype=bfloat16,
+the same for stock and flax_layers), master weights, optimizer and loss stay float32; the
+torch peer runs its forward under ``torch.autocast("cpu", torch.bfloat16)``. (The LSTM
+models stay float32: the stock cell is built by a lambda without a dtype.)
 """
 
 from __future__ import annotations
@@ -42,6 +48,16 @@ LAYERS = {
                         lstm=fl.LSTM, attention=fl.MultiHeadAttention, conv_transpose=fl.ConvTranspose),
 }
 VARIANTS = ("stock", "optimize", "flax_layers", "torch")
+# The layer-set entries that take a compute dtype (Flax's dtype=) under --dtype.
+DTYPE_LAYERS = ("conv", "dense", "bn", "attention", "conv_transpose")
+
+
+def with_dtype(L, dtype):
+    """Layer set L with its DTYPE_LAYERS computing in `dtype` (parameters stay float32)."""
+    if dtype == "float32":
+        return L
+    return {key: partial(make, dtype=jnp.dtype(dtype)) if key in DTYPE_LAYERS else make
+            for key, make in L.items()}
 
 
 # ------------------------------------------------------------------ Flax models
@@ -221,8 +237,8 @@ def model_spec(name, quick):
 # ------------------------------------------------------------------ JAX steps
 
 
-def _loss(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def _loss(logits, labels):  # in float32 whatever the compute dtype
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
 def jax_train_step(make, L, wrap, x, labels):
@@ -367,8 +383,11 @@ def torch_transformer(torch):
     return Model()
 
 
-def torch_runners(make, torch, x, labels):
+def torch_runners(make, torch, x, labels, dtype="float32"):
     model = make(torch)
+    # Mixed precision as torch users write it: the forward under autocast (weights stay
+    # float32), the loss in float32.
+    autocast = lambda: torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16")
     image = x.ndim == 4
     if image:
         model = model.to(memory_format=torch.channels_last)
@@ -381,14 +400,16 @@ def torch_runners(make, torch, x, labels):
     def run_train():
         model.train()
         opt.zero_grad()
-        logits = model(x)
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         loss.backward()
         opt.step()
 
     def run_infer():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(x)
 
     return run_train, run_infer
@@ -397,22 +418,24 @@ def torch_runners(make, torch, x, labels):
 # ------------------------------------------------------------------ the table
 
 
-def records(names, quick, variants=VARIANTS):
+def records(names, quick, variants=VARIANTS, dtype="float32"):
     torch = torch_module() if "torch" in variants else None
     peak = machine_peak_gflops()
     out = []
     for name in names:
         make, x, labels, make_torch = model_spec(name, quick)
+        # (Token inputs stay integers; float inputs enter in the compute dtype.)
+        jx = x.astype(jnp.dtype(dtype)) if np.issubdtype(x.dtype, np.floating) else x
         runners, flops, trace = {}, None, {}
         for variant in variants:
             if variant == "torch":
                 if torch is not None:
-                    runners["torch"] = torch_runners(make_torch, torch, x, labels)
+                    runners["torch"] = torch_runners(make_torch, torch, x, labels, dtype)
                 continue
-            L = LAYERS["flax_layers" if variant == "flax_layers" else "stock"]
+            L = with_dtype(LAYERS["flax_layers" if variant == "flax_layers" else "stock"], dtype)
             wrap = jb.optimize if variant == "optimize" else (lambda f: f)
             start = time.perf_counter()
-            train, infer, counted = jax_runners(make, L, wrap, x, labels)
+            train, infer, counted = jax_runners(make, L, wrap, jx, labels)
             train(), infer()  # compile (and for optimize: trace and rewrite)
             trace[variant] = time.perf_counter() - start
             runners[variant] = (train, infer)
@@ -420,7 +443,7 @@ def records(names, quick, variants=VARIANTS):
         repeats = 3 if quick or name.startswith("resnet") else 7
         for step, index in (("train", 0), ("infer", 1)):
             t = {v: median_seconds(r[index], repeats=repeats, min_seconds=0.05) for v, r in runners.items()}
-            rec = dict(model=name, step=step, batch=int(np.shape(x)[0]))
+            rec = dict(model=name, step=step, batch=int(np.shape(x)[0]), dtype=dtype)
             for v in variants:
                 rec[f"{v}_ms"] = 1e3 * t[v] if v in t else None
             rec["optimize_vs_stock"] = t["stock"] / t["optimize"] if "optimize" in t else None
@@ -444,10 +467,12 @@ def main(argv=None):
     p.add_argument("--model", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--quick", action="store_true", help="small images and sequences (a smoke run)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (bfloat16: mixed precision, float32 weights and loss)")
     p.add_argument("--json", action="store_true", help="print one JSON list of records")
     args = p.parse_args(argv)
-    recs = records(args.model, args.quick, tuple(args.variants))
-    print_records(recs, ["model", "step", "batch", *[f"{v}_ms" for v in args.variants], "optimize_vs_stock",
+    recs = records(args.model, args.quick, tuple(args.variants), args.dtype)
+    print_records(recs, ["model", "step", "batch", "dtype", *[f"{v}_ms" for v in args.variants], "optimize_vs_stock",
                          "optimize_vs_flax_layers", "optimize_vs_torch", "flax_layers_vs_torch",
                          "pct_of_peak", "compile_s_stock", "compile_s_optimize"], args.json,
                   "whole models, median ms per step (stock Flax, optimize(stock), flax_layers, PyTorch):")

@@ -328,38 +328,45 @@ def test_kernel_reads_overlapping_a_rows(dtype, isa_bf16, rng):
     assert rel_err(c[:, :n], ref) < 1e-5
 
 
-needs_amx = pytest.mark.skipif("amx" not in jb.supported_isas(), reason="no AMX on this CPU")
+# The paths whose bfloat16 kernels read B in the pair layout (Desc::b_vnni).
+VNNI_ISAS = [pytest.param(i, marks=pytest.mark.skipif(i not in jb.supported_isas(), reason=f"no {i} on this CPU"))
+             for i in ("avx512bf16", "amx")]
 
 
-@needs_amx
+@pytest.mark.parametrize("vnni_isa", VNNI_ISAS)
 @pytest.mark.parametrize("form", ["stride", "offset", "address"])
 @pytest.mark.parametrize("m,n,k,count", [(1, 1, 1, 1), (15, 17, 31, 2), (16, 16, 32, 1), (17, 48, 33, 3),
-                                         (40, 100, 64, 4), (56, 64, 65, 9), (33, 31, 96, 2)])
-@pytest.mark.parametrize("beta,activation", [(0.0, "none"), (1.0, "none"), (-0.5, "gelu")])
-def test_amx_tiles_with_vnni_weights(form, m, n, k, count, beta, activation, rng):
+                                         (40, 100, 64, 4), (56, 64, 65, 9), (33, 31, 96, 2), (3, 65, 5, 2),
+                                         (7, 129, 2, 1)])
+@pytest.mark.parametrize("beta,activation,bias", [(0.0, "none", False), (1.0, "none", False),
+                                                  (1.0, "relu", True), (-0.5, "gelu", False)])
+def test_vnni_weights(vnni_isa, form, m, n, k, count, beta, activation, bias, rng):
     # B packed once into the pair-interleaved layout (as the primitives pack weights) and
-    # read as is: m not a multiple of 16 (the overlapping last row tile, beta != 0 included),
-    # n and k edges (zero-padded tiles), odd k, both the direct-to-C and the epilogue stores.
+    # read as is, against the same B plain (which the kernel packs, or shuffles, itself):
+    # m not a multiple of the register or AMX block (AMX's overlapping last row tile, beta
+    # != 0 included), n and k edges (zero-padded tiles, masked stores), odd k, blocks of
+    # few accumulators (two sets), the inline and the per-vector epilogues.
     lda, ldb, ldc = k + 3, n + 1, n + 2
     a_pool, b_pool, offs_a, offs_b = bf16_pools(rng, form, m, n, k, count, lda, ldb)
     c0 = rng.standard_normal((m, ldc)).astype(F32)
+    bias = rng.standard_normal(n).astype(F32) if bias else None
     ref = kernel_reference(a_pool.astype(np.float64), b_pool.astype(np.float64), c0, m, n, k,
-                           lda, ldb, ldc, offs_a, offs_b, 1.0, beta, activation, None)
+                           lda, ldb, ldc, offs_a, offs_b, 1.0, beta, activation, bias)
     for b_vnni in (False, True):
         c = c0.copy()
         call_kernel(form, a_pool.view(np.uint16), b_pool.view(np.uint16), c, m, n, k, lda, ldb, ldc,
-                    offs_a, offs_b, beta=beta, activation=activation, isa="amx", b_vnni=b_vnni)
+                    offs_a, offs_b, beta=beta, activation=activation, bias=bias, isa=vnni_isa, b_vnni=b_vnni)
         assert rel_err(c[:, :n], ref) < 1e-5, b_vnni
         np.testing.assert_array_equal(c[:, n:], c0[:, n:])  # beyond n, C is untouched
 
 
-@needs_amx
-def test_amx_rejects_vnni_descriptors_it_cannot_read(rng):
+@pytest.mark.parametrize("vnni_isa", VNNI_ISAS)
+def test_vnni_descriptors_a_path_cannot_read_are_rejected(vnni_isa):
     a = np.ones(64, F32)
     with pytest.raises(ValueError, match="b_vnni"):  # float32 has no pair layout
-        call_kernel("stride", a, a, np.zeros((2, 2), F32), 2, 2, 2, 2, 2, 2, [0], [0], isa="amx", b_vnni=True)
+        call_kernel("stride", a, a, np.zeros((2, 2), F32), 2, 2, 2, 2, 2, 2, [0], [0], isa=vnni_isa, b_vnni=True)
     h = np.ones(64, np.uint16)
-    with pytest.raises(ValueError, match="b_vnni"):  # nor does a non-AMX path read it
+    with pytest.raises(ValueError, match="b_vnni"):  # nor does a path without VDPBF16PS read it
         call_kernel("stride", h, h, np.zeros((2, 2), F32), 2, 2, 2, 2, 2, 2, [0], [0], isa="avx512", b_vnni=True)
 
 

@@ -217,6 +217,16 @@ def test_conv_bfloat16(rng, kwargs):
     check_bfloat16_against_stock(ours, stock, normal(rng, 2, 9, 8, 4))
 
 
+def test_batch_norm_bfloat16(rng):
+    # Training mode, bfloat16 compute with float32 parameters and statistics, as the models
+    # bench's --dtype bfloat16 builds it (an input far from zero mean, unit variance).
+    ours = fl.BatchNorm(6, use_running_average=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+    stock = nnx.BatchNorm(6, use_running_average=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+    check_bfloat16_against_stock(ours, stock, 3.0 + 2.0 * normal(rng, 4, 5, 5, 6))
+    assert ours(normal(rng, 2, 3, 3, 6).astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    assert ours.mean[...].dtype == jnp.float32
+
+
 @pytest.mark.parametrize("kwargs,shape", [
     (dict(kernel_size=(3,)), (2, 9, 4)),                                # 1-D
     (dict(kernel_size=(3,), padding="CAUSAL", kernel_dilation=2), (2, 9, 4)),

@@ -53,9 +53,11 @@ struct Desc {
   // its x^T (pixels x channels in memory) in place instead of transposing it first.
   // Float32 inputs only (the bfloat16 dot kernels pair adjacent elements of A's rows).
   bool a_transposed = false;
-  // B_i is stored in the pair-interleaved layout the AMX tiles read (pack_b_vnni), so a
-  // primitive packs weights it reuses once instead of the kernel packing them every call.
-  // bfloat16 on amx only; ldb is then the distance between 16-column tiles (pack_b_vnni).
+  // B_i is stored in the pair-interleaved layout that AMX's tiles and VDPBF16PS read
+  // (pack_b_vnni), so a primitive packs weights it reuses once instead of the kernel packing
+  // or shuffling them every call.
+  // bfloat16 on avx512bf16 and amx only (wants_vnni_b); ldb is then the distance between
+  // 16-column tiles (pack_b_vnni).
   bool b_vnni = false;
   Isa isa = Isa::ref;
 
@@ -168,7 +170,7 @@ void transpose_bf16(const uint16_t* src, int64_t lds, int64_t rows, int64_t cols
                     uint16_t* dst, int64_t ldd, Isa isa);
 
 // The pair-interleaved ("VNNI") layout of a bfloat16 B block (k x n), as AMX's TDPBF16PS
-// reads it: columns in tiles of 16, each tile its vnni_rows(k) / 2 pair-rows of 16 pairs
+// reads it (and VDPBF16PS, one 16-column pair-row per zmm): columns in tiles of 16, each tile its vnni_rows(k) / 2 pair-rows of 16 pairs
 // (64 bytes) back to back, tiles ld elements apart (ld >= vnni_tile_ld(k)): element (p, j)
 // at dst[(j / 16) * ld + (p / 2) * 32 + 2 * (j % 16) + p % 2]. vnni_rows(k) is k rounded up
 // to 32; everything past k rows or n columns is zero, so whole tiles can be read. A tile's
@@ -183,7 +185,13 @@ inline int64_t b_row_offset(int64_t p, int64_t ldb, bool vnni) { return vnni ? p
 // Whether kernels for `isa` and `dtype` read B in that layout (Desc::b_vnni): a primitive
 // that reuses a B operand across calls packs it so once (pack_b_vnni) instead of the
 // kernel packing it on every call.
-inline bool wants_vnni_b(Isa isa, DType dtype) { return isa == Isa::amx && dtype == DType::bf16; }
+inline bool wants_vnni_b(Isa isa, DType dtype) {
+  return (isa == Isa::amx || isa == Isa::avx512bf16) && dtype == DType::bf16;
+}
+// Whether kernels for `isa` and `dtype` run on the AMX tiles (16 x 16 blocks of C per
+// instruction): loop-nest choices measured for the tiles (not for the register kernels,
+// which also read the pair layout) ask this rather than wants_vnni_b.
+inline bool uses_amx_tiles(Isa isa, DType dtype) { return isa == Isa::amx && dtype == DType::bf16; }
 // dst (tiles ld_dst apart) = src (k x n, row-major, leading dimension lds).
 void pack_b_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst,
                  int64_t ld_dst);

@@ -199,8 +199,8 @@ std::string validate(const Desc& d) {
   // adjacent pixels in place, one row per output pixel, sw * C apart.
   if (!d.a_transposed && d.lda < 1) return "lda must be >= 1, got " + std::to_string(d.lda);
   if (d.a_transposed && d.a_dtype != DType::f32) return "a_transposed needs float32 inputs";
-  if (d.b_vnni && (d.isa != Isa::amx || d.b_dtype != DType::bf16))
-    return "b_vnni needs bfloat16 inputs on the amx path";
+  if (d.b_vnni && !wants_vnni_b(d.isa, d.b_dtype))
+    return "b_vnni needs bfloat16 inputs on the avx512bf16 or amx path";
   if (d.b_vnni && d.ldb < vnni_tile_ld(d.k))
     return "ldb must be >= vnni_tile_ld(k) (" + std::to_string(vnni_tile_ld(d.k)) +
            ") for a VNNI B, got " + std::to_string(d.ldb);
@@ -232,10 +232,14 @@ const Kernel& cached_kernel(const Desc& d) {
   if (bf16 && d.isa == Isa::amx) {  // 2 x 2 tiles of 16 x 16 (isa_amx.cc)
     kernel->rows_per_block = static_cast<int>(std::min<int64_t>(d.m, 32));
     kernel->vectors_per_block = 2;
+    kernel->fn = impl.run_bf16;
+  } else if (bf16 && d.b_vnni) {  // (validate() admits b_vnni only where a kernel reads it)
+    choose_blocking(impl.bf16_vnni, kernel.get());
+    kernel->fn = impl.run_bf16_vnni;
   } else {
     choose_blocking(bf16 ? impl.bf16 : impl.f32, kernel.get());
+    kernel->fn = bf16 ? impl.run_bf16 : impl.run_f32;
   }
-  kernel->fn = bf16 ? impl.run_bf16 : impl.run_f32;
   std::unique_lock lock(mutex);
   auto [it, inserted] = cache.emplace(d, std::move(kernel));
   return *it->second;
@@ -343,7 +347,7 @@ int64_t vnni_rows(int64_t k) { return (k + 31) / 32 * 32; }
 void pack_b_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst,
                  int64_t ld_dst) {
 #if defined(JBR_HAVE_X86_ISAS)
-  if (isa_supported(Isa::amx)) return detail::pack_vnni_amx(src, lds, k, n, dst, ld_dst);
+  if (isa_supported(Isa::avx512)) return detail::pack_vnni_avx512(src, lds, k, n, dst, ld_dst);
 #endif
   for (int64_t t = 0; t < (n + 15) / 16; ++t) std::fill_n(dst + t * ld_dst, vnni_tile_ld(k), uint16_t{0});
   for (int64_t p = 0; p < k; ++p)

@@ -57,29 +57,6 @@ void configure_tiles(int rows) {
   if (std::memcmp(&have, &want, sizeof want) != 0) _tile_loadconfig(&want);
 }
 
-// src (k x n, lds) into the pair layout (brgemm.h: pack_b_vnni), tiles ld apart.
-void pack_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ld) {
-  // Interleaving 16-bit lanes works inside 128-bit lanes; the permutes put the four
-  // 4-pair pieces of each half back in column order.
-  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-  const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-  const int64_t tiles = (n + kTileCols - 1) / kTileCols;
-  for (int64_t q = 0; q < vnni_rows(k) / 2; ++q) {
-    const uint16_t* row0 = 2 * q < k ? src + 2 * q * lds : nullptr;
-    const uint16_t* row1 = 2 * q + 1 < k ? src + (2 * q + 1) * lds : nullptr;
-    for (int64_t t = 0; t < tiles; t += 2) {  // two tiles (32 columns) per pair of loads
-      const int64_t j = t * kTileCols, valid = std::clamp<int64_t>(n - j, 0, 32);
-      const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << valid) - 1);
-      const __m512i r0 = row0 ? _mm512_maskz_loadu_epi16(mask, row0 + j) : _mm512_setzero_si512();
-      const __m512i r1 = row1 ? _mm512_maskz_loadu_epi16(mask, row1 + j) : _mm512_setzero_si512();
-      const __m512i lo = _mm512_unpacklo_epi16(r0, r1), hi = _mm512_unpackhi_epi16(r0, r1);
-      _mm512_storeu_si512(dst + t * ld + q * 2 * kTileCols, _mm512_permutex2var_epi64(lo, first, hi));
-      if (t + 1 < tiles)
-        _mm512_storeu_si512(dst + (t + 1) * ld + q * 2 * kTileCols, _mm512_permutex2var_epi64(lo, second, hi));
-    }
-  }
-}
-
 // rows x (k_tail < 32) elements of A copied into a zero-padded tile (kTileK per row).
 void pad_a_tail(const uint16_t* a, int64_t lda, int rows, int64_t k_tail, uint16_t* tile) {
   const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << k_tail) - 1);
@@ -210,7 +187,7 @@ void run_amx(const Kernel& kern, const Batch& batch, void* c, float alpha, const
     const int64_t size = vnni_elements(d.k, d.n);
     packed.resize(count * size);
     for (int64_t i = 0; i < count; ++i) {
-      pack_vnni(block_b<uint16_t>(batch, i), d.ldb, d.k, d.n, packed.data() + i * size, b_tile_ld);
+      detail::pack_vnni_avx512(block_b<uint16_t>(batch, i), d.ldb, d.k, d.n, packed.data() + i * size, b_tile_ld);
       b_blocks[i] = packed.data() + i * size;
     }
   }
@@ -295,10 +272,6 @@ bool amx_usable() {
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return usable;
-}
-
-void pack_vnni_amx(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ld) {
-  amx::pack_vnni(src, lds, k, n, dst, ld);
 }
 
 namespace {

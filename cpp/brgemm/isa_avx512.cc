@@ -7,6 +7,8 @@
 #define JBR_MAX_ROWS_BF16 {0, 16, 13, 8, 6}
 #include "kernel_impl.h"
 
+#include <algorithm>
+
 namespace jbr::avx512 {
 
 // Transposes 16 rows of 16 32-bit lanes in registers: on return r[j] holds what was
@@ -74,9 +76,37 @@ void transpose(const T* src, int64_t lds, int64_t rows, int64_t cols, T* dst, in
                       static_cast<int>(std::min<int64_t>(16, cols - j0)), dst + j0 * ldd + i0, ldd);
 }
 
+// src (k x n, lds) into the pair layout (brgemm.h: pack_b_vnni), tiles ld apart.
+void pack_vnni(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ld) {
+  // Interleaving 16-bit lanes works inside 128-bit lanes; the permutes put the four
+  // 4-pair pieces of each half back in column order.
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  constexpr int kTileCols = 16;  // columns of a tile of the pair layout
+  const int64_t tiles = (n + kTileCols - 1) / kTileCols;
+  for (int64_t q = 0; q < vnni_rows(k) / 2; ++q) {
+    const uint16_t* row0 = 2 * q < k ? src + 2 * q * lds : nullptr;
+    const uint16_t* row1 = 2 * q + 1 < k ? src + (2 * q + 1) * lds : nullptr;
+    for (int64_t t = 0; t < tiles; t += 2) {  // two tiles (32 columns) per pair of loads
+      const int64_t j = t * kTileCols, valid = std::clamp<int64_t>(n - j, 0, 32);
+      const __mmask32 mask = static_cast<__mmask32>((uint64_t{1} << valid) - 1);
+      const __m512i r0 = row0 ? _mm512_maskz_loadu_epi16(mask, row0 + j) : _mm512_setzero_si512();
+      const __m512i r1 = row1 ? _mm512_maskz_loadu_epi16(mask, row1 + j) : _mm512_setzero_si512();
+      const __m512i lo = _mm512_unpacklo_epi16(r0, r1), hi = _mm512_unpackhi_epi16(r0, r1);
+      _mm512_storeu_si512(dst + t * ld + q * 2 * kTileCols, _mm512_permutex2var_epi64(lo, first, hi));
+      if (t + 1 < tiles)
+        _mm512_storeu_si512(dst + (t + 1) * ld + q * 2 * kTileCols, _mm512_permutex2var_epi64(lo, second, hi));
+    }
+  }
+}
+
 }  // namespace jbr::avx512
 
 namespace jbr::detail {
+void pack_vnni_avx512(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ld) {
+  avx512::pack_vnni(src, lds, k, n, dst, ld);
+}
+
 namespace {
 IsaImpl make_avx512_impl() {
   IsaImpl impl = avx512::make_impl();

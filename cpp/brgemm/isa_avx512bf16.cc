@@ -1,11 +1,14 @@
 // AVX512-BF16 path (compiled with -mavx512bf16 on top of AVX-512): bfloat16 inputs through
 // VDPBF16PS, which multiplies pairs of bfloat16 along k and accumulates into float32 lanes.
-//
 // The instruction wants B's k-pairs interleaved: lane j of a B operand holds
-// (B[p][j], B[p+1][j]). Rows p and p+1 are interleaved in registers with VPUNPCK{L,H}WD,
-// which works inside 128-bit lanes, so the accumulators hold columns in a fixed shuffled
-// order; the epilogue undoes it once per block instead of once per k step. A's pair
-// (A[r][p], A[r][p+1]) is adjacent in memory and is broadcast as one 32-bit value.
+// (B[p][j], B[p+1][j]). A's pair (A[r][p], A[r][p+1]) is adjacent in memory and is
+// broadcast as one 32-bit value.
+//
+// Two kernel families. B pre-packed in that layout (Desc::b_vnni, what the primitives pass
+// for their weights: wants_vnni_b) is read as is, one load per pair-row and 16 columns
+// (tile_dot_vnni). Plain B (the brgemm op's stride and offset forms) is interleaved in
+// registers with VPUNPCK{L,H}WD, which works inside 128-bit lanes, so the accumulators hold
+// columns in a fixed shuffled order that the epilogue undoes once per block (tile_dot).
 // Float32 inputs on this ISA use the AVX-512 kernels (dispatch.cc).
 #define JBR_VEC_AVX512
 #define JBR_ISA_NS avx512bf16
@@ -18,6 +21,7 @@ namespace jbr {
 namespace avx512bf16 {
 
 constexpr int kGroupCols = 32;  // columns per interleaved pair group (two accumulators)
+constexpr int kVnniCols = 16;   // columns per tile of the pair layout (one accumulator)
 
 inline __m512i load_row(const uint16_t* p, __mmask32 mask, bool masked) {
   return masked ? _mm512_maskz_loadu_epi16(mask, p) : _mm512_loadu_si512(p);
@@ -138,6 +142,83 @@ void run_dot(const Kernel& kern, const Batch& batch, void* c, float alpha, const
   run_tiles(kern, batch, c, alpha, bias, table, kGroupCols);
 }
 
+// B in the pair layout (Desc::b_vnni, pack_b_vnni): pair-row q of a 16-column tile is one
+// zmm of 16 (B[2q][j], B[2q+1][j]) pairs, exactly VDPBF16PS's B operand, so a step of the
+// reduction is one load per vector and no shuffles, and the accumulators hold columns in
+// order. The layout is zero past k and n: loads need no mask (only the stores do), and an
+// odd k's last pair is (B[k-1][j], 0), met by A's last element paired with zero.
+template <int ROWS, int NV, bool MASKED>
+void tile_dot_vnni(const Tile& t) {
+  const Desc& d = *t.desc;
+  const int64_t lda = d.lda, ldb = d.ldb, k = d.k;
+  // As tile_kernel: small blocks keep a second set of accumulators for odd pair-rows, as
+  // one set's chains are too few to cover VDPBF16PS's latency.
+  constexpr int kSets = ROWS * NV < 8 ? 2 : 1;
+  Vec acc[kSets][ROWS][NV];
+#pragma GCC unroll 2
+  for (int s = 0; s < kSets; ++s)
+#pragma GCC unroll 32
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[s][r][v] = Vec::zero();
+  // Pair-row q (at b) times A's pair q (`pair(r)`) into `sum`.
+  auto step = [&](Vec (&sum)[ROWS][NV], const uint16_t* b, auto pair) __attribute__((always_inline)) {
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + v * ldb));
+#pragma GCC unroll 32
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair(r))));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) sum[r][v].v = _mm512_dpbf16_ps(sum[r][v].v, av, bv[v]);
+    }
+  };
+  const int64_t pairs = k / 2;
+  for (int64_t i = 0; i < t.batch->count; ++i) {
+    const uint16_t* a = block_a<uint16_t>(*t.batch, i) + t.row0 * lda;
+    const uint16_t* b = block_b<uint16_t>(*t.batch, i) + t.col0 / kVnniCols * ldb;
+    int64_t q = 0;
+    auto pair_at = [&](int64_t qq) { return [=](int r) { return load_pair(a + r * lda + 2 * qq); }; };
+    if constexpr (kSets == 2) {
+#pragma GCC unroll 2
+      for (; q + 1 < pairs; q += 2) {
+        step(acc[0], b + q * 2 * kVnniCols, pair_at(q));
+        step(acc[1], b + (q + 1) * 2 * kVnniCols, pair_at(q + 1));
+      }
+    }
+#pragma GCC unroll 4
+    for (; q < pairs; ++q) step(acc[0], b + q * 2 * kVnniCols, pair_at(q));
+    if (k % 2 != 0)
+      step(acc[0], b + pairs * 2 * kVnniCols, [=](int r) { return uint32_t{a[r * lda + k - 1]}; });
+  }
+  if constexpr (kSets == 2)
+#pragma GCC unroll 32
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[0][r][v] = acc[0][r][v] + acc[1][r][v];
+  store_block<ROWS, NV, MASKED>(t, acc[0]);
+}
+
+template <int NV, int... R>
+constexpr RowTable make_vnni_rows(std::integer_sequence<int, R...>) {
+  RowTable t{};
+  ((t[R + 1] = {&tile_dot_vnni<R + 1, NV, false>, &tile_dot_vnni<R + 1, NV, true>}), ...);
+  return t;
+}
+
+// As the float32 kernel: up to 4 vectors of 16 columns, B's vectors and the A broadcast
+// beside the accumulators in 32 registers.
+constexpr detail::Blocking kVnniBlocking = {kVnniCols, 4, JBR_MAX_ROWS};
+
+void run_dot_vnni(const Kernel& kern, const Batch& batch, void* c, float alpha, const float* bias) {
+  static const TileTable table = {
+      RowTable{}, make_vnni_rows<1>(std::make_integer_sequence<int, kVnniBlocking.max_rows[1]>{}),
+      make_vnni_rows<2>(std::make_integer_sequence<int, kVnniBlocking.max_rows[2]>{}),
+      make_vnni_rows<3>(std::make_integer_sequence<int, kVnniBlocking.max_rows[3]>{}),
+      make_vnni_rows<4>(std::make_integer_sequence<int, kVnniBlocking.max_rows[4]>{})};
+  run_tiles(kern, batch, c, alpha, bias, table, kVnniCols);
+}
+
 // Register-resident VDPBF16PS loop: 64 flops per instruction (16 lanes x 2 products).
 double dot_peak_gflops(double seconds) {
   constexpr int kChains = 12;
@@ -165,6 +246,8 @@ IsaImpl make_dot_impl() {
   IsaImpl impl;
   impl.bf16 = avx512bf16::kDotBlocking;
   impl.run_bf16 = &avx512bf16::run_dot;
+  impl.bf16_vnni = avx512bf16::kVnniBlocking;
+  impl.run_bf16_vnni = &avx512bf16::run_dot_vnni;
   impl.bf16_peak_gflops = &avx512bf16::dot_peak_gflops;
   impl.activation = &avx512bf16::apply_activation;
   impl.fma_peak_gflops = &avx512bf16::fma_peak_gflops;

@@ -43,6 +43,10 @@ struct IsaImpl {
   Blocking f32, bf16;    // blocking for float32 and bfloat16 inputs
   KernelFn run_f32 = nullptr;
   KernelFn run_bf16 = nullptr;
+  // Optional: a kernel family for bfloat16 B in the pair layout (Desc::b_vnni) with its own
+  // blocking (avx512bf16; amx reads that layout inside run_bf16 with fixed tile blocking).
+  Blocking bf16_vnni;
+  KernelFn run_bf16_vnni = nullptr;
   void (*activation)(Activation act, float* data, int64_t size) = nullptr;
   RowOps rows;  // set by make_impl, and by the avx512bf16 and amx paths (row_ops in dispatch.cc)
   ColOps cols;  // float32 math on float32 or bfloat16 elements (set by make_impl)
@@ -75,7 +79,9 @@ extern const IsaImpl impl_avx512bf16;
 extern const IsaImpl impl_amx;
 // True where the CPU has AMX-BF16 and the OS granted this process the tile state.
 bool amx_usable();
-void pack_vnni_amx(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ld);
+// pack_b_vnni on AVX-512 (isa_avx512.cc), wherever AVX-512 runs; the amx kernel's plain-B
+// path packs with it on every call.
+void pack_vnni_avx512(const uint16_t* src, int64_t lds, int64_t k, int64_t n, uint16_t* dst, int64_t ld);
 #endif
 
 }  // namespace jbr::detail

@@ -381,6 +381,50 @@ inline void finish(const Tile& t, Vec x, int r, int col, bool partial, Vec::Mask
   }
 }
 
+// The epilogue of one ROWS x (NV vectors) block of accumulators (the last vector partial
+// where MASKED): every tile kernel of an ISA ends here.
+template <int ROWS, int NV, bool MASKED>
+[[gnu::always_inline]] inline void store_block(const Tile& t, const Vec (&acc)[ROWS][NV]) {
+  const Desc& d = *t.desc;
+  const auto mask = Vec::tail_mask(t.tail_lanes);
+  // The common float32 epilogues (C = alpha acc or C += alpha acc, plus bias and relu,
+  // stored normally) inline, in one pass; everything else through finish(), a call per
+  // vector that first spills every accumulator (in cache, 64x64x128: 159 -> 175 GFLOP/s
+  // inline; with bias, one thread, 128x64x512 forward 64 -> 60 us; with alpha, attention's
+  // scaled logits 64x64x64: 155 -> 167 GFLOP/s).
+  if (detail::inline_f32_epilogue(d) && !t.stream) {
+    float* c = static_cast<float*>(t.c) + t.row0 * d.ldc + t.col0;
+    const bool add = d.beta == 1.0f, relu_out = d.activation == Activation::relu;
+    const bool scale = t.alpha != 1.0f;
+    const Vec alpha = Vec::set1(t.alpha);
+    Vec bias[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      bias[v] = !d.has_bias ? Vec::zero()
+                : (MASKED && v == NV - 1) ? Vec::load(t.bias + t.col0 + v * W, mask)
+                                          : Vec::load(t.bias + t.col0 + v * W);
+#pragma GCC unroll 32
+    for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        float* p = c + r * d.ldc + v * W;
+        const bool partial = MASKED && v == NV - 1;
+        Vec x = acc[r][v];
+        if (scale) x = x * alpha;
+        if (add) x = x + (partial ? Vec::load(p, mask) : Vec::load(p));
+        if (d.has_bias) x = x + bias[v];
+        if (relu_out) x = relu(x);
+        if (partial) x.store(p, mask); else x.store(p);
+      }
+    return;
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      finish(t, acc[r][v], r, v * W, MASKED && v == NV - 1, mask);
+}
+
 // One ROWS x (NV vectors) block of C: accumulate the whole batch in registers, then the
 // epilogue on the registers, then one store. MASKED: the last vector is partial. A_T: A is
 // stored transposed (Desc::a_transposed), its rows' elements lda apart.
@@ -440,43 +484,9 @@ void tile_kernel(const Tile& t) {
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[0][r][v] = acc[0][r][v] + acc[1][r][v];
 
-  // The common float32 epilogues (C = alpha acc or C += alpha acc, plus bias and relu,
-  // stored normally) inline, in one pass; everything else through finish(), a call per
-  // vector that first spills every accumulator (in cache, 64x64x128: 159 -> 175 GFLOP/s
-  // inline; with bias, one thread, 128x64x512 forward 64 -> 60 us; with alpha, attention's
-  // scaled logits 64x64x64: 155 -> 167 GFLOP/s).
-  if (detail::inline_f32_epilogue(d) && !t.stream) {
-    float* c = static_cast<float*>(t.c) + t.row0 * d.ldc + t.col0;
-    const bool add = d.beta == 1.0f, relu_out = d.activation == Activation::relu;
-    const bool scale = t.alpha != 1.0f;
-    const Vec alpha = Vec::set1(t.alpha);
-    Vec bias[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      bias[v] = !d.has_bias ? Vec::zero()
-                : (MASKED && v == NV - 1) ? Vec::load(t.bias + t.col0 + v * W, mask)
-                                          : Vec::load(t.bias + t.col0 + v * W);
-#pragma GCC unroll 32
-    for (int r = 0; r < ROWS; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) {
-        float* p = c + r * d.ldc + v * W;
-        const bool partial = MASKED && v == NV - 1;
-        Vec x = acc[0][r][v];
-        if (scale) x = x * alpha;
-        if (add) x = x + (partial ? Vec::load(p, mask) : Vec::load(p));
-        if (d.has_bias) x = x + bias[v];
-        if (relu_out) x = relu(x);
-        if (partial) x.store(p, mask); else x.store(p);
-      }
-    return;
-  }
-#pragma GCC unroll 32
-  for (int r = 0; r < ROWS; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      finish(t, acc[0][r][v], r, v * W, MASKED && v == NV - 1, mask);
+  store_block<ROWS, NV, MASKED>(t, acc[0]);
 }
+
 // tile_table<T>()[nv][rows][masked]: every block shape the driver may need (edges
 // included), instantiated only for the input types an ISA uses.
 using TileFn = void (*)(const Tile&);

@@ -102,7 +102,7 @@ struct Ctx {
   int64_t group = 1;     // query heads per kv head
   int64_t bq = 64, bk = 128;  // queries per work item, keys per block
   int64_t ldq = 0, ldk = 0;  // row distances of q / out and of k / v
-  bool vnni = false;     // B operands packed in the pair layout (AMX)
+  bool vnni = false;     // B operands packed in the pair layout (wants_vnni_b)
   // Without a bias, S holds the logits unscaled (masked: -inf) and the exponentials apply
   // the scale in their FMA: the brgemm's result goes straight to S (AMX: no epilogue pass
   // over the tiles, bfloat16 forward 62 -> 54 us per query block of T=1024). A row's
@@ -270,7 +270,7 @@ Ctx<T> make_ctx(const AttentionShape& s, const AttentionMasks& m, Isa isa, const
   // 111 GFLOP/s and backward 104 -> 113 against 64 x 64; 32 x 128, 64 x 256 and 128 x 128
   // between); bfloat16 on the tiles 128 x 128 (forward 200 -> 236, backward 219 -> 278
   // against 64 x 64: the softmax rows are the cost there, and longer ones cost less each).
-  c.bq = c.vnni ? 128 : 64;
+  c.bq = uses_amx_tiles(isa, dtype_of<T>()) ? 128 : 64;
   if (!m.bias && m.scale > 0.0f && std::isfinite(m.scale)) {
     c.exp_scale = m.scale, c.masked = -kInf;
   } else {

@@ -18,7 +18,7 @@ using namespace conv_tuning;  // block sizes and budgets: conv_tuning.h
 using namespace conv_layout;  // shared helpers and re-layouts: conv_layout.h
 
 // HWIO weights as the B blocks of a RowPass: dst[g][blk][t] is a rows x bw block (zero
-// past the last block's edge), plain or, where the kernel wants it (AMX), in the pair-
+// past the last block's edge), plain or, where the kernel wants it (wants_vnni_b), in the pair-
 // interleaved layout (brgemm.h: pack_b_vnni). Forward: rows are the group's input
 // channels and columns its output channels, w[t][i][g*Kg + col]. Transposed (backward
 // data): rows are output channels, columns input channels, w[t][col][g*Kg + i].
@@ -124,7 +124,7 @@ std::string run_rows(const RowPass& rp, const Executor* executor) {
   // 3x3, 2 threads: 410 GFLOP/s padded, 320 by columns). On AMX a border pixel's own call
   // re-reads every B tile for one row of C: there every row gets the padded copy (ResNet
   // 3x3/64 at 56x56, bfloat16: +15 % forward and backward).
-  const bool amx = wants_vnni_b(rp.isa, rp.in);
+  const bool amx = uses_amx_tiles(rp.isa, rp.in);
   if (rp.phases == 1 && rp.cols.div == 1 && (amx || rp.out_cols <= kPadWidth)) {
     int64_t first = rp.cols.off, last = first;  // A columns the taps reach
     for (int64_t s = 0; s < rp.taps_s; ++s) {
@@ -369,7 +369,7 @@ std::string conv2d_forward(const ConvShape& s, DType in, const void* x, const vo
   // make one long row (float32 14x14 1024->2048/2, 2 threads: 297-317 -> 360-373 GFLOP/s;
   // at 28 or 14 output pixels per row the copy costs more than it saves). Not on AMX,
   // where it was not measured.
-  if (subsample_pays(s) && s.out_w <= 8 && !wants_vnni_b(isa, in)) {
+  if (subsample_pays(s) && s.out_w <= 8 && !uses_amx_tiles(isa, in)) {
     return with_type(in, [&](auto zero) {
       using T = decltype(zero);
       auto sub = subsample_input(s, static_cast<const T*>(x), executor);

@@ -55,7 +55,7 @@ std::string weight_update(const ConvShape& s, const T* x, const T* dy, float* dw
                floor_div(c0, sw)};
     if (cols[t].lo < cols[t].hi) phase_used[cols[t].phase] = 1;
   }
-  // AMX (bfloat16): dy is packed once into the kernel's pair layout, one block per output
+  // bfloat16 on avx512bf16 and amx (wants_vnni_b): dy is packed once into the kernel's pair layout, one block per output
   // row, and every tap reduces over the whole row of out_w pixels; x's transposed rows get
   // zero columns on both sides, so a tap that reaches past the image edge multiplies zeros
   // (per-call packing of shifted dy windows cost ~30 % of the kernel's time).

@@ -288,7 +288,7 @@ class GemmPlan {
   GemmNest<T> g_;
   int64_t bm_ = 0, strips_ = 0, group_rows_ = 0, chunk_ = 0;
   bool pack_ = false, accumulate_ = false;
-  bool vnni_ = false;  // B panels packed in the VNNI layout (AMX bfloat16)
+  bool vnni_ = false;  // B panels packed in the VNNI layout (wants_vnni_b)
   Buffer<T> padded_a_;
   int64_t padded_lda_ = 0;
 };

@@ -38,8 +38,8 @@ void transpose_block(const uint16_t* src, int64_t lds, int64_t rows, int64_t col
 
 // B (k x n) as contiguous column panels of `width` columns (leading dimension width), so a
 // kernel call streams its B block linearly instead of one row per page. With transposed,
-// B is src^T (src is n x k, leading dimension ld). With vnni (AMX bfloat16: see
-// wants_vnni_b) each panel is in the pair layout (brgemm.h: pack_b_vnni), so the kernel
+// B is src^T (src is n x k, leading dimension ld). With vnni (bfloat16 on avx512bf16
+// and amx: wants_vnni_b) each panel is in the pair layout (brgemm.h: pack_b_vnni), so the kernel
 // calls need not pack B again each time.
 template <typename T>
 struct Panels {
