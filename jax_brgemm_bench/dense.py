@@ -81,7 +81,7 @@ def _layer_cases(n, c, k, torch, dtype="float32"):
     dy = jnp.asarray(rng.standard_normal((n, k)), dtype)
     y = jax.nn.relu(x @ w + b)
 
-    ours_fwd = jax.jit(lambda x, w, b: _forward_call(x, w, b, "relu", False)[0])
+    ours_fwd = jax.jit(lambda x, w, b: _forward_call("relu", x.dtype, True)(x, w, b)[0])
     ours_bwd_data = jax.jit(lambda dy, x, w, y: _backward_call(
         dy, x, w, y, "relu", want_dw=False, want_db=False)[0])
     ours_wu = jax.jit(lambda dy, x, w, y: _backward_call(dy, x, w, y, "relu", want_dx=False)[1:])
