@@ -183,3 +183,34 @@ def test_handler_rejects_a_bad_geometry():
     with pytest.raises(Exception, match="result must have shape"):
         jax.ffi.ffi_call("jax_brgemm_max_pool_forward", jax.ShapeDtypeStruct((1, 3, 2, 2), jnp.float32))(
             x, geometry=np.array([2, 2, 2, 2, 0, 0, 0, 0], np.int64))
+
+
+SHARDED = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import linen
+import jax_brgemm as jb
+
+x = jnp.asarray(np.maximum(np.random.default_rng(0).standard_normal((8, 9, 9, 16)), 0), jnp.float32)
+loss = lambda pool: lambda x: (pool(x, (3, 3), (2, 2), "SAME") ** 2).sum()
+step = jax.jit(jax.value_and_grad(loss(jb.nn.max_pool)))
+mesh = jax.make_mesh((4,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+xs = jax.device_put(x, NamedSharding(mesh, P("batch")))
+(l4, g4), (l, g) = step(xs), jax.value_and_grad(loss(linen.max_pool))(x)
+assert np.allclose(l4, l, rtol=1e-5) and np.array_equal(g4, g), "sharded max_pool differs"
+assert g4.sharding.spec[0] == "batch", g4.sharding
+assert "all-gather" not in step.lower(xs).compile().as_text(), "the batch is gathered"
+print("sharded ok")
+"""
+
+
+def test_four_devices_split_the_batch():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sharded ok" in result.stdout
