@@ -19,7 +19,7 @@ extra keyword, ``activation``, fused into the kernel's epilogue.
 
 ``fl.MultiHeadAttention`` is ``nnx.MultiHeadAttention`` with its attention on the kernel;
 ``fl.BatchNorm`` is ``nnx.BatchNorm`` on the fused batch normalisation (relu and a residual
-add optionally fused).
+add optionally fused); ``fl.max_pool`` is ``nnx.max_pool`` on the kernel's pooling loop nest.
 
 Linen equivalents: :mod:`flax_layers.linen` (Dense, Conv, ConvTranspose, OptimizedLSTMCell,
 MultiHeadDotProductAttention).
@@ -28,6 +28,7 @@ MultiHeadDotProductAttention).
 from .attention import MultiHeadAttention
 from .linear import Conv, ConvTranspose, Dense
 from .normalization import BatchNorm
+from .pooling import max_pool
 from .recurrent import LSTM, RNN, OptimizedLSTMCell
 
-__all__ = ["Dense", "Conv", "ConvTranspose", "OptimizedLSTMCell", "RNN", "LSTM", "MultiHeadAttention", "BatchNorm"]
+__all__ = ["Dense", "Conv", "ConvTranspose", "OptimizedLSTMCell", "RNN", "LSTM", "MultiHeadAttention", "BatchNorm", "max_pool"]

@@ -1,4 +1,4 @@
-"""jax_brgemm.optimize: any JAX program's convolutions and matmuls on the kernel.
+"""jax_brgemm.optimize: any JAX program's convolutions, matmuls and max pooling on the kernel.
 
 `optimize(fun)` traces `fun` to a jaxpr for the arguments it is called with (cached by
 their abstract signature, as `jax.jit` does) and evaluates that jaxpr under `jax.jit`
@@ -34,6 +34,7 @@ _OPTIONS = {
     "matmul": "serve dot_general (default True)",
     "fuse": "fuse bias, per-channel affine and activation into the served op (default True)",
     "attention": "serve softmax attention (dot_general, softmax, dot_general) as one op (default True)",
+    "pool": "serve 2-D max pooling (reduce_window_max) (default True)",
 }
 
 
@@ -44,6 +45,7 @@ class Options:
     matmul: bool = True
     fuse: bool = True
     attention: bool = True
+    pool: bool = True
 
     @staticmethod
     def parse(options: dict) -> "Options":
@@ -68,7 +70,7 @@ class Options:
 class Decision:
     """One convolution or matmul of the program and what became of it."""
 
-    primitive: str          # "conv_general_dilated" or "dot_general"
+    primitive: str          # "conv_general_dilated", "dot_general", "reduce_window_max", ...
     where: str              # the path of nested jaxprs ("" at the top)
     lhs: tuple
     rhs: tuple
@@ -273,6 +275,19 @@ def plan_jaxpr(jaxpr, options, where=""):
                 served[found.pv_index] = found
                 skip.update(found.pattern)
                 continue
+        if name == "reduce_window_max":
+            x = _aval(eqn.invars[0])
+            plan = (_rules.pool_rule(x.shape, x.dtype, min_macs=_min_macs(options, "pool"), **eqn.params)
+                    if options.pool else _rules.Refusal("pool=False"))
+            decision = Decision(name, where, tuple(x.shape), tuple(eqn.params["window_dimensions"]),
+                                str(x.dtype), None, macs=getattr(plan, "macs", 0))
+            decisions.append(decision)
+            if isinstance(plan, _rules.Refusal):
+                decision.reason = plan.reason
+            else:
+                decision.op = plan.op
+                served[i] = Fused(plan, eqn, [], None, i, (), decision)
+            continue
         if name in ("conv_general_dilated", "dot_general"):
             lhs, rhs = (_aval(v) for v in eqn.invars[:2])
             plan = _rule(eqn, options)
@@ -380,6 +395,8 @@ def eval_jaxpr(jaxpr, consts, args, options):
 
 def _run_fused(fused: Fused, read):
     eqn, plan = fused.op_eqn, fused.plan
+    if isinstance(plan, _rules.PoolPlan):
+        return _rules.run_pool(plan, read(eqn.invars[0]))
     lhs, rhs = (read(v) for v in eqn.invars[:2])
     out_aval = _aval(eqn.outvars[0])
     channels = out_aval.shape[plan.channel_axis] if plan.channel_axis is not None else None
@@ -636,8 +653,11 @@ def optimize(fun: Callable | None = None, **options):
     modules may be passed: state that ``f`` writes (BatchNorm statistics, RNG counts) is
     written back, as ``nnx.jit`` does.
 
-    Options: ``min_macs`` (ops with fewer multiply-adds stay in XLA), ``conv``, ``matmul``
-    and ``fuse`` (booleans). ``optimize(f).explain(*args)`` shows what serves each op.
+    2-D max pooling (``reduce_window_max`` over H, W of NHWC or NCHW, as ``flax``'s
+    ``max_pool`` traces) becomes ``nn.max_pool``.
+
+    Options: ``min_macs`` (ops with fewer multiply-adds, or window taps for pooling, stay
+    in XLA), ``conv``, ``matmul``, ``pool`` and ``fuse`` (booleans). ``optimize(f).explain(*args)`` shows what serves each op.
     """
     opts = Options.parse(options)
     if fun is None:

@@ -1,7 +1,8 @@
 """When the kernel serves a convolution or a matmul, and how: the one rule set that both
 `jax_brgemm.optimize` and `flax_layers` use.
 
-A rule takes the arguments of `lax.conv_general_dilated` / `lax.dot_general` as they appear
+A rule takes the arguments of `lax.conv_general_dilated` / `lax.dot_general` /
+`reduce_window_max` as they appear
 in a jaxpr (shapes, dtypes, explicit paddings, dimension numbers) and returns either a plan
 that says which `jax_brgemm.nn` op computes the same result, or a `Refusal` with the reason
 the op stays in XLA. `run_conv` / `run_dot` execute a plan, with an optional fused epilogue:
@@ -27,7 +28,9 @@ KERNEL_DTYPES = (_F32, _BF16)
 # thread start cost microseconds, which is the whole runtime of a tiny product; a small
 # matmul's backward pays it twice. Measured with `python -m jax_brgemm bench threshold`
 # (docs/design.md, "optimize").
-DEFAULT_MIN_MACS = {"conv": 1 << 16, "dot": 1 << 21, "attention": 1 << 16}
+# Pooling counts window taps (output elements x window size); its threshold is the
+# convolution's, not measured on its own.
+DEFAULT_MIN_MACS = {"conv": 1 << 16, "dot": 1 << 21, "attention": 1 << 16, "pool": 1 << 16}
 
 
 class Refusal(NamedTuple):
@@ -239,3 +242,57 @@ def run_dot(plan: DotPlan, lhs, rhs, *, scale=None, bias=None, activation=None):
     else:
         y = nn.dense(a, b, bias, activation=activation)
     return y.reshape(plan.batch + plan.lhs_free + plan.rhs_free)
+
+
+# ------------------------------------------------------------------ max pooling
+
+
+class PoolPlan(NamedTuple):
+    """A 2-D `reduce_window_max` as `nn.max_pool` in NHWC."""
+
+    perm: tuple                     # operand -> NHWC
+    out_perm: tuple                 # NHWC result -> the jaxpr's layout
+    window: tuple
+    strides: tuple
+    pads: tuple                     # ((top, bottom), (left, right))
+    macs: int                       # window taps: output elements x window size
+    op: str = "nn.max_pool"
+
+
+# The two layouts served: (spatial dims, operand -> NHWC, NHWC -> operand).
+_POOL_LAYOUTS = (((1, 2), (0, 1, 2, 3), (0, 1, 2, 3)), ((2, 3), (0, 2, 3, 1), (0, 3, 1, 2)))
+
+
+def pool_rule(shape, dtype, *, window_dimensions, window_strides, padding, base_dilation,
+              window_dilation, min_macs=DEFAULT_MIN_MACS["pool"], **_unused):
+    """A PoolPlan for these `reduce_window_max` parameters, or a Refusal."""
+    if len(shape) != 4:
+        return Refusal(f"{len(shape)}-D operand (4-D NHWC or NCHW served)")
+    if np.dtype(dtype) not in KERNEL_DTYPES:
+        return Refusal(str(np.dtype(dtype)))
+    if any(d != 1 for d in base_dilation) or any(d != 1 for d in window_dilation):
+        return Refusal("dilated window")
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if any(lo < 0 or hi < 0 for lo, hi in pads):
+        return Refusal("negative padding")
+    pooled = {d for d in range(4) if window_dimensions[d] != 1 or window_strides[d] != 1 or pads[d] != (0, 0)}
+    for spatial, perm, out_perm in _POOL_LAYOUTS:
+        if pooled <= set(spatial):
+            break
+    else:
+        return Refusal("window over dims other than a 4-D array's H, W (NHWC) or H, W (NCHW)")
+    out = [(shape[d] + lo + hi - window_dimensions[d]) // window_strides[d] + 1
+           for d, (lo, hi) in enumerate(pads)]
+    if min(out) < 1 or min(shape) < 1:
+        return Refusal("empty pooling")
+    macs = math.prod(out) * math.prod(window_dimensions)
+    if (small := _too_small(macs, min_macs)) is not None:
+        return small
+    return PoolPlan(perm, out_perm, tuple(int(window_dimensions[d]) for d in spatial),
+                    tuple(int(window_strides[d]) for d in spatial), tuple(pads[d] for d in spatial), macs)
+
+
+def run_pool(plan: PoolPlan, operand):
+    """The `reduce_window_max` of `plan` on the kernel."""
+    y = nn.max_pool(_transpose(operand, plan.perm), plan.window, strides=plan.strides, padding=plan.pads)
+    return _transpose(y, plan.out_perm)

@@ -7,6 +7,11 @@ one process (the two alternate, round by round, so a noisy neighbour hits both a
 Forward, and forward+backward (gradients to x, the shortcut, scale and bias). GB/s: the
 bytes the fused passes must move at the least (forward: x read twice, the shortcut read
 and y written once; backward: x, y and dy read twice, dx and the shortcut's gradient written).
+
+Then the layer after the stem's batch norm, ResNet's 3x3 stride-2 SAME max pool on
+N x 112 x 112 x 64: fl.max_pool against nnx.max_pool (XLA's reduce-window and, backward, its
+select-and-scatter), the same way. GB/s: x read and y written (forward); x read twice, dy
+read, dx written (fwd+bwd).
 """
 
 from __future__ import annotations
@@ -60,6 +65,26 @@ def _runners(n, hw, c, residual, dtype):
     return runs
 
 
+def _pool_runners(n, dtype):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import flax_layers as fl
+
+    rng = np.random.default_rng(0)
+    x = jax.nn.relu(jnp.asarray(rng.standard_normal((n, 112, 112, 64)), dtype))  # ties, as after relu
+    g = jnp.asarray(rng.standard_normal((n, 56, 56, 64)), dtype)
+    runs = {}
+    for name, pool in (("ours", fl.max_pool), ("xla", nnx.max_pool)):
+        f = lambda x, pool=pool: pool(x, (3, 3), strides=(2, 2), padding="SAME")  # noqa: E731
+        fwd = jax.jit(f).lower(x).compile()
+        both = jax.jit(lambda x, g, f=f: jax.vjp(f, x)[1](g)[0]).lower(x, g).compile()
+        runs[name] = (lambda fwd=fwd: jax.block_until_ready(fwd(x)),
+                      lambda both=both: jax.block_until_ready(both(x, g)))
+    return runs
+
+
 def _side_by_side(fns, rounds=7, min_seconds=0.05):
     """Median seconds per call of each fn, the fns alternating round by round."""
     inner = {}
@@ -105,6 +130,13 @@ def main(argv):
             records.append(dict(shape=f"{args.batch}x{hw}x{hw}x{c}", add=residual, pass_=mode,
                                 ours_ms=t["ours"] * 1e3, xla_ms=t["xla"] * 1e3,
                                 ours_GBs=traffic / t["ours"] * 1e-9, speedup=t["xla"] / t["ours"]))
+    runs = _pool_runners(args.batch, dtype)
+    elems, size = args.batch * 112 * 112 * 64, dtype.itemsize
+    for mode, idx, traffic in (("fwd", 0, elems * 5 // 4 * size), ("fwd+bwd", 1, elems * 13 // 4 * size)):
+        t = _side_by_side({k: v[idx] for k, v in runs.items()})
+        records.append(dict(shape=f"{args.batch}x112x112x64 max_pool 3x3/2", add=False, pass_=mode,
+                            ours_ms=t["ours"] * 1e3, xla_ms=t["xla"] * 1e3,
+                            ours_GBs=traffic / t["ours"] * 1e-9, speedup=t["xla"] / t["ours"]))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print_records(records, ["shape", "add", "pass_", "ours_ms", "xla_ms", "ours_GBs", "speedup"], args.json,
-                  title=f"BatchNorm + relu (+ add), training mode, {args.dtype} (load average {load:.1f})")
+                  title=f"BatchNorm + relu (+ add), training mode, and the stem's max pool, {args.dtype} (load average {load:.1f})")

@@ -42,10 +42,11 @@ from .common import machine_peak_gflops, median_seconds, print_records, torch_mo
 LAYERS = {
     "stock": dict(conv=nnx.Conv, dense=nnx.Linear, bn=nnx.BatchNorm, lstm=lambda i, h, rngs: nnx.RNN(
         nnx.OptimizedLSTMCell(i, h, rngs=rngs)), attention=nnx.MultiHeadAttention,
-                  conv_transpose=nnx.ConvTranspose),
+                  conv_transpose=nnx.ConvTranspose, pool=nnx.max_pool),
     # fl.BatchNorm with relu and the residual add fused, as a user of flax_layers writes the blocks.
     "flax_layers": dict(conv=fl.Conv, dense=fl.Dense, bn=fl.BatchNorm, fused_bn=True,
-                        lstm=fl.LSTM, attention=fl.MultiHeadAttention, conv_transpose=fl.ConvTranspose),
+                        lstm=fl.LSTM, attention=fl.MultiHeadAttention, conv_transpose=fl.ConvTranspose,
+                        pool=fl.max_pool),
 }
 VARIANTS = ("stock", "optimize", "flax_layers", "torch")
 # The layer-set entries that take a compute dtype (Flax's dtype=) under --dtype.
@@ -121,6 +122,7 @@ class ResNet(nnx.Module):
         self.fused = bool(L.get("fused_bn"))
         self.stem = L["conv"](3, 64, (7, 7), strides=2, use_bias=False, rngs=rngs)
         self.bn = _bn(L, 64, rngs, True)
+        self.max_pool = L["pool"]
         blocks, cin = [], 64
         for stage, count in enumerate(counts):
             width = 64 * 2 ** stage
@@ -132,7 +134,7 @@ class ResNet(nnx.Module):
 
     def __call__(self, x):
         x = _bn_relu(self.fused, self.bn, self.stem(x))
-        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        x = self.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         for b in self.blocks:
             x = b(x)
         return self.head(x.mean(axis=(1, 2)))

@@ -574,3 +574,19 @@ def test_linen_lstm_cell_stock_fallback(rng):
     assert_trees_close(ours.init(jax.random.key(0), *args), v, tol=0)
     assert not ffi_targets(ours.apply, v, *args)
     assert_trees_close(ours.apply(v, *args), stock.apply(v, *args), tol=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_is_nnx_max_pool(dtype):
+    """fl.max_pool: nnx.max_pool's results and gradient (identical: ties included) on the
+    kernel; a 1-D window or float16 runs the stock function."""
+    x = jnp.asarray(np.maximum(np.random.default_rng(0).standard_normal((2, 9, 8, 5)), 0), dtype)
+    args = ((3, 3), (2, 2), "SAME")
+    assert "jax_brgemm_max_pool_forward" in jax.jit(lambda x: fl.max_pool(x, *args)).lower(x).as_text()
+    np.testing.assert_array_equal(fl.max_pool(x, *args), nnx.max_pool(x, *args))
+    loss = lambda f: lambda x: (f(x, *args).astype(jnp.float32) ** 2).sum()  # noqa: E731
+    np.testing.assert_array_equal(jax.grad(loss(fl.max_pool))(x), jax.grad(loss(nnx.max_pool))(x))
+    seq = x[:, :, 0]
+    np.testing.assert_array_equal(fl.max_pool(seq, (2,)), nnx.max_pool(seq, (2,)))
+    half = x.astype(jnp.float16)
+    np.testing.assert_array_equal(fl.max_pool(half, (2, 2)), nnx.max_pool(half, (2, 2)))

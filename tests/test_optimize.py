@@ -403,3 +403,55 @@ def test_nnx_multi_head_attention_with_causal_mask():
     assert rel(opt(module, x), f(module, x)) < RTOL
     assert [d.op for d in opt.explain(module, x).decisions] == ["nn.dense"] * 3 + ["nn.dot_product_attention", "nn.dense"]
     assert attention_config(opt, module, x) == ["1"]
+
+
+POOL_CASES = [
+    # (x shape, window dims, strides, padding): NHWC as flax traces it, and NCHW
+    ((2, 9, 10, 8), (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))),
+    ((2, 9, 10, 8), (1, 2, 2, 1), (1, 2, 2, 1), "VALID"),
+    ((2, 8, 9, 10), (1, 1, 3, 3), (1, 1, 2, 1), ((0, 0), (0, 0), (1, 2), (0, 1))),
+]
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", POOL_CASES)
+def test_max_pool_forms_equal_lax(shape, window, strides, padding):
+    rng = np.random.default_rng(20)
+    x = jnp.maximum(randn(rng, shape), 0.0)  # relu outputs: ties in most windows
+    fun = lambda x: lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)  # noqa: E731
+    e = check_same(fun, (x,), argnums=0, served=1)
+    assert e.decisions[0].primitive == "reduce_window_max" and e.decisions[0].op == "nn.max_pool"
+    assert "jax_brgemm_max_pool_forward" in custom_calls(jb.optimize(fun, min_macs=0), x)
+    # The gradient is XLA's to the bit, ties included.
+    loss = lambda f: lambda x: jnp.sum(jnp.sin(f(x)))  # noqa: E731
+    np.testing.assert_array_equal(jax.jit(jax.grad(loss(jb.optimize(fun, min_macs=0))))(x),
+                                  jax.jit(jax.grad(loss(fun)))(x))
+
+
+def test_flax_max_pool_in_a_model_is_served():
+    from flax import linen
+    rng = np.random.default_rng(21)
+    x, k = randn(rng, (2, 16, 16, 3)), randn(rng, (3, 3, 3, 8))
+    fun = lambda x, k: linen.max_pool(jax.nn.relu(lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))), (3, 3), (2, 2), "SAME")
+    e = check_same(fun, (x, k), argnums=(0, 1), served=2)
+    assert [d.op for d in e.decisions] == ["nn.conv2d", "nn.max_pool"]
+
+
+def test_max_pool_kept_ops_and_reasons():
+    rng = np.random.default_rng(22)
+    x = randn(rng, (2, 8, 8, 4))
+    pool = lambda window, strides=(1, 1, 1, 1), dil=(1, 1, 1, 1): lambda x: lax.reduce_window(  # noqa: E731
+        x, -jnp.inf, lax.max, window, strides, "VALID", window_dilation=dil)
+    for fun, args, reason in ((pool((1, 2, 2, 2)), (x,), "window over dims"),
+                              (pool((1, 2, 2, 1), dil=(1, 2, 2, 1)), (x,), "dilated"),
+                              (pool((1, 2, 2, 1)), (x.astype(jnp.float16),), "float16"),
+                              (lambda x: lax.reduce_window(x, -jnp.inf, lax.max, (2, 2), (1, 1), "VALID"),
+                               (x[0, :, :, 0],), "2-D operand")):
+        e = jb.explain(jb.optimize(fun, min_macs=0), *args)
+        assert len(e.decisions) == 1 and not e.decisions[0].served, str(e)
+        assert reason in e.decisions[0].reason
+        np.testing.assert_array_equal(jb.optimize(fun, min_macs=0)(*args), jax.jit(fun)(*args))
+    e = jb.explain(jb.optimize(pool((1, 2, 2, 1)), pool=False), x)
+    assert not e.decisions[0].served and "pool=False" in e.decisions[0].reason
+    e = jb.explain(pool((1, 2, 2, 1)), x)  # 2*7*7*4*4 taps: under the default threshold
+    assert "too small" in e.decisions[0].reason

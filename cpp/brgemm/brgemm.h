@@ -160,6 +160,25 @@ void cols_masked_affine(const void* g, const void* m, DType g_dtype, const void*
                         const float* a, const float* b, const float* c, void* z, void* h_out,
                         int64_t ld, int64_t rows, int64_t cols, Isa isa);
 
+// Window operations: a max over `count` taps, each a row of `cols` float32 or bfloat16
+// elements (`dtype`) named by a pointer (null: a padding tap, worth -inf), for `pixels`
+// windows whose taps lie `step` elements further on each (tap t of window p starts at
+// taps[t] + p * step); window p's row of y or g starts at p * cols.
+//   cols_window_max:          y = max over the taps, NaN where any is (XLA's max), -inf
+//                             for no taps (y: dtype)
+//   cols_window_max_backward: per column, the tap XLA's select_and_scatter picks (the first
+//                             tap, replaced by each later one that the current winner is
+//                             not >= to: ties go to the first), then dx[t] += g for the
+//                             winner t; the dx[t] rows (dtype) lie like the taps (null: not
+//                             written). Windows are taken in order, so overlapping windows
+//                             add in XLA's order; bfloat16 rounds after each add, as XLA's
+//                             bfloat16 scatter-add. g: dtype.
+void cols_window_max(const void* const* taps, int64_t count, DType dtype, int64_t pixels,
+                     int64_t step, int64_t cols, void* y, Isa isa);
+void cols_window_max_backward(const void* const* taps, void* const* dx, int64_t count,
+                              DType dtype, int64_t pixels, int64_t step, int64_t cols,
+                              const void* g, Isa isa);
+
 // dst (cols x rows, leading dimension ldd) = src (rows x cols, lds) transposed, float32:
 // dst[j * ldd + i] = src[i * lds + j]. In-register 16 x 16 transposes on AVX-512, so the
 // primitives' re-layouts (packing A^T or B^T panels) run at memory speed.

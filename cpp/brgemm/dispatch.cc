@@ -315,6 +315,16 @@ void cols_masked_affine(const void* g, const void* m, DType g_dtype, const void*
   col_ops(isa).masked_affine(g, m, g_dtype, x, x_dtype, a, b, c, z, h_out, ld, rows, cols);
 }
 
+void cols_window_max(const void* const* taps, int64_t count, DType dtype, int64_t pixels,
+                     int64_t step, int64_t cols, void* y, Isa isa) {
+  col_ops(isa).window_max(taps, count, dtype, pixels, step, cols, y);
+}
+void cols_window_max_backward(const void* const* taps, void* const* dx, int64_t count,
+                              DType dtype, int64_t pixels, int64_t step, int64_t cols,
+                              const void* g, Isa isa) {
+  col_ops(isa).window_max_backward(taps, dx, count, dtype, pixels, step, cols, g);
+}
+
 namespace {
 // The portable transpose, in 16 x 16 tiles so few destination lines are in flight.
 template <class T>

@@ -37,6 +37,10 @@ struct ColOps {
   void (*masked_affine)(const void* g, const void* m, DType g_dtype, const void* x, DType x_dtype,
                         const float* a, const float* b, const float* c, void* z, void* h_out,
                         int64_t ld, int64_t rows, int64_t cols) = nullptr;
+  void (*window_max)(const void* const* taps, int64_t count, DType dtype, int64_t pixels,
+                     int64_t step, int64_t cols, void* y) = nullptr;
+  void (*window_max_backward)(const void* const* taps, void* const* dx, int64_t count, DType dtype,
+                              int64_t pixels, int64_t step, int64_t cols, const void* g) = nullptr;
 };
 
 struct IsaImpl {

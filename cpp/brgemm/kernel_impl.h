@@ -313,6 +313,71 @@ inline void cols_masked_affine(const void* g, const void* m, DType gt, const voi
   });
 }
 
+// Window operations (brgemm.h, cols_window_*): `count` taps, each a row of `cols` elements
+// (null: a padding tap, -inf), for `pixels` windows `step` elements apart. Pixels outer,
+// then a vector of columns, then the taps: the vector's accumulators stay in registers.
+template <class T>
+void cols_window_max_t(const T* const* taps, int64_t count, int64_t pixels, int64_t step,
+                       int64_t cols, T* y) {
+  for (int64_t p = 0; p < pixels; ++p)
+    over_cols(cols, [&](auto tail, int64_t j, Vec::Mask mask) {
+      constexpr bool TL = decltype(tail)::value;
+      Vec acc = Vec::set1(-INFINITY);
+      for (int64_t t = 0; t < count; ++t)
+        if (taps[t]) acc = max_nan(acc, load_cols<TL>(taps[t] + p * step + j, mask));
+      store_cols<TL>(acc, y + p * cols + j, mask);
+    });
+}
+
+// The winner of each column is chosen as XLA's select_and_scatter (select: ge) chooses:
+// the first tap, replaced by each later one unless the current winner is >= it. So ties go
+// to the first tap in window order, a padding tap (-inf) can win (its gradient is
+// dropped), and after a NaN the next tap wins. Tap numbers ride as floats (exact below
+// 2^24) so the choice is two selects per tap. dx is read, added to and stored in T, so
+// bfloat16 sums round after every add, as XLA's bfloat16 scatter-add does.
+template <class T>
+void cols_window_max_backward_t(const T* const* taps, T* const* dx, int64_t count,
+                                int64_t pixels, int64_t step, int64_t cols, const T* g) {
+  for (int64_t p = 0; p < pixels; ++p)
+    over_cols(cols, [&](auto tail, int64_t j, Vec::Mask mask) {
+      constexpr bool TL = decltype(tail)::value;
+      const int64_t o = p * step + j;
+      const Vec pad = Vec::set1(-INFINITY);
+      Vec best = taps[0] ? load_cols<TL>(taps[0] + o, mask) : pad, winner = Vec::zero();
+      for (int64_t t = 1; t < count; ++t) {
+        const Vec v = taps[t] ? load_cols<TL>(taps[t] + o, mask) : pad;
+        const auto keep = greater_equal(best, v);
+        best = select(keep, best, v);
+        winner = select(keep, winner, Vec::set1(static_cast<float>(t)));
+      }
+      const Vec gv = load_cols<TL>(g + p * cols + j, mask);
+      for (int64_t t = 0; t < count; ++t) {
+        if (!dx[t]) continue;
+        const Vec add = select(equal(winner, Vec::set1(static_cast<float>(t))), gv, Vec::zero());
+        store_cols<TL>(load_cols<TL>(dx[t] + o, mask) + add, dx[t] + o, mask);
+      }
+    });
+}
+
+inline void cols_window_max(const void* const* taps, int64_t count, DType dt, int64_t pixels,
+                            int64_t step, int64_t cols, void* y) {
+  with_elem(dt, [&](auto tx) {
+    using TX = decltype(tx);
+    cols_window_max_t(reinterpret_cast<const TX* const*>(taps), count, pixels, step, cols,
+                      static_cast<TX*>(y));
+  });
+}
+inline void cols_window_max_backward(const void* const* taps, void* const* dx, int64_t count,
+                                     DType dt, int64_t pixels, int64_t step, int64_t cols,
+                                     const void* g) {
+  with_elem(dt, [&](auto tx) {
+    using TX = decltype(tx);
+    cols_window_max_backward_t(reinterpret_cast<const TX* const*>(taps),
+                               reinterpret_cast<TX* const*>(dx), count, pixels, step,
+                               cols, static_cast<const TX*>(g));
+  });
+}
+
 // ---------------------------------------------------------------- micro-kernel
 // Always inlined: as calls, every batch element of a tile saved and restored all its
 // accumulators around them (in cache, 56x64x64x9: 165 -> 176 GFLOP/s once inlined).
@@ -596,7 +661,8 @@ inline detail::IsaImpl make_impl() {
   impl.activation = &apply_activation;
   impl.fma_peak_gflops = &fma_peak_gflops;
   impl.rows = {&rows_max, &rows_exp, &rows_scale, &rows_sub_mul};
-  impl.cols = {&cols_sums, &cols_masked_sums, &cols_affine, &cols_masked_affine};
+  impl.cols = {&cols_sums, &cols_masked_sums, &cols_affine, &cols_masked_affine, &cols_window_max,
+               &cols_window_max_backward};
   return impl;
 }
 

@@ -62,6 +62,11 @@ struct Vec {
   friend Vec copysign(Vec mag, Vec sign) { return {std::copysign(mag.v, sign.v)}; }
   friend Vec exp(Vec x) { return {std::exp(x.v)}; }
   friend Vec vmax(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
+  // max(a, b), NaN where either is (XLA's max).
+  friend Vec max_nan(Vec a, Vec b) { return {std::isnan(a.v) ? a.v : (std::isnan(b.v) || b.v > a.v ? b.v : a.v)}; }
+  // Ordered comparisons: false where either is NaN.
+  friend Mask greater_equal(Vec a, Vec b) { return a.v >= b.v; }
+  friend Mask equal(Vec a, Vec b) { return a.v == b.v; }
   friend float lanes_sum(Vec x) { return x.v; }
   friend float lanes_max(Vec x) { return x.v; }
 };
@@ -115,6 +120,14 @@ struct Vec {
   // MAXPS returns its second operand when either is NaN: x second keeps NaN.
   friend Vec relu(Vec x) { return {_mm512_max_ps(_mm512_setzero_ps(), x.v)}; }
   friend Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  // max(a, b), NaN where either is (XLA's max): MAXPS gives b where either is NaN, so
+  // only a NaN a needs patching.
+  friend Vec max_nan(Vec a, Vec b) {
+    return {_mm512_mask_mov_ps(_mm512_max_ps(a.v, b.v), _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q), a.v)};
+  }
+  // Ordered comparisons: false where either is NaN.
+  friend Mask greater_equal(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GE_OQ); }
+  friend Mask equal(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
   // Across the lanes as a tree (4 dependent steps, not 15): a row operation's per-row tail.
   friend float lanes_sum(Vec x) { return _mm512_reduce_add_ps(x.v); }
   friend float lanes_max(Vec x) { return _mm512_reduce_max_ps(x.v); }
@@ -205,6 +218,13 @@ struct Vec {
   friend Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
   friend Vec relu(Vec x) { return {_mm256_max_ps(_mm256_setzero_ps(), x.v)}; }
   friend Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  // max(a, b), NaN where either is (XLA's max); MAXPS gives b where either is NaN.
+  friend Vec max_nan(Vec a, Vec b) {
+    return {_mm256_blendv_ps(_mm256_max_ps(a.v, b.v), a.v, _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q))};
+  }
+  // Ordered comparisons: false where either is NaN.
+  friend Mask greater_equal(Vec a, Vec b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GE_OQ); }
+  friend Mask equal(Vec a, Vec b) { return _mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ); }
   friend float lanes_sum(Vec x) {  // a tree: halves, then pairs
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(x.v), _mm256_extractf128_ps(x.v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
