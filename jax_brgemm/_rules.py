@@ -27,7 +27,7 @@ KERNEL_DTYPES = (_F32, _BF16)
 # thread start cost microseconds, which is the whole runtime of a tiny product; a small
 # matmul's backward pays it twice. Measured with `python -m jax_brgemm bench threshold`
 # (docs/design.md, "optimize").
-DEFAULT_MIN_MACS = {"conv": 1 << 16, "dot": 1 << 21, "attention": 1 << 16}
+DEFAULT_MIN_MACS = {"conv": 1 << 16, "dot": 1 << 21, "attention": 1 << 16, "batch_norm": 0}
 
 
 class Refusal(NamedTuple):
