@@ -136,8 +136,10 @@ def match(jaxpr, i, readers, producers, claimed, activation_of, min_elements):
     if mu is None:
         return None
     mu_views = views(mu)
-    subs = [(j, e) for w, _ in mu_views for j, e in reads(w)
-            if e.primitive.name == "sub" and e.invars[0] is x and e.invars[1] is w]
+    # x - mu; a module computing in bfloat16 upcasts x once for the statistics and again here.
+    source = _source(x, producers)
+    subs = [(j, e) for w, _ in mu_views for j, e in reads(w) if e.primitive.name == "sub"
+            and e.invars[1] is w and not _literal(e.invars[0]) and _source(e.invars[0], producers) is source]
     var, centred = _fast_variance(x, mu, reads, row_sum, mean_of, pattern)
     if var is None:  # the two-pass form: one of the subs feeds sum((x - mu)^2)
         for j, e in subs:
@@ -162,10 +164,13 @@ def match(jaxpr, i, readers, producers, claimed, activation_of, min_elements):
     inv = epsilon = None
     for w, j in views(var):
         for k, e in reads(w):
-            if e.primitive.name == "add" and e.invars[0] is w and _scalar_value(e.invars[1]) is not None:
+            if e.primitive.name != "add":
+                continue
+            eps = _scalar_value(e.invars[1] if e.invars[0] is w else e.invars[0])
+            if eps is not None:
                 r = [(m, q) for m, q in reads(e.outvars[0]) if q.primitive.name == "rsqrt"]
                 if r:
-                    epsilon, inv = _scalar_value(e.invars[1]), r[0][1].outvars[0]
+                    epsilon, inv = eps, r[0][1].outvars[0]
                     pattern.update(idx for idx in (j, k, r[0][0]) if idx is not None)
                     break
         if inv is not None:
@@ -226,7 +231,6 @@ def match(jaxpr, i, readers, producers, claimed, activation_of, min_elements):
         pattern.add(k)
         end, y = k, e.outvars[0]
 
-    source = _source(x, producers)
     m = BatchNormMatch(source, scale, bias, residual, epsilon, activation, mu, var, y,
                        np.dtype(y.aval.dtype), end, pattern, [], n * c)
     reason = _refusal(jaxpr, m, readers, outputs, claimed, min_elements)
@@ -263,12 +267,12 @@ def _fast_variance(x, mu, reads, row_sum, mean_of, pattern):
 
 
 def _channel_vector(v, c, producers):
-    """The (C,) parameter behind a per-channel operand (through a reshape / broadcast), or
-    None."""
+    """The (C,) parameter behind a per-channel operand (through reshapes, broadcasts and
+    upcasts to float32), or None."""
     if _literal(v):
         return None
-    eqn = producers.get(v)
-    if eqn is not None and eqn.primitive.name in _VIEWS and not _literal(eqn.invars[0]):
+    while (eqn := producers.get(v)) is not None and not _literal(eqn.invars[0]) and (
+            eqn.primitive.name in _VIEWS or _source(v, producers) is not v):
         v = eqn.invars[0]
     s = v.aval.shape
     if len(s) == 0 or s[-1] != c or any(size != 1 for size in s[:-1]):

@@ -6,7 +6,9 @@ with every `conv_general_dilated` and `dot_general` the rules in `_rules` serve 
 by this project's ops, which carry their own `custom_vjp`: `jax.grad(optimize(f))` runs
 the backward passes on the kernel too. Everything else is bound as it was. A bias add, a
 per-channel affine (an eval-mode BatchNorm) and an activation that follow a served op are
-fused into its call when nothing else reads the intermediates.
+fused into its call when nothing else reads the intermediates. Softmax attention
+(`_attention_pattern`) and training-mode batch norm with its residual add and relu
+(`_batch_norm_pattern`) become one op call each.
 
 Nested jaxprs are rewritten where they hold something served: `jit` bodies are inlined,
 `custom_jvp` / `custom_vjp` functions keep their derivative rules, and `checkpoint`,
@@ -671,8 +673,9 @@ def optimize(fun: Callable | None = None, **options):
     modules may be passed: state that ``f`` writes (BatchNorm statistics, RNG counts) is
     written back, as ``nnx.jit`` does.
 
-    Options: ``min_macs`` (ops with fewer multiply-adds stay in XLA), ``conv``, ``matmul``
-    and ``fuse`` (booleans). ``optimize(f).explain(*args)`` shows what serves each op.
+    Options: ``min_macs`` (ops with fewer multiply-adds stay in XLA; a batch norm counts
+    its elements), ``conv``, ``matmul``, ``fuse``, ``attention`` and ``batch_norm``
+    (booleans). ``optimize(f).explain(*args)`` shows what serves each op.
     """
     opts = Options.parse(options)
     if fun is None:

@@ -141,6 +141,30 @@ def test_nnx_bfloat16_input():
     assert d.dtype == "bfloat16" and d.served
 
 
+def test_nnx_computing_in_bfloat16():
+    """dtype=bfloat16: nnx upcasts x twice (statistics, normalisation), rounds the parameters
+    to bfloat16 and the result back; the call reads the bfloat16 x and returns bfloat16."""
+    x, r = inputs(11)
+    x, r = x.astype(jnp.bfloat16), r.astype(jnp.bfloat16)
+    bn = nnx.BatchNorm(8, use_running_average=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    bn.scale[...] = jnp.linspace(0.5, 1.5, 8)
+    graph, state = nnx.split(bn)
+
+    def f(state, x, r):
+        m = nnx.merge(graph, fresh(state))
+        return jax.nn.relu(m(x) + r), nnx.state(m, nnx.BatchStat)
+
+    opt = jb.optimize(f, min_macs=0)
+    (y, stats), (y0, stats0) = opt(state, x, r), f(state, x, r)
+    assert y.dtype == y0.dtype == jnp.bfloat16
+    assert rel(y, y0) < 1e-2  # the stock rounds before the residual add, the call after
+    for name in ("mean", "var"):
+        assert rel(stats[name][...], stats0[name][...]) < 1e-5
+    (d,) = batch_norm_decisions(opt.explain(state, x, r))
+    assert d.served and d.dtype == "bfloat16" and d.fused == ("residual", "relu")
+    assert "jax_brgemm_batch_norm_apply" in jax.jit(opt).lower(state, x, r).as_text()
+
+
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("use_scale", [True, False])
 def test_linen_batch_norm_relu_residual(fast, use_scale):
