@@ -146,7 +146,8 @@ def match(jaxpr, i, readers, producers, claimed, activation_of, min_elements):
             sq = [(k, r) for k, r in reads(e.outvars[0]) if _is_square_of(r, e.outvars[0])]
             k2, total = row_sum(sq[0][1].outvars[0]) if sq else (None, None)
             if total is not None:
-                pattern.update((j, sq[0][0], k2, *(idx for w, idx in mu_views if w is e.invars[1] and idx is not None)))
+                view = [idx for w, idx in mu_views if w is e.invars[1] and idx is not None]
+                pattern.update((j, sq[0][0], k2, *view))
                 var = mean_of(total.outvars[0])
                 centred = j
                 break
@@ -177,6 +178,7 @@ def match(jaxpr, i, readers, producers, claimed, activation_of, min_elements):
             break
     if inv is None or epsilon < 0:
         return None
+
     def mul_of(v, operand):
         """(eqn index, eqn, the other operand) of a product of a view of v, or None."""
         for w, j in views(v):

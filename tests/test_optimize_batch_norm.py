@@ -224,6 +224,35 @@ def test_haiku_batch_norm():
     assert d.served and d.fused == ("relu",)
 
 
+def test_two_batch_norms_meeting_at_one_add():
+    """relu(bn_a(x) + bn_b(z)), a projection shortcut's form: the first claims the add and
+    the relu with the second's output as its residual; both running averages update."""
+    class Join(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.BatchNorm(8, use_running_average=False, rngs=rngs)
+            self.b = nnx.BatchNorm(8, use_running_average=False, use_fast_variance=False, rngs=rngs)
+
+        def __call__(self, x, z):
+            y = self.a(x)
+            return jax.nn.relu(y + self.b(z))
+
+    (x, z), join = inputs(12), Join(nnx.Rngs(0))
+    graph, state = nnx.split(join)
+
+    def f(state, x, z):
+        m = nnx.merge(graph, fresh(state))
+        return m(x, z), nnx.state(m, nnx.BatchStat)
+
+    opt = jb.optimize(f, min_macs=0)
+    for g, w in zip(jax.tree_util.tree_leaves(opt(state, x, z)), jax.tree_util.tree_leaves(f(state, x, z))):
+        assert rel(g, w) < RTOL
+    loss = lambda fun: lambda s, x, z: jnp.sum(jnp.sin(fun(s, x, z)[0]))  # noqa: E731
+    got, want = jax.grad(loss(opt), (0, 1, 2))(state, x, z), jax.grad(loss(f), (0, 1, 2))(state, x, z)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert rel(g, w) < 10 * RTOL
+    assert [d.fused for d in batch_norm_decisions(opt.explain(state, x, z))] == [("residual", "relu"), ()]
+
+
 # ------------------------------------------------------------------ what stays in XLA
 
 
