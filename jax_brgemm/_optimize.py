@@ -6,7 +6,9 @@ with every `conv_general_dilated` and `dot_general` the rules in `_rules` serve 
 by this project's ops, which carry their own `custom_vjp`: `jax.grad(optimize(f))` runs
 the backward passes on the kernel too. Everything else is bound as it was. A bias add, a
 per-channel affine (an eval-mode BatchNorm) and an activation that follow a served op are
-fused into its call when nothing else reads the intermediates.
+fused into its call when nothing else reads the intermediates. Softmax attention
+(`_attention_pattern`) and training-mode batch norm with its residual add and relu
+(`_batch_norm_pattern`) become one op call each.
 
 Nested jaxprs are rewritten where they hold something served: `jit` bodies are inlined,
 `custom_jvp` / `custom_vjp` functions keep their derivative rules, and `checkpoint`,
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core
 
-from . import _attention_pattern, _rules
+from . import _attention_pattern, _batch_norm_pattern, _rules
 
 _OPTIONS = {
     "min_macs": "ops with fewer multiply-adds stay in XLA (default: %s)" % ", ".join(
@@ -34,7 +36,13 @@ _OPTIONS = {
     "matmul": "serve dot_general (default True)",
     "fuse": "fuse bias, per-channel affine and activation into the served op (default True)",
     "attention": "serve softmax attention (dot_general, softmax, dot_general) as one op (default True)",
-    "pool": "serve 2-D max pooling (reduce_window_max) (default True)",
+    2-D max pooling (``reduce_window_max`` over H, W of NHWC or NCHW, as ``flax``'s
+    ``max_pool`` traces) becomes ``nn.max_pool``; training-mode batch norm (with a following
+    residual add and relu) becomes ``nn.batch_norm``.
+
+    Options: ``min_macs`` (ops with fewer multiply-adds stay in XLA; pooling counts window
+    taps, a batch norm its elements), ``conv``, ``matmul``, ``fuse``, ``attention``, ``pool``
+    and ``batch_norm`` (booleans). ``optimize(f).explain(*args)`` shows what serves each op.
 }
 
 
@@ -46,6 +54,7 @@ class Options:
     fuse: bool = True
     attention: bool = True
     pool: bool = True
+    batch_norm: bool = True
 
     @staticmethod
     def parse(options: dict) -> "Options":
@@ -68,9 +77,10 @@ class Options:
 
 @dataclass
 class Decision:
-    """One convolution or matmul of the program and what became of it."""
+    """One convolution, matmul, attention or training-mode batch norm of the program and
+    what became of it."""
 
-    primitive: str          # "conv_general_dilated", "dot_general", "reduce_window_max", ...
+    primitive: str          # "conv_general_dilated", "dot_general", "reduce_window_max", "attention", "batch_norm"
     where: str              # the path of nested jaxprs ("" at the top)
     lhs: tuple
     rhs: tuple
@@ -78,7 +88,7 @@ class Decision:
     op: str | None          # the op that serves it, or None when it stays in XLA
     fused: tuple = ()       # the epilogue fused into the call ("bias", "scale", "relu", ...)
     reason: str = ""        # why it stays in XLA
-    macs: int = 0
+    macs: int = 0           # a batch norm's: its elements (one multiply-add each in the apply)
 
     @property
     def served(self) -> bool:
@@ -248,8 +258,9 @@ def _plan_epilogue(jaxpr, i, plan, uses, consumers, producers, options):
 
 
 def plan_jaxpr(jaxpr, options, where=""):
-    """{eqn index: Fused} for the served ops of one jaxpr, the indices to skip, and the
-    Decisions (nested jaxprs included)."""
+    """{eqn index: Fused | AttentionMatch | BatchNormMatch} for the served ops of one jaxpr
+    (each run at that index), the indices not to bind there (replaced, or deferred until a
+    BatchNormMatch's call), and the Decisions (nested jaxprs included)."""
     uses = _uses(jaxpr)
     producers, consumers, readers = {}, {}, {}
     for j, eqn in enumerate(jaxpr.eqns):
@@ -261,10 +272,27 @@ def plan_jaxpr(jaxpr, options, where=""):
                 if uses.get(v) == 1:
                     consumers[v] = (j, eqn)
     served, skip, decisions = {}, set(), []
+    deferred = set()  # eqns a batch norm's call moves after itself
     for i, eqn in enumerate(jaxpr.eqns):
         if i in skip:
             continue
         name = eqn.primitive.name
+        if name == "reduce_sum":
+            found = _batch_norm_pattern.match(jaxpr, i, readers, producers, skip | deferred | set(served),
+                                              _activation_of, _min_macs(options, "batch_norm"))
+            if found is not None:
+                x = _aval(found.x)
+                decision = Decision("batch_norm", where, tuple(x.shape), (x.shape[-1],), str(x.dtype), None,
+                                    macs=int(np.prod(x.shape)))
+                decisions.append(decision)
+                if isinstance(found, _batch_norm_pattern.Refused) or not options.batch_norm:
+                    decision.reason = "batch_norm=False" if options.batch_norm is False else found.reason
+                    continue
+                decision.op, decision.fused = "nn.batch_norm", found.fused
+                served[found.end] = found
+                skip.update(found.pattern)
+                deferred.update(found.deferred)
+                continue
         if name == "dot_general" and options.attention and options.matmul:
             found = _attention_pattern.match(jaxpr, i, readers, producers, _min_macs(options, "attention"))
             if found is not None:
@@ -374,15 +402,22 @@ def eval_jaxpr(jaxpr, consts, args, options):
         env[v] = x
     for v, x in zip(jaxpr.invars, args):
         env[v] = x
-    for i, eqn in enumerate(jaxpr.eqns):
+
+    def step(i):
+        eqn = jaxpr.eqns[i]
         if i in served:
             fused = served[i]
+            if isinstance(fused, _batch_norm_pattern.BatchNormMatch):
+                env.update(_batch_norm_pattern.run(fused, read))
+                for j in fused.deferred:  # the readers of its statistics, now computed
+                    step(j)
+                return
             if isinstance(fused, _attention_pattern.AttentionMatch):
                 outs = [_attention_pattern.run(fused, read)]
             else:
                 outs = [_run_fused(fused, read)]
         elif i in skip:
-            continue
+            return
         else:
             outs = _bind(eqn, [read(v) for v in eqn.invars], options)
             if not eqn.primitive.multiple_results:
@@ -390,6 +425,12 @@ def eval_jaxpr(jaxpr, consts, args, options):
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, core.DropVar):
                 env[v] = x
+
+    deferred = {j for m in served.values() if isinstance(m, _batch_norm_pattern.BatchNormMatch)
+                for j in m.deferred}
+    for i in range(len(jaxpr.eqns)):
+        if i not in deferred:
+            step(i)
     return [read(v) for v in jaxpr.outvars]
 
 
@@ -654,10 +695,12 @@ def optimize(fun: Callable | None = None, **options):
     written back, as ``nnx.jit`` does.
 
     2-D max pooling (``reduce_window_max`` over H, W of NHWC or NCHW, as ``flax``'s
-    ``max_pool`` traces) becomes ``nn.max_pool``.
+    ``max_pool`` traces) becomes ``nn.max_pool``; training-mode batch norm (with a following
+    residual add and relu) becomes ``nn.batch_norm``.
 
-    Options: ``min_macs`` (ops with fewer multiply-adds, or window taps for pooling, stay
-    in XLA), ``conv``, ``matmul``, ``pool`` and ``fuse`` (booleans). ``optimize(f).explain(*args)`` shows what serves each op.
+    Options: ``min_macs`` (ops with fewer multiply-adds stay in XLA; pooling counts window
+    taps, a batch norm its elements), ``conv``, ``matmul``, ``fuse``, ``attention``, ``pool``
+    and ``batch_norm`` (booleans). ``optimize(f).explain(*args)`` shows what serves each op.
     """
     opts = Options.parse(options)
     if fun is None:

@@ -87,7 +87,9 @@ def test_nnx_resnet_block_training_step():
     # Parameters and BatchNorm's running statistics (written back by optimize) agree.
     assert_trees_close(nnx.state(models[1]), nnx.state(models[0]), rtol=1e-4)
     e = jb.optimize(lambda m: m(x), min_macs=0).explain(models[0])
-    assert len(e.served) == 4  # 3 convolutions and the head
+    assert len(e.served) == 6  # 3 convolutions, the head and both BatchNorms
+    bns = [d for d in e.served if d.primitive == "batch_norm"]
+    assert [d.fused for d in bns] == [("relu",), ("residual", "relu")]
 
 
 def test_nnx_eval_mode_folds_batchnorm():
@@ -163,7 +165,9 @@ def test_linen_training_gradients():
     want = jax.value_and_grad(loss)(variables["params"], x, y)
     got = jax.jit(jax.value_and_grad(jb.optimize(loss, min_macs=0)))(variables["params"], x, y)
     assert_trees_close(got, want, rtol=1e-4)
-    assert len(jb.explain(jb.optimize(loss, min_macs=0), variables["params"], x, y).served) == 3
+    served = jb.explain(jb.optimize(loss, min_macs=0), variables["params"], x, y).served
+    assert [d.op for d in served] == ["nn.conv2d", "nn.batch_norm", "nn.conv2d", "nn.dense"]
+    assert served[1].fused == ("relu",)
 
 
 # ------------------------------------------------------------------ Equinox
