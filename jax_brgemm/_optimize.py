@@ -36,13 +36,9 @@ _OPTIONS = {
     "matmul": "serve dot_general (default True)",
     "fuse": "fuse bias, per-channel affine and activation into the served op (default True)",
     "attention": "serve softmax attention (dot_general, softmax, dot_general) as one op (default True)",
-    2-D max pooling (``reduce_window_max`` over H, W of NHWC or NCHW, as ``flax``'s
-    ``max_pool`` traces) becomes ``nn.max_pool``; training-mode batch norm (with a following
-    residual add and relu) becomes ``nn.batch_norm``.
-
-    Options: ``min_macs`` (ops with fewer multiply-adds stay in XLA; pooling counts window
-    taps, a batch norm its elements), ``conv``, ``matmul``, ``fuse``, ``attention``, ``pool``
-    and ``batch_norm`` (booleans). ``optimize(f).explain(*args)`` shows what serves each op.
+    "pool": "serve 2-D max pooling (reduce_window_max) (default True)",
+    "batch_norm": "serve training-mode batch norm (statistics, normalisation, residual add, relu) as one op "
+                  "(default True)",
 }
 
 
