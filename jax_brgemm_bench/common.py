@@ -54,6 +54,29 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, min_seconds: floa
     return statistics.median(samples)
 
 
+def median_seconds_alternating(fns: dict, repeats: int = 7, min_seconds: float = 0.05) -> dict:
+    """{name: median wall time of fns[name]()} with the functions run in alternating rounds
+    (each round times every function once, over enough calls to last `min_seconds`), so a
+    change in the machine's speed or load during the run reaches every function alike."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()  # compile / warm up
+        inner[name] = 1
+        start = time.perf_counter()
+        fn()
+        once = time.perf_counter() - start
+        while inner[name] * once < min_seconds and inner[name] < 1 << 16:
+            inner[name] *= 2
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) / inner[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
 def median_cpu_seconds(fn: Callable[[], object], repeats: int = 3, min_seconds: float = 0.03) -> float:
     """Median process CPU time of fn(): with XLA on one thread, the cycles it ran for,
     which other tenants of a shared machine disturb far less than wall time."""

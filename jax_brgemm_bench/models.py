@@ -12,7 +12,8 @@ Models: ResNet-18 and ResNet-50 (N=8, 224x224, BatchNorm, SGD with momentum), a 
 ConvTranspose decoder (N=8, 8x8x256 to 128x128x32), the notebook MLP, CNN and character
 LSTM, and a small transformer block (d=256, 4 heads, T=256, causal).
 A training step is forward, backward and the optimizer update; inference is the eval-mode
-forward. FLOPs per step are XLA's count for the stock program (its cost analysis), so
+forward. The variants run in alternating rounds (median of 5 for the ResNets, 7 otherwise),
+so a change in the machine's load reaches all of them alike. FLOPs per step are XLA's count for the stock program (its cost analysis), so
 ``pct_of_peak`` is against this machine's measured float32 FMA peak on all cores.
 
 ``--dtype bfloat16`` is mixed precision: inputs, activations and the convolutions, dense
@@ -37,7 +38,7 @@ from flax import nnx
 import flax_layers as fl
 import jax_brgemm as jb
 
-from .common import machine_peak_gflops, median_seconds, print_records, torch_module
+from .common import machine_peak_gflops, median_seconds_alternating, print_records, torch_module
 
 LAYERS = {
     "stock": dict(conv=nnx.Conv, dense=nnx.Linear, bn=nnx.BatchNorm, lstm=lambda i, h, rngs: nnx.RNN(
@@ -442,9 +443,9 @@ def records(names, quick, variants=VARIANTS, dtype="float32"):
             trace[variant] = time.perf_counter() - start
             runners[variant] = (train, infer)
             flops = counted if variant == "stock" else flops
-        repeats = 3 if quick or name.startswith("resnet") else 7
+        repeats = 3 if quick else 5 if name.startswith("resnet") else 7
         for step, index in (("train", 0), ("infer", 1)):
-            t = {v: median_seconds(r[index], repeats=repeats, min_seconds=0.05) for v, r in runners.items()}
+            t = median_seconds_alternating({v: r[index] for v, r in runners.items()}, repeats=repeats)
             rec = dict(model=name, step=step, batch=int(np.shape(x)[0]), dtype=dtype)
             for v in variants:
                 rec[f"{v}_ms"] = 1e3 * t[v] if v in t else None
