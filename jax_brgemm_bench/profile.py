@@ -36,7 +36,7 @@ _OURS = {
     "conv2d_forward": "conv forward (ours)", "conv2d_backward_data": "conv backward-data (ours)",
     "conv2d_weight_update": "conv weight update (ours)", "dense_fwd": "dense (ours)", "dense_bwd": "dense (ours)",
     "brgemm": "brgemm (ours)", "attention": "attention (ours)", "batch_norm": "batch norm (ours)",
-    "lstm": "lstm (ours)",
+    "lstm": "lstm (ours)", "max_pool": "pooling (ours)",
 }
 
 

@@ -90,4 +90,5 @@ def test_profile_sorts_each_target_into_its_kind():
     assert profile._kind_of_instruction(line("jax_brgemm_brgemm_indexed")) == "brgemm (ours)"
     assert profile._kind_of_instruction(line("jax_brgemm_conv2d_weight_update")) == "conv weight update (ours)"
     assert profile._kind_of_instruction(line("jax_brgemm_attention_backward")) == "attention (ours)"
+    assert profile._kind_of_instruction(line("jax_brgemm_max_pool_backward")) == "pooling (ours)"
     assert profile._kind_of_instruction("%f = f32[8] fusion(%a), kind=kLoop") == "elementwise fusions (XLA)"
