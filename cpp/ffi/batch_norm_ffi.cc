@@ -63,16 +63,6 @@ ffi::Error optional(const ffi::AnyBuffer& b, const char* name, const prim::Batch
 // (conv_ffi.cc, kConvLinger) so the next call finds its helper awake.
 constexpr std::chrono::microseconds kLinger{150};
 
-template <typename Run>
-ffi::Error run_primitive(Run run) {
-  try {
-    const std::string error = run();
-    return error.empty() ? ffi::Error::Success() : invalid(error);
-  } catch (const std::bad_alloc&) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_brgemm: batch_norm work buffers do not fit in memory");
-  }
-}
-
 ffi::Error stats_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer shift,
                       ffi::Result<ffi::AnyBuffer> sum, ffi::Result<ffi::AnyBuffer> sumsq) {
   prim::BatchNormShape s;
@@ -84,7 +74,7 @@ ffi::Error stats_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer shi
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prim::TeamCall executor = team_call(pool, kLinger);
-  return run_primitive([&] {
+  return run_primitive("batch_norm", [&] {
     return prim::batch_norm_stats(s, xt, x.untyped_data(), f32(shift), f32_out(sum), f32_out(sumsq), isa,
                                   &executor);
   });
@@ -107,7 +97,7 @@ ffi::Error apply_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer a, 
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(y);
   prim::TeamCall executor = team_call(pool, kLinger);
-  return run_primitive([&] {
+  return run_primitive("batch_norm", [&] {
     return prim::batch_norm_apply(s, xt, x.untyped_data(), f32(a), f32(b), yt, res, act == Activation::relu,
                                   y->untyped_data(), isa, &executor);
   });
@@ -128,7 +118,7 @@ ffi::Error backward_sums_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   Isa isa;
   if (auto e = current_isa(&isa); e.failure()) return e;
   prim::TeamCall executor = team_call(pool, kLinger);
-  return run_primitive([&] {
+  return run_primitive("batch_norm", [&] {
     return prim::batch_norm_backward_sums(s, xt, x.untyped_data(), gt, dy.untyped_data(), mask, f32(shift),
                                           f32_out(sum_h), f32_out(sum_hx), isa, &executor);
   });
@@ -153,7 +143,7 @@ ffi::Error backward_apply_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyB
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dx, d_residual);
   prim::TeamCall executor = team_call(pool, kLinger);
-  return run_primitive([&] {
+  return run_primitive("batch_norm", [&] {
     return prim::batch_norm_backward_apply(s, xt, x.untyped_data(), gt, dy.untyped_data(), mask, f32(a), f32(b),
                                            f32(c), dx->untyped_data(), const_cast<void*>(dres), isa, &executor);
   });

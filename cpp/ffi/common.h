@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <new>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -45,6 +46,18 @@ void prefer_huge_pages(Results&... results) {
 
 inline ffi::Error invalid(std::string message) {
   return ffi::Error::InvalidArgument("jax_brgemm: " + std::move(message));
+}
+
+// Runs a primitive; its message, or a failed allocation of its work buffers, becomes an error.
+template <typename Run>
+ffi::Error run_primitive(const char* primitive, Run run) {
+  try {
+    const std::string error = run();
+    return error.empty() ? ffi::Error::Success() : invalid(error);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      std::string("jax_brgemm: ") + primitive + " work buffers do not fit in memory");
+  }
 }
 
 using shape::dims_str;  // "(2, 3)": how every message words a shape

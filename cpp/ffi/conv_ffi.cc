@@ -40,17 +40,6 @@ ffi::Error same_dtype(DType a, const char* a_name, DType b, const char* b_name) 
   return invalid(std::string(a_name) + " and " + b_name + " must have the same dtype");
 }
 
-// Runs a primitive; its message, or a failed allocation of its work buffers, becomes an error.
-template <typename Run>
-ffi::Error run_primitive(Run run) {
-  try {
-    const std::string error = run();
-    return error.empty() ? ffi::Error::Success() : invalid(error);
-  } catch (const std::bad_alloc&) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_brgemm: conv2d work buffers do not fit in memory");
-  }
-}
-
 ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                         ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
                         ffi::Span<const int64_t> geometry, std::string_view activation) {
@@ -73,7 +62,7 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(y);
   prim::TeamCall executor = team_call(pool, prim::kConvLinger);
-  return run_primitive([&] {
+  return run_primitive("conv2d", [&] {
     return prim::conv2d_forward(s, dt[0], x.untyped_data(), w.untyped_data(), bias_ptr, act, dt[2],
                                 y->untyped_data(), isa, &executor);
   });
@@ -89,7 +78,7 @@ ffi::Error backward_data_impl(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyB
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dx);
   prim::TeamCall executor = team_call(pool, prim::kConvLinger);
-  return run_primitive([&] {
+  return run_primitive("conv2d", [&] {
     return prim::conv2d_backward_data(s, dt[2], dy.untyped_data(), w.untyped_data(), dt[0],
                                       dx->untyped_data(), isa, &executor);
   });
@@ -106,7 +95,7 @@ ffi::Error weight_update_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBu
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dw);
   prim::TeamCall executor = team_call(pool, prim::kConvLinger);
-  return run_primitive([&] {
+  return run_primitive("conv2d", [&] {
     return prim::conv2d_weight_update(s, dt[0], x.untyped_data(), dy.untyped_data(),
                                       static_cast<float*>(dw->untyped_data()), isa, &executor);
   });

@@ -35,16 +35,6 @@ ffi::Error expect(const ffi::AnyBuffer& b, const char* name, const Dims& dims, D
   return ffi::Error::Success();
 }
 
-template <typename Run>
-ffi::Error run_primitive(Run run) {
-  try {
-    const std::string error = run();
-    return error.empty() ? ffi::Error::Success() : invalid(error);
-  } catch (const std::bad_alloc&) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_brgemm: max_pool work buffers do not fit in memory");
-  }
-}
-
 ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                         ffi::Span<const int64_t> geometry) {
   prim::PoolShape s;
@@ -55,7 +45,7 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi:
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(y);
   prim::TeamCall executor = team_call(pool, kLinger);
-  return run_primitive([&] { return prim::max_pool_forward(s, dt, x.untyped_data(), y->untyped_data(), isa, &executor); });
+  return run_primitive("max_pool", [&] { return prim::max_pool_forward(s, dt, x.untyped_data(), y->untyped_data(), isa, &executor); });
 }
 
 ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
@@ -69,7 +59,7 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer 
   if (auto e = current_isa(&isa); e.failure()) return e;
   prefer_huge_pages(dx);
   prim::TeamCall executor = team_call(pool, kLinger);
-  return run_primitive([&] {
+  return run_primitive("max_pool", [&] {
     return prim::max_pool_backward(s, dt, x.untyped_data(), dy.untyped_data(), dx->untyped_data(), isa, &executor);
   });
 }
