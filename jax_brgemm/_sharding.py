@@ -28,7 +28,7 @@ gathered, as XLA would).
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -81,14 +81,11 @@ def batch_partitioned(impl: Callable, batched: Sequence[bool], outputs: Sequence
     return wrapped
 
 
-class _Factors(tuple):
+class _Factors(NamedTuple):
     """Per argument, the dim of its batch (None: none) and of its heads."""
 
-    def __new__(cls, batch, heads):
-        return super().__new__(cls, (tuple(batch), tuple(heads)))
-
-    batch = property(lambda self: self[0])
-    heads = property(lambda self: self[1])
+    batch: tuple
+    heads: tuple
 
 
 def align_to_batch(operands: Sequence, batch_dims: Sequence, heads: Sequence | None = None):
@@ -156,11 +153,6 @@ def _spec(*placed):
     for d, axes in placed:
         entries[d] = axes
     return P(*entries)
-
-
-def _batch_spec(axes, dim):
-    """The PartitionSpec of an array whose dim `dim` (None: none) is split over `axes`."""
-    return _spec((dim, axes))
 
 
 def _split_size(mesh, axes):

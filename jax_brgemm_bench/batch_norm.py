@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import numpy as np
 
-from .common import print_records
+from .common import median_seconds_alternating, print_records
 
 # (H=W, C, residual add): ResNet-50's BatchNorm outputs at 224x224 input.
 SHAPES = [(56, 64, False), (56, 256, True), (28, 512, True), (14, 1024, True), (7, 2048, True)]
@@ -85,30 +83,6 @@ def _pool_runners(n, dtype):
     return runs
 
 
-def _side_by_side(fns, rounds=7, min_seconds=0.05):
-    """Median seconds per call of each fn, the fns alternating round by round."""
-    inner = {}
-    for k, fn in fns.items():
-        fn()
-        count, start = 1, time.perf_counter()
-        while True:
-            for _ in range(count):
-                fn()
-            if time.perf_counter() - start >= min_seconds or count >= 1 << 14:
-                break
-            count *= 2
-            start = time.perf_counter()
-        inner[k] = count
-    samples = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(inner[k]):
-                fn()
-            samples[k].append((time.perf_counter() - start) / inner[k])
-    return {k: statistics.median(v) for k, v in samples.items()}
-
-
 def main(argv):
     parser = argparse.ArgumentParser(prog="python -m jax_brgemm bench batch_norm")
     parser.add_argument("--quick", action="store_true", help="56x56x256 and 7x7x2048 only")
@@ -126,14 +100,14 @@ def main(argv):
         size = dtype.itemsize
         for mode, idx, traffic in (("fwd", 0, (3 + residual) * elems * size),
                                    ("fwd+bwd", 1, (3 + residual + 6 + 1 + residual) * elems * size)):
-            t = _side_by_side({k: v[idx] for k, v in runs.items()})
+            t = median_seconds_alternating({k: v[idx] for k, v in runs.items()})
             records.append(dict(shape=f"{args.batch}x{hw}x{hw}x{c}", add=residual, pass_=mode,
                                 ours_ms=t["ours"] * 1e3, xla_ms=t["xla"] * 1e3,
                                 ours_GBs=traffic / t["ours"] * 1e-9, speedup=t["xla"] / t["ours"]))
     runs = _pool_runners(args.batch, dtype)
     elems, size = args.batch * 112 * 112 * 64, dtype.itemsize
     for mode, idx, traffic in (("fwd", 0, elems * 5 // 4 * size), ("fwd+bwd", 1, elems * 13 // 4 * size)):
-        t = _side_by_side({k: v[idx] for k, v in runs.items()})
+        t = median_seconds_alternating({k: v[idx] for k, v in runs.items()})
         records.append(dict(shape=f"{args.batch}x112x112x64 max_pool 3x3/2", add=False, pass_=mode,
                             ours_ms=t["ours"] * 1e3, xla_ms=t["xla"] * 1e3,
                             ours_GBs=traffic / t["ours"] * 1e-9, speedup=t["xla"] / t["ours"]))
